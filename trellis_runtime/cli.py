@@ -1,0 +1,150 @@
+"""The `trellis` command. Heavy modules are imported inside the subcommand that needs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trellis_runtime.errors import TrellisError
+from trellis_runtime.trellis import CODES, spec_for
+
+# On a CPU the full 16-bit trellis would take hours for even a small model; 12 state bits keep a
+# 2-bit SmolLM2-135M under about 15 minutes on 2 cores (README: L vs MSE vs time).
+DEFAULT_STATE_BITS = {"cpu": 12, "cuda": 16}
+
+
+def _device(name: str) -> str:
+    if name == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TrellisError("--device cuda requested but no CUDA device is available")
+    return name
+
+
+def _add_spec_arguments(parser: argparse.ArgumentParser, default_code: str) -> None:
+    parser.add_argument("--bits", type=int, default=2, help="bits per weight K (1-4)")
+    parser.add_argument("--state-bits", type=int, default=None,
+                        help="trellis state bits L (8-16); default 12 on CPU, 16 on CUDA")
+    parser.add_argument("--code", choices=CODES, default=default_code, help="state-to-value code")
+    parser.add_argument("--vec", type=int, default=None,
+                        help="values per trellis step V; default 1 for 1mad/3inst, 2 for hyb/lut")
+
+
+def _spec(args: argparse.Namespace, device: str):
+    state_bits = args.state_bits if args.state_bits is not None else DEFAULT_STATE_BITS[device]
+    return spec_for(args.code, bits=args.bits, state_bits=state_bits, vec=args.vec)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    spec = _spec(args, device)
+    from qat.ptq import QuantizeOptions, quantize_model
+    from qat.text import read_text_file
+
+    if args.calib_text is not None:
+        read_text_file(args.calib_text)  # fail on bad text before loading the model
+    options = QuantizeOptions(spec=spec, hessian=not args.no_hessian, calib_text=args.calib_text,
+                              device=device, calib_windows=args.calib_windows,
+                              layers_per_group=args.layers_per_group)
+    quantize_model(args.src, Path(args.out), options)
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    from qat.perplexity import perplexity
+    from qat.sources import load_any_model
+    from qat.text import evaluation_text
+
+    text = evaluation_text(args.text)
+    model, tokenizer = load_any_model(args.model, device)
+    import torch
+
+    tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
+    try:
+        ppl, count = perplexity(model, tokens, ctx=args.ctx, max_tokens=args.max_tokens)
+    except ValueError as err:
+        raise TrellisError(str(err)) from None
+    if args.json:
+        print(json.dumps({"ppl": ppl, "tokens": count}))
+    else:
+        print(f"perplexity {ppl:.4f} over {count} predicted tokens (ctx {args.ctx})")
+    return 0
+
+
+def cmd_bench_codes(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    from trellis_runtime.code_bench import bench_codes
+
+    state_bits = 16 if args.state_bits is None else args.state_bits
+    spec = spec_for(args.code, bits=args.bits, state_bits=state_bits, vec=args.vec)
+    result = bench_codes(spec, sequences=args.sequences, device=device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{spec}: mse {result['mse']:.5f} (bound 4^-K = {result['bound']:.5f}, "
+              f"ratio {result['mse'] / result['bound']:.3f}) at pre-scale {result['scale_ratio']}, "
+              f"{result['sequences']} sequences of 256, {result['tiles_per_second']:.1f} tiles/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trellis", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    quantize = commands.add_parser("quantize", help="quantize a float model to a packed checkpoint")
+    quantize.add_argument("src", help="model directory, .gguf file, or built-in name smollm2-135m")
+    quantize.add_argument("--out", required=True, help="checkpoint directory to create")
+    _add_spec_arguments(quantize, default_code="hyb")
+    quantize.add_argument("--no-hessian", action="store_true",
+                          help="plain Viterbi rounding instead of Hessian-aware BlockLDLQ")
+    quantize.add_argument("--calib-text", default=None,
+                          help="UTF-8 text file for calibration (default: built-in Wikipedia text)")
+    quantize.add_argument("--calib-windows", type=int, default=32,
+                          help="calibration windows of 512 tokens")
+    quantize.add_argument("--layers-per-group", type=int, default=3,
+                          help="layers quantized together (batch size and resume granularity)")
+    quantize.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    quantize.set_defaults(run=cmd_quantize)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model")
+    eval_kinds = evaluate.add_subparsers(dest="kind", required=True)
+    ppl = eval_kinds.add_parser("ppl", help="perplexity on text")
+    ppl.add_argument("model", help="packed checkpoint, model directory, .gguf, or smollm2-135m")
+    ppl.add_argument("--text", default=None,
+                     help="UTF-8 text file (default: the evaluation part of the built-in text)")
+    ppl.add_argument("--ctx", type=int, default=512, help="window length in tokens")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
+    ppl.add_argument("--json", action="store_true", help='print one line {"ppl": ..., "tokens": ...}')
+    ppl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ppl.set_defaults(run=cmd_eval_ppl)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_kinds = bench.add_subparsers(dest="kind", required=True)
+    codes = bench_kinds.add_parser("codes", help="encoder MSE on Gaussian data vs the bound 4^-K")
+    _add_spec_arguments(codes, default_code="hyb")
+    codes.add_argument("--sequences", type=int, default=64, help="Gaussian tiles of 256 to encode")
+    codes.add_argument("--json", action="store_true", help="print one JSON line")
+    codes.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    codes.set_defaults(run=cmd_bench_codes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except TrellisError as err:
+        message = " ".join(str(err).split())
+        print(f"trellis: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("trellis: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
