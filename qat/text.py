@@ -21,6 +21,7 @@ from typing import IO, Callable
 from xml.etree import ElementTree
 
 from trellis_runtime.errors import TextError
+from trellis_runtime.paths import cache_dir
 
 GENSIM_VERSION = "4.4.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -50,12 +51,6 @@ _MAGIC = re.compile(r"__[A-Z]+__")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.M)
 _BLANK_RUN = re.compile(r"\n{3,}")
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
-
-
-def cache_dir() -> Path:
-    """Where downloaded and derived data lives, following the XDG convention."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "trellis-runtime"
 
 
 def _until_stable(pattern: re.Pattern[str], repl: str | Callable[[re.Match[str]], str], text: str) -> str:
