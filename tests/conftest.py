@@ -43,3 +43,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_tokenizer_d
     model.save_pretrained(str(directory), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(builtin_tokenizer_dir)).save_pretrained(str(directory))
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model packed at 2 bits without a Hessian (seconds), for tests of the runtime."""
+    from qat.ptq import QuantizeOptions, quantize_model
+    from trellis_runtime.trellis import spec_for
+
+    out = tmp_path_factory.mktemp("tiny-checkpoint") / "tiny"
+    quantize_model(str(tiny_model_dir), out,
+                   QuantizeOptions(spec=spec_for("1mad", state_bits=8), hessian=False))
+    return out
+

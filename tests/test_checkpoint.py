@@ -15,21 +15,15 @@ from trellis_runtime.errors import CheckpointError
 
 
 @pytest.fixture
+def packed(tiny_checkpoint_dir: Path) -> Path:
+    return tiny_checkpoint_dir
+
+
+@pytest.fixture
 def copy(packed: Path, tmp_path: Path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(packed, target)
     return target
-
-
-@pytest.fixture(scope="module")
-def packed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qat.ptq import QuantizeOptions, quantize_model
-    from trellis_runtime.trellis import spec_for
-
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    quantize_model(str(tiny_model_dir), out,
-                   QuantizeOptions(spec=spec_for("1mad", state_bits=8), hessian=False))
-    return out
 
 
 def rewrite_weights(directory: Path, change) -> None:
@@ -65,10 +59,16 @@ def test_wrong_shape_and_dtype(copy: Path) -> None:
     expect_error(copy, name, "expected")
 
 
-def test_bad_signs_and_scale(copy: Path, tmp_path: Path) -> None:
+def test_bad_signs(copy: Path) -> None:
     name = "model.layers.0.mlp.up_proj.input_signs"
     rewrite_weights(copy, lambda t: t[name].__setitem__(0, 3))
     expect_error(copy, name, "+-1")
+
+
+def test_bad_scale(copy: Path) -> None:
+    name = "model.layers.1.self_attn.v_proj.scale"
+    rewrite_weights(copy, lambda t: t[name].fill_(-1.0))
+    expect_error(copy, name, "positive")
 
 
 def test_truncated_weights(copy: Path) -> None:

@@ -1,0 +1,207 @@
+"""TrellisLlama computes what transformers' LlamaForCausalLM computes on the same dequantized weights:
+for a prefill, token by token through the KV cache, and for several sequences mixed in one forward."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from qat.sources import dense_model_from_checkpoint
+from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
+from trellis_runtime.errors import SourceError
+from trellis_runtime.model import RotaryEmbedding, TrellisLlama, load_model, rope_frequencies
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
+    """The tiny checkpoint with q and k scaled up 8x (both models see the same weights).
+
+    At its random initialisation (std 0.02) the tiny model attends almost uniformly, so a wrong rotary
+    angle or a wrong mask would barely move its logits; sharp attention makes such errors show.
+    """
+    checkpoint = load_checkpoint(tiny_checkpoint_dir)
+    for name, weight in checkpoint.quantized.items():
+        if name.endswith(("q_proj", "k_proj")):
+            checkpoint.quantized[name] = dataclasses.replace(weight, scale=weight.scale * 8)
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint: Checkpoint) -> TrellisLlama:
+    return TrellisLlama.from_checkpoint(checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Checkpoint):
+    return dense_model_from_checkpoint(checkpoint)
+
+
+def reference_logits(reference, tokens: list[int]) -> torch.Tensor:
+    """transformers' logits (len(tokens), vocab) for one sequence, computed without a cache."""
+    with torch.inference_mode():
+        return reference(torch.tensor([tokens])).logits[0].float()
+
+
+def assert_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    # Both models run in float32 on identical weights and differ only in summation order (the RMSNorm
+    # reduction, the SDPA kernel, the grouped-query layout): under 1e-6 of the logit scale, as measured.
+    # A bound of 1e-4 of the scale leaves room for that, while a wrong position, mask or slot moves logits
+    # far more (5% off in the rotary frequencies alone moves them by 0.2 of the scale, with sharpened
+    # attention).
+    assert ours.shape == expected.shape
+    error = (ours - expected).abs().max().item()
+    assert error <= 1e-4 * expected.abs().max().item(), f"max abs diff {error}"
+
+
+def random_tokens(count: int, seed: int) -> list[int]:
+    return torch.randint(0, 49152, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(model: TrellisLlama, cache, tokens: list[int], positions: list[int], slots: list[int],
+        logits_for: list[int] | None = None) -> torch.Tensor:
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+    with torch.inference_mode():
+        return model(as_tensor(tokens), as_tensor(positions), as_tensor(slots), cache,
+                     None if logits_for is None else as_tensor(logits_for))
+
+
+def test_prefill_matches_transformers(model: TrellisLlama, reference) -> None:
+    tokens = random_tokens(24, seed=1)
+    expected = reference_logits(reference, tokens)
+    cache = model.new_cache(max_slots=2, max_seq_len=32)
+    slot = cache.allocate()
+    assert_close(run(model, cache, tokens, list(range(24)), [slot] * 24), expected)
+    last = run(model, cache, tokens, list(range(24)), [slot] * 24, logits_for=[23])
+    assert_close(last, expected[-1:])
+
+
+def test_decode_through_cache_matches_transformers(model: TrellisLlama, reference) -> None:
+    tokens = random_tokens(20, seed=2)
+    expected = reference_logits(reference, tokens)
+    cache = model.new_cache(max_slots=1, max_seq_len=20)
+    slot = cache.allocate()
+    prompt = 6
+    logits = run(model, cache, tokens[:prompt], list(range(prompt)), [slot] * prompt,
+                 logits_for=[prompt - 1])
+    assert_close(logits, expected[prompt - 1:prompt])
+    for position in range(prompt, len(tokens)):
+        logits = run(model, cache, [tokens[position]], [position], [slot])
+        assert_close(logits, expected[position:position + 1])
+
+
+@pytest.mark.parametrize("consecutive_slots", [True, False])
+def test_sequences_interleaved_in_one_forward(model: TrellisLlama, reference,
+                                              consecutive_slots: bool) -> None:
+    """Three sequences of different lengths: one mixed prefill with their tokens interleaved, then
+    decode steps that run all three in one forward, in shuffled order."""
+    lengths, decode_steps = (5, 9, 13), 3
+    sequences = [random_tokens(n + decode_steps, seed=10 + n) for n in lengths]
+    expected = [reference_logits(reference, tokens) for tokens in sequences]
+    cache = model.new_cache(max_slots=4, max_seq_len=16)
+    slots = [cache.allocate() for _ in range(4)]
+    if not consecutive_slots:  # slots 0, 2, 3: the model gathers them instead of viewing a range
+        cache.free(slots.pop(1))
+
+    order = [(s, p) for p in range(max(lengths)) for s in range(3) if p < lengths[s]]  # round robin
+    logits = run(model, cache, [sequences[s][p] for s, p in order], [p for _, p in order],
+                 [slots[s] for s, _ in order])
+    for row, (s, p) in enumerate(order):
+        assert_close(logits[row:row + 1], expected[s][p:p + 1])
+
+    for step in range(decode_steps):
+        batch = [2, 0, 1] if step % 2 else [0, 1, 2]
+        positions = [lengths[s] + step for s in batch]
+        logits = run(model, cache, [sequences[s][p] for s, p in zip(batch, positions)], positions,
+                     [slots[s] for s in batch])
+        for row, (s, p) in enumerate(zip(batch, positions)):
+            assert_close(logits[row:row + 1], expected[s][p:p + 1])
+
+
+def test_untied_lm_head(checkpoint: Checkpoint) -> None:
+    lm_head = torch.randn(checkpoint.shape.vocab, checkpoint.shape.hidden,
+                          generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 0.05
+    untied = dataclasses.replace(checkpoint, config={**checkpoint.config, "tie_word_embeddings": False},
+                                 dense={**checkpoint.dense, "lm_head.weight": lm_head})
+    model = TrellisLlama.from_checkpoint(untied)
+    assert model.lm_head.data_ptr() != model.embed_tokens.data_ptr()
+    tokens = random_tokens(10, seed=4)
+    cache = model.new_cache(max_slots=1, max_seq_len=10)
+    logits = run(model, cache, tokens, list(range(10)), [cache.allocate()] * 10)
+    assert_close(logits, reference_logits(dense_model_from_checkpoint(untied), tokens))
+
+
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_llama3_rope_matches_transformers(spelling: str) -> None:
+    """Frequencies from both config spellings (transformers 5 and older) equal transformers' own."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "max_position_embeddings": 64}
+    if spelling == "rope_parameters":
+        config = {**base, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 10000.0}}
+    else:  # the type key spelled "type", the theta at the top level
+        legacy = {"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}}
+        config = {**base, "rope_theta": 10000.0, "rope_scaling": legacy}
+    frequencies = rope_frequencies(config, head_dim=16)
+    expected = LlamaRotaryEmbedding(LlamaConfig.from_dict(config))
+    torch.testing.assert_close(frequencies, expected.inv_freq, rtol=0, atol=0)
+    # Head dim 16 with an original context of 64 puts frequencies in all three bands of the scaling.
+    default = rope_frequencies({**base, "rope_theta": 10000.0}, head_dim=16)
+    ratio = default / frequencies
+    assert ratio[0] == 1 and abs(ratio[-1].item() - 8) < 1e-5 and ((ratio > 1.01) & (ratio < 7.99)).any()
+
+    positions = torch.arange(200)
+    cos, sin = RotaryEmbedding(frequencies)(positions, torch.float32)
+    expected_cos, expected_sin = expected(torch.zeros(1), positions[None])
+    torch.testing.assert_close(cos[:, 0], expected_cos[0])
+    torch.testing.assert_close(sin[:, 0, 8:], expected_sin[0, :, 8:])  # the first half is -sin
+
+
+def test_llama3_model_matches_transformers(checkpoint: Checkpoint) -> None:
+    """End to end: llama3 scaling changes the frequencies at every position, and both models agree."""
+    scaled = dataclasses.replace(
+        checkpoint, config={**checkpoint.config,
+                            "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 10000.0}})
+    model = TrellisLlama.from_checkpoint(scaled)
+    tokens = random_tokens(40, seed=5)
+    cache = model.new_cache(max_slots=1, max_seq_len=40)
+    logits = run(model, cache, tokens, list(range(40)), [cache.allocate()] * 40)
+    assert_close(logits, reference_logits(dense_model_from_checkpoint(scaled), tokens))
+
+
+def test_unsupported_rope_refused(checkpoint: Checkpoint) -> None:
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(SourceError, match="rope type 'yarn' is not supported.*default, llama3"):
+        TrellisLlama.from_checkpoint(
+            dataclasses.replace(checkpoint, config={**checkpoint.config, "rope_parameters": yarn}))
+    with pytest.raises(SourceError, match="lacks 'factor'"):
+        rope_frequencies({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0},
+                          "max_position_embeddings": 64}, head_dim=16)
+
+
+def test_forward_refuses_bad_slots_and_positions(model: TrellisLlama) -> None:
+    cache = model.new_cache(max_slots=2, max_seq_len=8)
+    slot = cache.allocate()
+    with pytest.raises(ValueError, match="not allocated"):
+        run(model, cache, [1], [0], [slot + 1])
+    with pytest.raises(ValueError, match="positions must lie in"):
+        run(model, cache, [1], [8], [slot])
+
+
+def test_load_model_logs_decoded_memory(tiny_checkpoint_dir: Path,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="trellis_runtime"):
+        model, tokenizer = load_model(tiny_checkpoint_dir, "cpu")
+    weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 192 * 64)  # layers x (q, o; k, v; gate, up, down)
+    assert f"14 quantized linears decoded for cpu: {weights * 4 / 2**20:.1f} MiB" in caplog.text
+    assert tokenizer("hello")["input_ids"]
+    assert model.embed_tokens.dtype == torch.float32
