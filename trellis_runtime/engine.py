@@ -1,0 +1,368 @@
+"""The generation engine: one loop in a background thread serving every request, batched continuously.
+
+Each step is one model forward over a flat token list (the model is varlen): one token for every
+sequence that is decoding, plus a chunk of at most one prompt being prefilled. Requests join the batch
+between steps (a free KV slot and the prefill turn are all they need) and leave it the step they finish,
+so a long generation never holds back a short one. Chunking the prefill bounds how long any step takes,
+so running streams keep flowing while a long prompt is read (vLLM's chunked prefill, on nano-vllm's
+simpler footing: at most one prompt in flight, one KV slot per sequence).
+
+Threads: callers (an asyncio server, or the blocking CLI helper) hand requests over under a Condition
+and receive outputs through a per-request callback; for asyncio that callback is
+`loop.call_soon_threadsafe(queue.put_nowait, ...)`. When there is nothing to do the loop sleeps on the
+Condition. A consumer that stops listening (aclose, task cancellation after a client disconnect) flags
+its request; the loop drops it and frees its slot at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Sequence
+
+import torch
+
+from trellis_runtime.detokenize import TextStream
+from trellis_runtime.errors import TrellisError
+from trellis_runtime.kv_cache import KVCache
+from trellis_runtime.sampling import SamplingParams, sample
+
+logger = logging.getLogger("trellis_runtime")
+
+DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per step: long prompts share steps with running decodes
+
+
+class ContextLengthError(TrellisError, ValueError):
+    """The prompt, or the prompt plus max_tokens, does not fit the engine's context."""
+
+
+class EngineError(RuntimeError):
+    """Generation failed inside the engine (a failed forward, or a shutdown), not because of the input."""
+
+
+@dataclass
+class Output:
+    """One step's news for a request; the last one has a finish_reason."""
+
+    text: str  # new text since the previous Output (may be "" while a character or stop is pending)
+    token_ids: list[int]  # new token ids
+    finish_reason: str | None  # None while running, then "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int  # generated so far, including token_ids
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A request as the loop sees it. Fields after `emit` belong to the loop thread."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]  # stop_token_ids, plus EOS unless ignore_eos
+    stream: TextStream
+    emit: Callable[[Output | BaseException], None]
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    computed: int = 0  # tokens whose keys and values are in the cache
+    finished: bool = False
+    aborted: bool = False  # set by the consumer's thread when it stops listening
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def next_chunk(self, budget: int) -> list[int]:
+        """The next tokens to feed: part of the prompt while prefilling, else the last sampled one."""
+        if self.computed < len(self.prompt_ids):
+            return self.prompt_ids[self.computed:self.computed + budget]
+        return self.output_ids[self.computed - len(self.prompt_ids):]
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_seq_len: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 eos_token_ids: Sequence[int] | None = None) -> None:
+        """model: a TrellisLlama (or anything with its forward and new_cache); tokenizer: its HF tokenizer.
+
+        max_batch sequences run at once, each in its own KV slot of max_seq_len positions (prompt plus
+        output). eos_token_ids defaults to the tokenizer's EOS token.
+        """
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be at least 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
+        self.prefill_chunk = prefill_chunk
+        if eos_token_ids is None:
+            eos_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.device = model.embed_tokens.device
+        self.vocab_size = model.shape.vocab
+        self.cache: KVCache = model.new_cache(max_batch, self.max_seq_len)
+
+        self._cond = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()  # shared: guarded by _cond
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Loop-thread state.
+        self._running: list[_Sequence] = []  # prefilled, one token per step
+        self._prefilling: _Sequence | None = None
+        self._decode_steps = 0
+        self._max_batch_seen = 0
+
+    # Lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="trellis-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still waiting or running fail with EngineError."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    # Requests ------------------------------------------------------------------------------------
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[Output]:
+        """Stream a request's Outputs: `async for out in engine.generate(ids, params)`.
+
+        Input errors (ContextLengthError, ValueError) and a stopped engine (EngineError) raise here, at the
+        call, so a server can answer 400 before it starts a stream. The request is queued when iteration
+        starts; leaving the iteration early (aclose, cancellation) aborts it and frees its slot.
+        """
+        self._check(prompt_ids, params)
+        return self._stream(list(prompt_ids), params, request_id)
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams,
+                      request_id: str | None) -> AsyncIterator[Output]:
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Output | BaseException] = asyncio.Queue()
+        sequence = self._submit(prompt_ids, params, request_id,
+                                lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item))
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._abort(sequence)
+
+    def generate_text(self, prompt_ids: Sequence[int], params: SamplingParams,
+                      request_id: str | None = None) -> Output:
+        """Blocking: run one request to the end and return all of it as a single Output."""
+        self._check(prompt_ids, params)
+        outputs: queue.SimpleQueue[Output | BaseException] = queue.SimpleQueue()
+        sequence = self._submit(list(prompt_ids), params, request_id, outputs.put)
+        texts: list[str] = []
+        token_ids: list[int] = []
+        try:
+            while True:
+                item = outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                texts.append(item.text)
+                token_ids += item.token_ids
+                if item.finish_reason is not None:
+                    return Output("".join(texts), token_ids, item.finish_reason, item.prompt_tokens,
+                                  item.completion_tokens)
+        finally:
+            self._abort(sequence)
+
+    def stats(self) -> dict:
+        """A snapshot for metrics and tests; max_batch_seen is the most sequences one decode step ran."""
+        with self._cond:
+            usage = self.cache.usage()
+            return {
+                "running": len(self._running) + (self._prefilling is not None),
+                "waiting": len(self._waiting),
+                "kv_cache_usage": usage.slots_used / usage.slots_total,
+                "decode_steps": self._decode_steps,
+                "max_batch_seen": self._max_batch_seen,
+            }
+
+    def _check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        params.validate()
+        if self._thread is None:
+            raise EngineError("the engine is not running: call start() first")
+        if not prompt_ids:
+            raise ValueError("the prompt must contain at least one token")
+        if any(not 0 <= token < self.vocab_size for token in prompt_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the context holds "
+                                     f"{self.max_seq_len}, including at least one generated token")
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise ContextLengthError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                                     f"({params.max_tokens}) exceeds the context of {self.max_seq_len} "
+                                     f"tokens")
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
+                emit: Callable[[Output | BaseException], None]) -> _Sequence:
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        sequence = _Sequence(request_id=request_id or uuid.uuid4().hex, prompt_ids=prompt_ids,
+                             params=params, generator=params.make_generator(self.device),
+                             stop_ids=frozenset(stop_ids),
+                             stream=TextStream(self.tokenizer, prompt_ids, params.stop), emit=emit)
+        with self._cond:
+            if self._thread is None or self._stopping:
+                raise EngineError("the engine is shutting down")
+            self._waiting.append(sequence)
+            self._cond.notify()
+        return sequence
+
+    def _abort(self, sequence: _Sequence) -> None:
+        if not sequence.finished:
+            with self._cond:
+                sequence.aborted = True
+                self._cond.notify()
+
+    # The loop ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._running or self._prefilling):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._drop_aborted()
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as error:  # a failed forward: fail its requests, keep serving others
+                    logger.exception("generation step failed")
+                    self._fail(self._active(), error)
+        with self._cond:
+            stranded = list(self._waiting)
+            self._waiting.clear()
+        self._fail(stranded + self._active(), EngineError("the engine shut down"))
+
+    def _active(self) -> list[_Sequence]:
+        """The sequences holding a slot, as a new list (releasing one edits self._running)."""
+        return self._running + ([self._prefilling] if self._prefilling is not None else [])
+
+    def _drop_aborted(self) -> None:
+        """Forget requests whose consumer left, freeing their slots before the step runs."""
+        self._waiting = deque(s for s in self._waiting if not s.aborted)
+        for sequence in self._active():
+            if sequence.aborted:
+                logger.info("request %s aborted after %d tokens", sequence.request_id,
+                            len(sequence.output_ids))
+                self._release(sequence)
+
+    def _admit(self) -> None:
+        """Give the oldest waiting request a slot and the prefill turn, if both are free."""
+        if self._prefilling is None and self._waiting and len(self._running) < self.max_batch:
+            sequence = self._waiting.popleft()
+            sequence.slot = self.cache.allocate()
+            self._prefilling = sequence
+
+    def _step(self) -> None:
+        batch = [(sequence, sequence.next_chunk(1)) for sequence in self._running]
+        decoding = len(batch)
+        if self._prefilling is not None:
+            batch.append((self._prefilling, self._prefilling.next_chunk(self.prefill_chunk)))
+        if not batch:
+            return
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sampled: list[_Sequence] = []
+        sample_at: list[int] = []
+        for sequence, chunk in batch:
+            tokens += chunk
+            positions += range(sequence.computed, sequence.computed + len(chunk))
+            slots += [sequence.slot] * len(chunk)
+            if sequence.computed + len(chunk) == sequence.length:
+                sampled.append(sequence)
+                sample_at.append(len(tokens) - 1)
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        logits = self.model(tensor(tokens), tensor(positions), tensor(slots), self.cache,
+                            logits_for=tensor(sample_at))
+        for sequence, chunk in batch:
+            sequence.computed += len(chunk)
+        next_ids = sample(logits, sampled).tolist() if sampled else []
+
+        with self._cond:
+            self._decode_steps += int(decoding > 0)
+            self._max_batch_seen = max(self._max_batch_seen, decoding)
+        if self._prefilling is not None and self._prefilling.computed == len(self._prefilling.prompt_ids):
+            self._running.append(self._prefilling)
+            self._prefilling = None
+        for sequence, token in zip(sampled, next_ids):
+            self._append(sequence, token)
+
+    def _append(self, sequence: _Sequence, token: int) -> None:
+        """Record a sampled token, stream its text, and finish the sequence if a limit is reached."""
+        sequence.output_ids.append(token)
+        params = sequence.params
+        if token in sequence.stop_ids:
+            text, reason = sequence.stream.finish().text, "stop"  # a stop token's own text is not output
+        else:
+            delta = sequence.stream.push(token)
+            text, reason = delta.text, "stop" if delta.stopped else None
+            at_limit = (len(sequence.output_ids) == params.max_tokens
+                        or sequence.length >= self.max_seq_len)
+            if reason is None and at_limit:
+                rest = sequence.stream.finish()
+                text, reason = text + rest.text, "stop" if rest.stopped else "length"
+        if reason is not None:
+            self._release(sequence)
+        self._deliver(sequence, Output(text, [token], reason, len(sequence.prompt_ids),
+                                       len(sequence.output_ids)))
+
+    def _deliver(self, sequence: _Sequence, item: Output | BaseException) -> None:
+        try:
+            sequence.emit(item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            sequence.aborted = True
+
+    def _release(self, sequence: _Sequence) -> None:
+        """Take a sequence out of the batch and free its KV slot."""
+        sequence.finished = True
+        if sequence is self._prefilling:
+            self._prefilling = None
+        elif sequence in self._running:
+            self._running.remove(sequence)
+        if sequence.slot is not None:
+            self.cache.free(sequence.slot)
+            sequence.slot = None
+
+    def _fail(self, sequences: list[_Sequence], error: BaseException) -> None:
+        for sequence in sequences:
+            if sequence.finished:
+                continue
+            self._release(sequence)
+            failure = EngineError(f"generation failed: {error}")
+            failure.__cause__ = error
+            self._deliver(sequence, failure)
