@@ -1,0 +1,113 @@
+"""The FastAPI application: OpenAI-compatible routes over one engine and one model.
+
+create_app() takes an engine that need not be started: the app's lifespan starts it when the server
+starts and shuts it down (failing what is still in flight) when the server stops, so whoever runs
+uvicorn owns the engine's whole life and a stopped server leaves no generation thread behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.errors import install_error_handlers
+from server.inputs import chat_inputs, check_model, completion_inputs, refuse_unsupported
+from server.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest,
+                            ChatCompletionResponse, CompletionChoice, CompletionRequest,
+                            CompletionResponse, ModelCard, ModelList, SamplingFields, new_id, now)
+from server.streaming import (ChunkWriter, ClientGone, EventStreamResponse, collect, events, start,
+                              until_disconnected)
+
+# Status for a request whose client left before the answer (nginx's convention; nobody receives it).
+CLIENT_CLOSED = 499
+
+
+async def _maybe_await(value: Any) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+def context_length(engine: Any) -> int:
+    """The most tokens (prompt + completion) one sequence may hold in this engine."""
+    return int(engine.max_seq_len)
+
+
+def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
+    """Build the app. `engine` follows trellis_runtime.engine.Engine; `tokenizer` is the model's HF
+    tokenizer (encode, apply_chat_template, len)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await _maybe_await(engine.start())
+        try:
+            yield
+        finally:
+            await _maybe_await(engine.shutdown())
+
+    app = FastAPI(title="trellis-runtime", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    created = now()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    def card() -> ModelCard:
+        return ModelCard(id=model_name, created=created, max_model_len=context_length(engine))
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(ModelList(data=[card()]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        check_model(model_id, model_name)
+        return JSONResponse(card().model_dump())
+
+    async def run(request: Request, body: SamplingFields, prefix: str,
+                  prepare: Callable[[], tuple[list[int], Any]], prompt_param: str,
+                  respond: Callable[[str, Any], Any]) -> Response:
+        """What both routes share: checks, then one engine request, streamed or collected."""
+        check_model(body.model, model_name)
+        refuse_unsupported(body)
+        prompt_ids, params = prepare()
+        request_id = new_id(prefix)
+        outputs = start(engine, prompt_ids, params, request_id, prompt_param)
+        if body.stream:
+            writer = ChunkWriter(request_id, now(), model_name, chat=prefix == "chatcmpl",
+                                 include_usage=body.include_usage)
+            return EventStreamResponse(events(outputs, writer, len(prompt_ids)))
+        try:
+            result = await until_disconnected(request, collect(outputs, len(prompt_ids)))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(respond(request_id, result).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        def respond(request_id: str, result: Any) -> CompletionResponse:
+            return CompletionResponse(
+                id=request_id, created=now(), model=model_name, usage=result.usage,
+                choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
+
+        return await run(request, body, "cmpl",
+                         lambda: completion_inputs(body, tokenizer, context_length(engine)),
+                         "prompt", respond)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        def respond(request_id: str, result: Any) -> ChatCompletionResponse:
+            return ChatCompletionResponse(
+                id=request_id, created=now(), model=model_name, usage=result.usage,
+                choices=[ChatChoice(message=AssistantMessage(content=result.text),
+                                    finish_reason=result.finish_reason)])
+
+        return await run(request, body, "chatcmpl",
+                         lambda: chat_inputs(body, tokenizer, context_length(engine)),
+                         "messages", respond)
+
+    return app

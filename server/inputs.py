@@ -1,0 +1,125 @@
+"""From a validated request body to what the engine takes: prompt token ids and SamplingParams.
+
+Every check that depends on the model rather than on the JSON alone lives here (the model name, token
+id range, chat template, context length), so that a request the engine would refuse is refused with a
+400 before a response starts streaming, and every refusal names the field to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+from server.errors import APIError
+from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from trellis_runtime.sampling import SamplingParams
+
+# OpenAI's default for /v1/completions; chat completions default to "until done or out of context".
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+_PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+# Request fields copied one-to-one onto SamplingParams when the client sets them.
+_COPIED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+           "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos")
+
+
+def check_model(requested: Optional[str], served: str) -> None:
+    """A wrong model name is a 404, as on OpenAI; leaving it out means the one model served."""
+    if requested is not None and requested != served:
+        raise APIError(f"The model `{requested}` does not exist. This server serves `{served}`.",
+                       status=404, param="model", code="model_not_found")
+
+
+def refuse_unsupported(request: SamplingFields) -> None:
+    """Fields that would change the answer but that we cannot honour get a 400, not silence."""
+    field = request.unsupported()
+    if field is not None:
+        value = getattr(request, field)
+        hint = " (only n=1 is supported)" if field == "n" else ""
+        raise APIError(f"'{field}'={value!r} is not supported by this server{hint}.", param=field)
+    if request.stream_options is not None and not request.stream:
+        raise APIError("'stream_options' is only allowed when 'stream' is true.",
+                       param="stream_options")
+
+
+def completion_prompt_ids(prompt: Union[str, list[int]], tokenizer: Any) -> list[int]:
+    """Text is tokenized with the tokenizer's special tokens (BOS), as vLLM and llama-server do."""
+    # Token ids are checked against the vocabulary by the engine (a 400 naming "prompt").
+    ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise APIError("The prompt is empty.", param="prompt")
+    return ids
+
+
+def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Any) -> list[int]:
+    """Render with the model's own chat template, then tokenize without adding specials again
+    (the template already writes BOS where the model wants one)."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
+                for m in request.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # no template, or the template itself rejects the conversation
+        raise APIError(f"The chat template could not format these messages: {exc}",
+                       param="messages") from exc
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if not ids:
+        raise APIError("The messages produce an empty prompt.", param="messages")
+    return ids
+
+
+def resolve_max_tokens(requested: Optional[int], default: Optional[int], prompt_tokens: int,
+                       context_length: int, prompt_param: str, limit_param: str) -> Optional[int]:
+    """The completion budget, or a 400 `context_length_exceeded` when prompt plus budget cannot fit.
+
+    An explicit max_tokens beyond the room left is an error (the client asked for something
+    impossible); the implicit default is shrunk to fit instead.
+    """
+    if requested is not None and requested < 1:
+        raise APIError(f"'{limit_param}' must be at least 1, got {requested}.", param=limit_param)
+    room = context_length - prompt_tokens
+    if room < 1:
+        raise APIError(f"This model's maximum context length is {context_length} tokens. However, "
+                       f"your {prompt_param} has {prompt_tokens} tokens, leaving no room for a "
+                       f"completion. Please reduce the length of the {prompt_param}.",
+                       param=prompt_param, code="context_length_exceeded")
+    if requested is None:
+        return None if default is None else min(default, room)
+    if requested > room:
+        raise APIError(f"This model's maximum context length is {context_length} tokens. However, "
+                       f"you requested {prompt_tokens + requested} tokens ({prompt_tokens} in the "
+                       f"{prompt_param}, {requested} in the completion). Please reduce the length "
+                       f"of the {prompt_param} or completion.",
+                       param=limit_param, code="context_length_exceeded")
+    return requested
+
+
+def sampling_params(request: SamplingFields, max_tokens: Optional[int]) -> SamplingParams:
+    """Copy what the client set onto SamplingParams (unset fields keep the engine's defaults), then
+    validate; its ValueError names the field first, which becomes the error's `param`."""
+    values = {name: getattr(request, name) for name in _COPIED if getattr(request, name) is not None}
+    params = SamplingParams(max_tokens=max_tokens, **values)
+    try:
+        params.validate()
+    except ValueError as exc:
+        message = str(exc)
+        field = message.split(" ", 1)[0]
+        raise APIError(message, param=field if field in _PARAM_FIELDS else None) from exc
+    return params
+
+
+def completion_inputs(request: CompletionRequest, tokenizer: Any, context_length: int
+                      ) -> tuple[list[int], SamplingParams]:
+    ids = completion_prompt_ids(request.prompt, tokenizer)
+    budget = resolve_max_tokens(request.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
+                                context_length, "prompt", "max_tokens")
+    return ids, sampling_params(request, budget)
+
+
+def chat_inputs(request: ChatCompletionRequest, tokenizer: Any, context_length: int
+                ) -> tuple[list[int], SamplingParams]:
+    ids = chat_prompt_ids(request, tokenizer)
+    limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    # Unset, a chat answer may run to the end of the context (OpenAI's and vLLM's behaviour).
+    budget = resolve_max_tokens(request.token_limit, context_length, len(ids), context_length,
+                                "messages", limit_param)
+    return ids, sampling_params(request, budget)

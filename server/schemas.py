@@ -1,0 +1,276 @@
+"""Request and response bodies of the OpenAI-compatible routes, as pydantic models.
+
+Requests accept what OpenAI's API accepts for these two routes, plus the sampling extras vLLM takes
+(top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos), so existing clients and their
+`extra_body` work unchanged. Fields that change what is generated but that we do not implement
+(logprobs, tools, n > 1 ...) are declared so they can be refused with a 400 naming them, instead of
+being silently ignored; unknown fields are ignored, as OpenAI-compatible servers do.
+
+Scalar fields are strict (no "0.5" for a float, no true for an int): a string where a number belongs
+is a client bug we report rather than guess at. Union-typed fields (prompt, stop, message content)
+are checked by hand so the error names the field rather than every arm of the union.
+
+Responses mirror OpenAI's shapes field for field, nulls included, because clients index into them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_stop(value: Any) -> Optional[list[str]]:
+    """OpenAI takes one string or a list of strings; we always hand the engine a list."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise ValueError("must be a string or a list of strings")
+
+
+# --------------------------------------------------------------------------------------- requests
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: Optional[StrictBool] = False
+
+
+class SamplingFields(BaseModel):
+    """What both routes share: the model name, sampling knobs and streaming switches."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Optional[str] = None  # None: the one model this server serves
+    max_tokens: Optional[StrictInt] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: Optional[StrictInt] = 1
+    stream: Optional[StrictBool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Any] = None
+    seed: Optional[StrictInt] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
+    # vLLM's extras (sent by the openai client through extra_body).
+    top_k: Optional[StrictInt] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    stop_token_ids: Optional[list[StrictInt]] = None
+    ignore_eos: Optional[StrictBool] = None
+    # Declared only to be refused when set (see unsupported()).
+    logprobs: Optional[Any] = None
+    logit_bias: Optional[dict[str, Any]] = None
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Optional[list[str]]:
+        return _check_stop(value)
+
+    def unsupported(self) -> Optional[str]:
+        """The first field set to a value this server cannot honour, or None."""
+        if self.n is not None and self.n != 1:
+            return "n"
+        if self.logprobs not in (None, False):
+            return "logprobs"
+        if self.logit_bias:
+            return "logit_bias"
+        return None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions. One prompt per request: text, a list of one text, or token ids."""
+
+    prompt: Any
+    echo: Optional[StrictBool] = None
+    suffix: Optional[str] = None
+    best_of: Optional[StrictInt] = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Union[str, list[int]]:
+        """Batched prompts would need n-way responses; refuse them rather than answer only the first."""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+            value = value[0]
+            if isinstance(value, str):
+                return value
+        if isinstance(value, list) and value and all(_is_int(t) for t in value):
+            return value
+        raise ValueError("must be a string, a list of one string, or a non-empty list of token ids "
+                         "(only one prompt per request is supported)")
+
+    def unsupported(self) -> Optional[str]:
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        return super().unsupported()
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One turn. Content is a string or a list of text parts (joined, as the template sees text)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    name: Optional[str] = None
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _text_only(cls, value: Any) -> Optional[str]:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            parts = []
+            for part in value:
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) "
+                                     "are supported")
+                parts.append(part["text"])
+            return "".join(parts)
+        raise ValueError("must be a string or a list of text parts")
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[StrictInt] = None
+    top_logprobs: Optional[StrictInt] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    def unsupported(self) -> Optional[str]:
+        if self.top_logprobs:
+            return "top_logprobs"
+        if self.tools:
+            return "tools"
+        if self.response_format and self.response_format.get("type") != "text":
+            return "response_format"
+        return super().unsupported()
+
+    @property
+    def token_limit(self) -> Optional[int]:
+        """max_completion_tokens is OpenAI's newer name for max_tokens; it wins when both are sent."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# -------------------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+FinishReason = Optional[Literal["stop", "length"]]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None  # always set on full responses; null on stream chunks
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]  # {"role", "content"} first, {"content"} next, {} on the finishing chunk
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "trellis-runtime"
+    max_model_len: int  # vLLM's name for the context length; clients use it to size prompts
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
