@@ -145,7 +145,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "checkpoint": str(args.checkpoint), "spec": checkpoint.trellis["spec"],
+        "checkpoint": Path(args.checkpoint).name, "spec": checkpoint.trellis["spec"],
         "new_tokens": n, "prompt_tokens": PROMPT_TOKENS, "runs": args.runs,
         "load_seconds": load_seconds,
         "tokens_per_second": rows,
