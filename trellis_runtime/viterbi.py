@@ -28,12 +28,16 @@ from trellis_runtime.trellis import TrellisSpec
 # this budget, and the per-step working arrays (states x tiles) near a size that stays in cache.
 HISTORY_BUDGET_BYTES = 256 << 20
 STEP_BUDGET_ELEMENTS = 1 << 18
+# A GPU wants as many tiles per step as memory allows: each step is a few kernel launches.
+CUDA_HISTORY_BUDGET_BYTES = 4 << 30
 
 
-def chunk_size(spec: TrellisSpec, steps: int) -> int:
-    by_history = HISTORY_BUDGET_BYTES // (steps * spec.num_groups * 4)
+def chunk_size(spec: TrellisSpec, steps: int, device: torch.device | str = "cpu") -> int:
+    per_tile = steps * spec.num_groups * 4
+    if torch.device(device).type == "cuda":
+        return max(1, CUDA_HISTORY_BUDGET_BYTES // per_tile)
     by_step = STEP_BUDGET_ELEMENTS // spec.num_states
-    return max(1, min(by_history, max(by_step, 1)))
+    return max(1, min(HISTORY_BUDGET_BYTES // per_tile, by_step))
 
 
 def rotate_left(index: torch.Tensor, amount: int, width: int) -> torch.Tensor:
@@ -203,7 +207,7 @@ def path_error(x: torch.Tensor, path: torch.Tensor, values: torch.Tensor) -> tor
 def encode(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec) -> torch.Tensor:
     """Tail-biting paths (B, T/V) for sequences x (B, T), in memory-bounded chunks."""
     steps = x.shape[1] // spec.vec
-    size = chunk_size(spec, steps)
+    size = chunk_size(spec, steps, x.device)
     values = values.to(x.device)
     history = torch.empty((steps - 1) * spec.num_groups * min(size, x.shape[0]), device=x.device)
     parts = [tail_biting_viterbi(x[i:i + size], values, spec, history)
