@@ -127,3 +127,10 @@ def initial_table(spec: TrellisSpec, seed: int = 0) -> torch.Tensor | None:
         table = torch.randn(*shape, generator=gen)
     table = table / table.pow(2).mean().sqrt()
     return table.to(torch.float16)
+
+
+def kernel_constants() -> dict[str, int | float]:
+    """The code constants as the Triton kernels take them (kernels import nothing of the project)."""
+    return {"mad_mul": MAD_MUL, "mad_add": MAD_ADD, "mad_mean": MAD_MEAN, "mad_inv_std": MAD_INV_STD,
+            "inst_mul": INST_MUL, "inst_add": INST_ADD, "inst_and": INST_AND, "inst_xor": INST_XOR,
+            "inst_rms": INST_RMS, "hyb_index_bits": HYB_INDEX_BITS}
