@@ -34,6 +34,7 @@ class LlamaShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool
+    max_positions: int  # the context length the model was trained for
 
     @classmethod
     def from_config(cls, config: dict) -> "LlamaShape":
@@ -50,7 +51,8 @@ class LlamaShape:
                 kv_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 vocab=int(config["vocab_size"]),
-                tied_embeddings=bool(config.get("tie_word_embeddings", False)))
+                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                max_positions=int(config.get("max_position_embeddings") or 2048))
         except KeyError as missing:
             raise SourceError(f"model config lacks {missing.args[0]!r}") from None
 

@@ -99,7 +99,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.max_seq_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
+        # Without a choice, the model's own context, capped so the pre-allocated KV cache stays small.
+        self.max_seq_len = max_seq_len or min(model.shape.max_positions, DEFAULT_MAX_SEQ_LEN)
         self.prefill_chunk = prefill_chunk
         if eos_token_ids is None:
             eos_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
