@@ -214,12 +214,18 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason = None
 
 
-class CompletionResponse(BaseModel):
+class _Envelope(BaseModel):
+    """The fields every completion response and stream chunk starts with; `object` names the kind."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
     system_fingerprint: Optional[str] = None
+
+
+class CompletionResponse(_Envelope):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None  # always set on full responses; null on stream chunks
 
@@ -236,12 +242,8 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: Optional[str] = None
     choices: list[ChatChoice]
     usage: Usage
 
@@ -253,12 +255,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: FinishReason = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: Optional[str] = None
     choices: list[ChatChunkChoice]
     usage: Optional[Usage] = None
 
