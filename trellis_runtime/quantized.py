@@ -34,12 +34,9 @@ class QuantizedWeight:
 
     def decode_rotated(self) -> torch.Tensor:
         """The rotated, scaled reconstruction W_rot (out, in) in float32."""
-        row_tiles, col_tiles, _ = self.codes.shape
         states = unpack_states(self.codes, self.spec)  # (rt, ct, steps)
         values = code_values(self.spec, states, self.table)  # (rt, ct, steps, V)
-        tiles = values.reshape(row_tiles, col_tiles, TILE_ROWS, TILE_COLS)
-        matrix = tiles.permute(0, 2, 1, 3).reshape(row_tiles * TILE_ROWS, col_tiles * TILE_COLS)
-        return matrix * self.scale.to(torch.float32)
+        return tiles_to_matrix(values.flatten(2)) * self.scale.to(torch.float32)
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight W (out, in) in float32, in the model's original basis."""
@@ -52,6 +49,20 @@ class QuantizedWeight:
         if self.table is not None:
             out[f"{prefix}.code_table"] = self.table
         return out
+
+
+def matrix_to_tiles(matrix: torch.Tensor) -> torch.Tensor:
+    """(m, n) -> (m/16, n/16, 256): each 16x16 tile flattened row-major, the order a trellis walks."""
+    m, n = matrix.shape
+    tiles = matrix.reshape(m // TILE_ROWS, TILE_ROWS, n // TILE_COLS, TILE_COLS).permute(0, 2, 1, 3)
+    return tiles.reshape(m // TILE_ROWS, n // TILE_COLS, TILE_ROWS * TILE_COLS)
+
+
+def tiles_to_matrix(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of matrix_to_tiles: (m/16, n/16, 256) -> (m, n)."""
+    row_tiles, col_tiles, _ = tiles.shape
+    blocks = tiles.reshape(row_tiles, col_tiles, TILE_ROWS, TILE_COLS).permute(0, 2, 1, 3)
+    return blocks.reshape(row_tiles * TILE_ROWS, col_tiles * TILE_COLS)
 
 
 def tiles_to_codes_shape(out_features: int, in_features: int, spec: TrellisSpec
