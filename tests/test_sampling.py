@@ -25,7 +25,7 @@ class Row:
 @pytest.mark.parametrize("field_name, value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.1),
     ("min_p", -0.1), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
-    ("frequency_penalty", -3.0), ("max_tokens", 0), ("stop", [""]), ("stop_token_ids", [-1]),
+    ("frequency_penalty", -3.0), ("max_tokens", -1), ("stop", [""]), ("stop_token_ids", [-1]),
 ])
 def test_validate_names_the_bad_field(field_name: str, value) -> None:
     params = SamplingParams(**{field_name: value})
@@ -72,6 +72,23 @@ def test_seeded_rows_do_not_depend_on_the_batch() -> None:
     assert alone == batched
     different = Row(SamplingParams(seed=8))
     assert [sample(logits, [different]).item() for _ in range(20)] != alone
+
+
+def test_choices_get_their_own_reproducible_seeds() -> None:
+    """Choice i of a seeded request draws with seed + i: choice 0 is the n=1 answer, the others differ."""
+    torch.manual_seed(5)
+    logits = torch.randn(1, 500)
+    params = SamplingParams(seed=41, logprobs=2)
+
+    def draws(p: SamplingParams) -> list[int]:
+        row = Row(p)
+        return [sample(logits, [row]).item() for _ in range(12)]
+
+    choices = [params.for_choice(i) for i in range(3)]
+    assert [c.seed for c in choices] == [41, 42, 43] and choices[2].logprobs == 2
+    assert draws(choices[0]) == draws(params) and draws(choices[2]) == draws(SamplingParams(seed=43))
+    assert len({tuple(draws(c)) for c in choices}) == 3
+    assert SamplingParams().for_choice(5).seed is None
 
 
 def test_samples_follow_the_filtered_distribution() -> None:

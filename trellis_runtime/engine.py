@@ -7,6 +7,10 @@ so a long generation never holds back a short one. Chunking the prefill bounds h
 so running streams keep flowing while a long prompt is read (vLLM's chunked prefill, on nano-vllm's
 simpler footing: at most one prompt in flight, one KV slot per sequence).
 
+Logprobs cost nothing unless a request asks: then its sampled rows also get a log_softmax and a topk
+(trellis_runtime.logprobs), and a prompt it wants scored gets logits for every position of its prefill
+chunks instead of the last one only. max_tokens=0 scores a prompt and finishes without sampling.
+
 Threads: callers (an asyncio server, or the blocking CLI helper) hand requests over under a Condition
 and receive outputs through a per-request callback; for asyncio that callback is
 `loop.call_soon_threadsafe(queue.put_nowait, ...)`. When there is nothing to do the loop sleeps on the
@@ -30,6 +34,7 @@ import torch
 from trellis_runtime.detokenize import TextStream
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.kv_cache import KVCache
+from trellis_runtime.logprobs import TokenLogprob, token_logprobs
 from trellis_runtime.sampling import SamplingParams, sample
 
 logger = logging.getLogger("trellis_runtime")
@@ -55,6 +60,11 @@ class Output:
     finish_reason: str | None  # None while running, then "stop" or "length"
     prompt_tokens: int
     completion_tokens: int  # generated so far, including token_ids
+    # One per token_ids entry when the request asked for logprobs, else None.
+    logprobs: list[TokenLogprob] | None = None
+    # On a request's first Output, when it asked for prompt_logprobs: prompt tokens 1.. (the first
+    # token has no context to be scored in), else None.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -69,6 +79,7 @@ class _Sequence:
     stream: TextStream
     emit: Callable[[Output | BaseException], None]
     output_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far, while prefilling
     slot: int | None = None
     computed: int = 0  # tokens whose keys and values are in the cache
     finished: bool = False
@@ -182,6 +193,8 @@ class Engine:
         sequence = self._submit(list(prompt_ids), params, request_id, outputs.put)
         texts: list[str] = []
         token_ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        prompt_logprobs = None
         try:
             while True:
                 item = outputs.get()
@@ -189,9 +202,13 @@ class Engine:
                     raise item
                 texts.append(item.text)
                 token_ids += item.token_ids
+                logprobs += item.logprobs or []
+                if item.prompt_logprobs is not None:
+                    prompt_logprobs = item.prompt_logprobs
                 if item.finish_reason is not None:
                     return Output("".join(texts), token_ids, item.finish_reason, item.prompt_tokens,
-                                  item.completion_tokens)
+                                  item.completion_tokens,
+                                  None if params.logprobs is None else logprobs, prompt_logprobs)
         finally:
             self._abort(sequence)
 
@@ -215,7 +232,7 @@ class Engine:
             raise ValueError("the prompt must contain at least one token")
         if any(not 0 <= token < self.vocab_size for token in prompt_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if len(prompt_ids) >= self.max_seq_len:
+        if len(prompt_ids) >= self.max_seq_len and params.max_tokens != 0:
             raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the context holds "
                                      f"{self.max_seq_len}, including at least one generated token")
         if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_seq_len:
@@ -295,24 +312,45 @@ class Engine:
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        logits_at: list[int] = []  # the tokens whose logits this step needs, in the logits' row order
         sampled: list[_Sequence] = []
-        sample_at: list[int] = []
+        sample_rows: list[int] = []
+        # Prefill chunks scoring their prompt: (sequence, first logits row, the prompt tokens scored).
+        scored: list[tuple[_Sequence, int, list[int]]] = []
+        scored_only: list[_Sequence] = []  # prefilled with max_tokens 0: done, nothing to sample
         for sequence, chunk in batch:
+            start = len(tokens)
             tokens += chunk
             positions += range(sequence.computed, sequence.computed + len(chunk))
             slots += [sequence.slot] * len(chunk)
+            at = sequence.computed
+            if sequence.params.prompt_logprobs is not None and at < len(sequence.prompt_ids):
+                # Position p's logits score prompt token p + 1: all chunk positions but the prompt's last.
+                targets = sequence.prompt_ids[at + 1:at + 1 + len(chunk)]
+                scored.append((sequence, len(logits_at), targets))
+                logits_at += range(start, start + len(targets))
             if sequence.computed + len(chunk) == sequence.length:
-                sampled.append(sequence)
-                sample_at.append(len(tokens) - 1)
+                if sequence.params.max_tokens == 0:
+                    scored_only.append(sequence)
+                else:
+                    sampled.append(sequence)
+                    sample_rows.append(len(logits_at))
+                    logits_at.append(len(tokens) - 1)
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=self.device)
 
         logits = self.model(tensor(tokens), tensor(positions), tensor(slots), self.cache,
-                            logits_for=tensor(sample_at))
+                            logits_for=tensor(logits_at))
         for sequence, chunk in batch:
             sequence.computed += len(chunk)
-        next_ids = sample(logits, sampled).tolist() if sampled else []
+        # Without prompt scoring (the usual step) every row is a sampling row: no copy, no extra work.
+        sample_logits = logits if not scored else logits[tensor(sample_rows)]
+        next_ids = sample(sample_logits, sampled).tolist() if sampled else []
+        sampled_logprobs = _sampled_logprobs(sample_logits, sampled, next_ids)
+        for sequence, first, targets in scored:
+            sequence.prompt_logprobs += token_logprobs(logits[first:first + len(targets)], targets,
+                                                       [sequence.params.prompt_logprobs] * len(targets))
 
         with self._cond:
             self._decode_steps += int(decoding > 0)
@@ -320,10 +358,15 @@ class Engine:
         if self._prefilling is not None and self._prefilling.computed == len(self._prefilling.prompt_ids):
             self._running.append(self._prefilling)
             self._prefilling = None
-        for sequence, token in zip(sampled, next_ids):
-            self._append(sequence, token)
+        for sequence, token, logprob in zip(sampled, next_ids, sampled_logprobs):
+            self._append(sequence, token, logprob)
+        for sequence in scored_only:
+            self._release(sequence)
+            self._deliver(sequence, Output("", [], "length", len(sequence.prompt_ids), 0,
+                                           None if sequence.params.logprobs is None else [],
+                                           _prompt_logprobs(sequence)))
 
-    def _append(self, sequence: _Sequence, token: int) -> None:
+    def _append(self, sequence: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """Record a sampled token, stream its text, and finish the sequence if a limit is reached."""
         sequence.output_ids.append(token)
         params = sequence.params
@@ -339,8 +382,11 @@ class Engine:
                 text, reason = text + rest.text, "stop" if rest.stopped else "length"
         if reason is not None:
             self._release(sequence)
+        first = len(sequence.output_ids) == 1
         self._deliver(sequence, Output(text, [token], reason, len(sequence.prompt_ids),
-                                       len(sequence.output_ids)))
+                                       len(sequence.output_ids),
+                                       None if logprob is None else [logprob],
+                                       _prompt_logprobs(sequence) if first else None))
 
     def _deliver(self, sequence: _Sequence, item: Output | BaseException) -> None:
         try:
@@ -367,3 +413,22 @@ class Engine:
             failure = EngineError(f"generation failed: {error}")
             failure.__cause__ = error
             self._deliver(sequence, failure)
+
+
+def _sampled_logprobs(logits: torch.Tensor, sampled: list[_Sequence], next_ids: list[int]
+                      ) -> list[TokenLogprob | None]:
+    """The sampled tokens' logprobs (rows of `logits`), for the sequences that asked; None elsewhere."""
+    wanted = [i for i, sequence in enumerate(sampled) if sequence.params.logprobs is not None]
+    found: list[TokenLogprob | None] = [None] * len(sampled)
+    if wanted:
+        rows = logits if len(wanted) == len(sampled) else logits[wanted]
+        scored = token_logprobs(rows, [next_ids[i] for i in wanted],
+                                [sampled[i].params.logprobs for i in wanted])
+        for i, logprob in zip(wanted, scored):
+            found[i] = logprob
+    return found
+
+
+def _prompt_logprobs(sequence: _Sequence) -> list[TokenLogprob] | None:
+    """What a request's first Output carries about its prompt: the scores, if it asked for them."""
+    return None if sequence.params.prompt_logprobs is None else sequence.prompt_logprobs

@@ -15,10 +15,12 @@ tokens do not depend on which other requests share the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 import torch
+
+from trellis_runtime.logprobs import MAX_LOGPROBS
 
 # Temperatures below this are treated as greedy: dividing by them overflows for no visible difference.
 GREEDY_TEMPERATURE = 1e-5
@@ -37,10 +39,14 @@ class SamplingParams:
     presence_penalty: float = 0.0  # in [-2, 2]
     frequency_penalty: float = 0.0  # in [-2, 2]
     seed: int | None = None
-    max_tokens: int | None = 16  # None = until a stop condition or the context limit
+    max_tokens: int | None = 16  # None = until a stop condition or the context limit; 0 = score only
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Report each generated token's logprob and this many likeliest alternatives; None = off.
+    logprobs: int | None = None
+    # The same for every prompt token after the first (each scored given the ones before); None = off.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -63,15 +69,26 @@ class SamplingParams:
              f"must be in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}]"),
             ("frequency_penalty", abs(self.frequency_penalty) <= PENALTY_RANGE,
              f"must be in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}]"),
-            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 0, "must be >= 0"),
             ("stop", all(isinstance(s, str) and s for s in self.stop),
              "must be a list of non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be a list of non-negative integers"),
+            ("logprobs", _count_or_none(self.logprobs), f"must be in [0, {MAX_LOGPROBS}] or None"),
+            ("prompt_logprobs", _count_or_none(self.prompt_logprobs),
+             f"must be in [0, {MAX_LOGPROBS}] or None"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The settings of choice `index` of an n-choice request: its own sample, reproducibly.
+
+        A seeded request gives choice i the seed seed + i (vLLM's rule), so choice 0 is exactly the
+        answer the same request with n=1 gets, and every choice is reproducible on its own.
+        """
+        return replace(self, seed=None if self.seed is None else self.seed + index)
 
     def make_generator(self, device: torch.device) -> torch.Generator | None:
         """The request's own random stream, or None to share the global one (unseeded requests)."""
@@ -79,6 +96,10 @@ class SamplingParams:
             return None
         # Any integer is a valid OpenAI seed; torch accepts 64-bit unsigned ones.
         return torch.Generator(device=device).manual_seed(self.seed % 2**64)
+
+
+def _count_or_none(value: int | None) -> bool:
+    return value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS)
 
 
 class SamplingRow(Protocol):
