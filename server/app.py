@@ -14,13 +14,20 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.access_log import TRACE_KEY
+from server.admission import Admission
 from server.errors import install_error_handlers
 from server.inputs import chat_inputs, check_model, completion_inputs, refuse_unsupported
+from server.metrics import Metrics
+from server.openapi import GENERATION_RESPONSES, MODEL_RESPONSES, MODELS_RESPONSES
+from server.operations import install_operations
+from server.settings import AppConfig
 from server.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                             ChatCompletionResponse, CompletionChoice, CompletionRequest,
                             CompletionResponse, ModelCard, ModelList, SamplingFields, new_id, now)
 from server.streaming import (ChunkWriter, ClientGone, EventStreamResponse, collect, events, start,
                               until_disconnected)
+from server.trace import Trace, traced
 
 # Status for a request whose client left before the answer (nginx's convention; nobody receives it).
 CLIENT_CLOSED = 499
@@ -36,9 +43,15 @@ def context_length(engine: Any) -> int:
     return int(engine.max_seq_len)
 
 
-def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
+def create_app(engine: Any, tokenizer: Any, model_name: str,
+               config: AppConfig | None = None) -> FastAPI:
     """Build the app. `engine` follows trellis_runtime.engine.Engine; `tokenizer` is the model's HF
-    tokenizer (encode, apply_chat_template, len)."""
+    tokenizer (encode, apply_chat_template, len); `config` holds keys and limits (defaults: none
+    and the documented limits). The app's Admission is app.state.admission, for the draining
+    server."""
+    config = config or AppConfig()
+    admission = Admission(engine.max_batch, config.max_waiting)
+    metrics = Metrics(engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -50,20 +63,20 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
 
     app = FastAPI(title="trellis-runtime", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    install_operations(app, config, admission, metrics)
+    app.state.admission = admission
     created = now()
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
     def card() -> ModelCard:
-        return ModelCard(id=model_name, created=created, max_model_len=context_length(engine))
+        return ModelCard(id=model_name, created=created, max_model_len=context_length(engine),
+                         max_num_seqs=admission.max_running, max_waiting=admission.max_waiting,
+                         max_body_bytes=config.max_body_bytes)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=MODELS_RESPONSES)
     async def models() -> JSONResponse:
         return JSONResponse(ModelList(data=[card()]).model_dump())
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=MODEL_RESPONSES)
     async def model(model_id: str) -> JSONResponse:
         check_model(model_id, model_name)
         return JSONResponse(card().model_dump())
@@ -72,11 +85,14 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
                   prepare: Callable[[], tuple[list[int], Any]], prompt_param: str,
                   respond: Callable[[str, Any], Any]) -> Response:
         """What both routes share: checks, then one engine request, streamed or collected."""
+        trace = Trace()
         check_model(body.model, model_name)
         refuse_unsupported(body)
         prompt_ids, params = prepare()
         request_id = new_id(prefix)
-        outputs = start(engine, prompt_ids, params, request_id, prompt_param)
+        outputs = traced(start(engine, prompt_ids, params, request_id, prompt_param), trace,
+                         metrics.observe_request)
+        setattr(request.state, TRACE_KEY, trace)
         if body.stream:
             writer = ChunkWriter(request_id, now(), model_name, chat=prefix == "chatcmpl",
                                  include_usage=body.include_usage)
@@ -87,7 +103,8 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
             return Response(status_code=CLIENT_CLOSED)
         return JSONResponse(respond(request_id, result).model_dump())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         def respond(request_id: str, result: Any) -> CompletionResponse:
             return CompletionResponse(
@@ -98,7 +115,8 @@ def create_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
                          lambda: completion_inputs(body, tokenizer, context_length(engine)),
                          "prompt", respond)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         def respond(request_id: str, result: Any) -> ChatCompletionResponse:
             return ChatCompletionResponse(

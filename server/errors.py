@@ -9,6 +9,7 @@ Bad input is always a 4xx; 500 is reserved for faults of ours and never carries 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 log = logging.getLogger("trellis.server")
 
@@ -30,10 +32,12 @@ class APIError(Exception):
     """A refusal we decided on; raised anywhere in a route, rendered by the handler below."""
 
     def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 code: Optional[str] = None, type: Optional[str] = None) -> None:
+                 code: Optional[str] = None, type: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -42,6 +46,15 @@ class APIError(Exception):
 def error_body(message: str, type: str, param: Optional[str] = None,
                code: Optional[str] = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+async def send_error(send: Send, error: APIError) -> None:
+    """Answer with `error` straight from ASGI middleware, which runs outside FastAPI's handlers."""
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def field_path(loc: tuple[Any, ...]) -> Optional[str]:
@@ -69,7 +82,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -267,6 +267,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "trellis-runtime"
     max_model_len: int  # vLLM's name for the context length; clients use it to size prompts
+    # This server's limits (extra fields, ignored by OpenAI clients; see the README).
+    max_num_seqs: int  # requests decoded at once (vLLM's name)
+    max_waiting: int  # requests that may wait for a slot; past them new requests get 429
+    max_body_bytes: int  # largest request body; larger ones get 413
 
 
 class ModelList(BaseModel):

@@ -121,19 +121,23 @@ def _checkpoint_for(model: str | None, device: str) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    device = _device(args.device)
-    path = _checkpoint_for(args.model, device)
-    import uvicorn
+    from server.settings import settings_from_arguments
 
-    from server.app import create_app
+    try:
+        settings = settings_from_arguments(args)
+    except ValueError as err:
+        raise TrellisError(str(err)) from None
+    device = _device(settings.device)
+    path = _checkpoint_for(settings.model, device)
+    from server.serve import serve
     from trellis_runtime.engine import Engine
     from trellis_runtime.model import load_model
 
     model, tokenizer = load_model(path, device)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
-    app = create_app(engine, tokenizer, model_name=args.served_model_name or args.model
-                     or BUILTIN_MODEL)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    engine = Engine(model, tokenizer, max_batch=settings.max_batch,
+                    max_seq_len=settings.max_seq_len)
+    serve(engine, tokenizer, settings.served_model_name or settings.model or BUILTIN_MODEL,
+          settings)
     return 0
 
 
@@ -188,17 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ppl.set_defaults(run=cmd_eval_ppl)
 
-    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    serve.add_argument("model", nargs="?", default=None,
-                       help="packed checkpoint or float source (default: smollm2-135m, quantized "
-                            "on first use into the cache)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    serve.add_argument("--max-seq-len", type=int, default=None,
-                       help="context length per sequence (default: the model's, capped at 2048)")
-    serve.add_argument("--served-model-name", default=None, help="model id in the API")
-    serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    serve = commands.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Every flag can also be set by the TRELLIS_* variable named in its help; a "
+                    "flag wins over its variable.")
+    from server.settings import add_arguments  # light (pydantic only); keeps flags and env as one
+
+    add_arguments(serve)
     serve.set_defaults(run=cmd_serve)
 
     generate = commands.add_parser("generate", help="print a completion of a prompt")
