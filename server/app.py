@@ -16,15 +16,17 @@ from fastapi.responses import JSONResponse, Response
 
 from server.access_log import TRACE_KEY
 from server.admission import Admission
+from server.choices import ChatChoices, CompletionChoices
 from server.errors import install_error_handlers
 from server.inputs import chat_inputs, check_model, completion_inputs, refuse_unsupported
+from server.logprobs import TokenText
 from server.metrics import Metrics
 from server.openapi import GENERATION_RESPONSES, MODEL_RESPONSES, MODELS_RESPONSES
 from server.operations import install_operations
 from server.settings import AppConfig
-from server.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest,
-                            ChatCompletionResponse, CompletionChoice, CompletionRequest,
-                            CompletionResponse, ModelCard, ModelList, SamplingFields, new_id, now)
+from server.schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                            CompletionResponse, ModelCard, ModelList, SamplingFields, Usage, new_id,
+                            now)
 from server.streaming import (ChunkWriter, ClientGone, EventStreamResponse, collect, events, start,
                               until_disconnected)
 from server.trace import Trace, traced
@@ -66,6 +68,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str,
     install_operations(app, config, admission, metrics)
     app.state.admission = admission
     created = now()
+    vocab = TokenText(tokenizer)  # token text and bytes for logprobs
 
     def card() -> ModelCard:
         return ModelCard(id=model_name, created=created, max_model_len=context_length(engine),
@@ -83,49 +86,60 @@ def create_app(engine: Any, tokenizer: Any, model_name: str,
 
     async def run(request: Request, body: SamplingFields, prefix: str,
                   prepare: Callable[[], tuple[list[int], Any]], prompt_param: str,
-                  respond: Callable[[str, Any], Any]) -> Response:
-        """What both routes share: checks, then one engine request, streamed or collected."""
+                  render: Callable[[list[int]], Any],
+                  respond: Callable[[str, list[Any], Usage], Any]) -> Response:
+        """What both routes share: checks, then one engine request per choice, streamed or
+        collected. `render(prompt_ids)` gives the route's choice rendering (server.choices)."""
         trace = Trace()
         check_model(body.model, model_name)
         refuse_unsupported(body)
         prompt_ids, params = prepare()
+        rendering = render(prompt_ids)
+        choices = [params.for_choice(i) for i in range(body.choices)]
         request_id = new_id(prefix)
-        outputs = traced(start(engine, prompt_ids, params, request_id, prompt_param), trace,
+        outputs = traced(start(engine, prompt_ids, choices, request_id, prompt_param), trace,
                          metrics.observe_request)
         setattr(request.state, TRACE_KEY, trace)
         if body.stream:
             writer = ChunkWriter(request_id, now(), model_name, chat=prefix == "chatcmpl",
                                  include_usage=body.include_usage)
-            return EventStreamResponse(events(outputs, writer, len(prompt_ids)))
+            return EventStreamResponse(events(outputs, writer, rendering, len(choices),
+                                              len(prompt_ids)))
         try:
-            result = await until_disconnected(request, collect(outputs, len(prompt_ids)))
+            answer = await until_disconnected(request,
+                                              collect(outputs, len(choices), len(prompt_ids)))
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(respond(request_id, result).model_dump())
+        whole = [rendering.whole(i, choice) for i, choice in enumerate(answer.choices)]
+        return JSONResponse(respond(request_id, whole, answer.usage).model_dump())
 
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        def respond(request_id: str, result: Any) -> CompletionResponse:
-            return CompletionResponse(
-                id=request_id, created=now(), model=model_name, usage=result.usage,
-                choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
+        def render(prompt_ids: list[int]) -> CompletionChoices:
+            echo = None
+            if body.echo:  # the prompt as sent; token ids as their text
+                prompt = body.prompt
+                echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
+            return CompletionChoices(vocab, echo, prompt_ids)
+
+        def respond(request_id: str, choices: list[Any], usage: Usage) -> CompletionResponse:
+            return CompletionResponse(id=request_id, created=now(), model=model_name, usage=usage,
+                                      choices=choices)
 
         return await run(request, body, "cmpl",
                          lambda: completion_inputs(body, tokenizer, context_length(engine)),
-                         "prompt", respond)
+                         "prompt", render, respond)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        def respond(request_id: str, result: Any) -> ChatCompletionResponse:
-            return ChatCompletionResponse(
-                id=request_id, created=now(), model=model_name, usage=result.usage,
-                choices=[ChatChoice(message=AssistantMessage(content=result.text),
-                                    finish_reason=result.finish_reason)])
+        def respond(request_id: str, choices: list[Any], usage: Usage) -> ChatCompletionResponse:
+            return ChatCompletionResponse(id=request_id, created=now(), model=model_name,
+                                          usage=usage, choices=choices)
 
         return await run(request, body, "chatcmpl",
                          lambda: chat_inputs(body, tokenizer, context_length(engine)),
-                         "messages", respond)
+                         "messages", lambda _: ChatChoices(vocab), respond)
 
     return app

@@ -35,8 +35,7 @@ def refuse_unsupported(request: SamplingFields) -> None:
     field = request.unsupported()
     if field is not None:
         value = getattr(request, field)
-        hint = " (only n=1 is supported)" if field == "n" else ""
-        raise APIError(f"'{field}'={value!r} is not supported by this server{hint}.", param=field)
+        raise APIError(f"'{field}'={value!r} is not supported by this server.", param=field)
     if request.stream_options is not None and not request.stream:
         raise APIError("'stream_options' is only allowed when 'stream' is true.",
                        param="stream_options")
@@ -68,16 +67,20 @@ def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Any) -> list[int]
 
 
 def resolve_max_tokens(requested: Optional[int], default: Optional[int], prompt_tokens: int,
-                       context_length: int, prompt_param: str, limit_param: str) -> Optional[int]:
+                       context_length: int, prompt_param: str, limit_param: str,
+                       scoring: bool = False) -> Optional[int]:
     """The completion budget, or a 400 `context_length_exceeded` when prompt plus budget cannot fit.
 
     An explicit max_tokens beyond the room left is an error (the client asked for something
-    impossible); the implicit default is shrunk to fit instead.
+    impossible); the implicit default is shrunk to fit instead. When `scoring` (echo) a budget of 0
+    is allowed: the prompt is only scored, and may then fill the whole context.
     """
-    if requested is not None and requested < 1:
-        raise APIError(f"'{limit_param}' must be at least 1, got {requested}.", param=limit_param)
+    lowest = 0 if scoring else 1
+    if requested is not None and requested < lowest:
+        raise APIError(f"'{limit_param}' must be at least {lowest}, got {requested}.",
+                       param=limit_param)
     room = context_length - prompt_tokens
-    if room < 1:
+    if room < (0 if requested == 0 else 1):
         raise APIError(f"This model's maximum context length is {context_length} tokens. However, "
                        f"your {prompt_param} has {prompt_tokens} tokens, leaving no room for a "
                        f"completion. Please reduce the length of the {prompt_param}.",
@@ -93,11 +96,14 @@ def resolve_max_tokens(requested: Optional[int], default: Optional[int], prompt_
     return requested
 
 
-def sampling_params(request: SamplingFields, max_tokens: Optional[int]) -> SamplingParams:
+def sampling_params(request: SamplingFields, max_tokens: Optional[int],
+                    logprobs: Optional[int] = None,
+                    prompt_logprobs: Optional[int] = None) -> SamplingParams:
     """Copy what the client set onto SamplingParams (unset fields keep the engine's defaults), then
     validate; its ValueError names the field first, which becomes the error's `param`."""
     values = {name: getattr(request, name) for name in _COPIED if getattr(request, name) is not None}
-    params = SamplingParams(max_tokens=max_tokens, **values)
+    params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs, **values)
     try:
         params.validate()
     except ValueError as exc:
@@ -110,16 +116,22 @@ def sampling_params(request: SamplingFields, max_tokens: Optional[int]) -> Sampl
 def completion_inputs(request: CompletionRequest, tokenizer: Any, context_length: int
                       ) -> tuple[list[int], SamplingParams]:
     ids = completion_prompt_ids(request.prompt, tokenizer)
+    echo = bool(request.echo)
     budget = resolve_max_tokens(request.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, len(ids),
-                                context_length, "prompt", "max_tokens")
-    return ids, sampling_params(request, budget)
+                                context_length, "prompt", "max_tokens", scoring=echo)
+    # Echo with logprobs scores the prompt too: the harnesses' loglikelihood request.
+    return ids, sampling_params(request, budget, logprobs=request.logprobs,
+                                prompt_logprobs=request.logprobs if echo else None)
 
 
 def chat_inputs(request: ChatCompletionRequest, tokenizer: Any, context_length: int
                 ) -> tuple[list[int], SamplingParams]:
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
     ids = chat_prompt_ids(request, tokenizer)
     limit_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     # Unset, a chat answer may run to the end of the context (OpenAI's and vLLM's behaviour).
     budget = resolve_max_tokens(request.token_limit, context_length, len(ids), context_length,
                                 "messages", limit_param)
-    return ids, sampling_params(request, budget)
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return ids, sampling_params(request, budget, logprobs=logprobs)

@@ -3,8 +3,12 @@
 Requests accept what OpenAI's API accepts for these two routes, plus the sampling extras vLLM takes
 (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos), so existing clients and their
 `extra_body` work unchanged. Fields that change what is generated but that we do not implement
-(logprobs, tools, n > 1 ...) are declared so they can be refused with a 400 naming them, instead of
+(logit_bias, tools, suffix ...) are declared so they can be refused with a 400 naming them, instead of
 being silently ignored; unknown fields are ignored, as OpenAI-compatible servers do.
+
+Limits: n <= MAX_CHOICES; chat top_logprobs and completions logprobs <= MAX_LOGPROBS (20). OpenAI caps
+completions logprobs at 5; we take vLLM's 20 on both routes (one engine limit), so clients written
+for vLLM work, as do the many scripts that send logprobs=10 to /v1/completions.
 
 Scalar fields are strict (no "0.5" for a float, no true for an int): a string where a number belongs
 is a client bug we report rather than guess at. Union-typed fields (prompt, stop, message content)
@@ -20,6 +24,12 @@ import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from trellis_runtime.logprobs import MAX_LOGPROBS
+
+# Choices per request. Each is its own engine request (own prefill and KV slot), so n is bounded by
+# what one batch holds: 8 is the engine's default batch.
+MAX_CHOICES = 8
 
 
 
@@ -55,7 +65,7 @@ class SamplingFields(BaseModel):
     max_tokens: Optional[StrictInt] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    n: Optional[StrictInt] = 1
+    n: Optional[StrictInt] = Field(1, ge=1, le=MAX_CHOICES)
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Any] = None
@@ -70,7 +80,6 @@ class SamplingFields(BaseModel):
     stop_token_ids: Optional[list[StrictInt]] = None
     ignore_eos: Optional[StrictBool] = None
     # Declared only to be refused when set (see unsupported()).
-    logprobs: Optional[Any] = None
     logit_bias: Optional[dict[str, Any]] = None
 
     @field_validator("stop", mode="plain")
@@ -80,10 +89,6 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> Optional[str]:
         """The first field set to a value this server cannot honour, or None."""
-        if self.n is not None and self.n != 1:
-            return "n"
-        if self.logprobs not in (None, False):
-            return "logprobs"
         if self.logit_bias:
             return "logit_bias"
         return None
@@ -92,12 +97,18 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def choices(self) -> int:
+        return 1 if self.n is None else self.n
+
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions. One prompt per request: text, a list of one text, or token ids."""
 
     prompt: Any
-    echo: Optional[StrictBool] = None
+    # The logprobs of the chosen token and of the `logprobs` likeliest ones, at every position.
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Optional[StrictBool] = None  # the prompt comes first in the text (and its logprobs)
     suffix: Optional[str] = None
     best_of: Optional[StrictInt] = None
 
@@ -117,11 +128,9 @@ class CompletionRequest(SamplingFields):
                          "(only one prompt per request is supported)")
 
     def unsupported(self) -> Optional[str]:
-        if self.echo:
-            return "echo"
         if self.suffix:
             return "suffix"
-        if self.best_of not in (None, 1):
+        if self.best_of not in (None, 1, self.choices):  # best_of = n keeps every sample: no choice
             return "best_of"
         return super().unsupported()
 
@@ -162,14 +171,13 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = None
-    top_logprobs: Optional[StrictInt] = None
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)  # needs logprobs: true
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
 
     def unsupported(self) -> Optional[str]:
-        if self.top_logprobs:
-            return "top_logprobs"
         if self.tools:
             return "tools"
         if self.response_format and self.response_format.get("type") != "text":
@@ -207,10 +215,19 @@ class Usage(BaseModel):
 FinishReason = Optional[Literal["stop", "length"]]
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token of the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]  # null for the first prompt token (nothing to score it by)
+    top_logprobs: list[Optional[dict[str, float]]]  # the likeliest tokens plus the chosen one
+    text_offset: list[int]  # where each token starts in the choice's text, in characters
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: FinishReason = None
 
 
@@ -235,10 +252,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]  # the token's UTF-8 bytes: joined, they rebuild split characters
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]  # exactly top_logprobs of them, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[TokenLogprobEntry]]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReason = None
 
 
@@ -251,7 +282,7 @@ class ChatCompletionResponse(_Envelope):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: dict[str, str]  # {"role", "content"} first, {"content"} next, {} on the finishing chunk
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReason = None
 
 

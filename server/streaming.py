@@ -1,6 +1,9 @@
 """Running one request on the engine: start it, collect it or stream it as SSE, cancel it when the
 client goes away.
 
+A request with n choices is n engine requests (each its own sample); start() merges their outputs into
+one stream of ChoiceOutputs, tagged with the choice index, in the order they come.
+
 Three rules shape this file:
 - The engine checks a request when it is handed over, before any response is sent, so a request it
   refuses (context too long, bad prompt) is still an ordinary 4xx, not a broken stream.
@@ -17,16 +20,16 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Protocol, Sequence, TypeVar
 
 import anyio
 from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.choices import ChoiceOutput, Collected
 from server.errors import APIError, error_body
-from server.schemas import (ChatChunkChoice, ChatCompletionChunk, CompletionChoice,
-                            CompletionResponse, Usage)
+from server.schemas import ChatCompletionChunk, CompletionResponse, Usage
 from trellis_runtime.engine import ContextLengthError, EngineError
 
 log = logging.getLogger("trellis.server")
@@ -38,18 +41,59 @@ class ClientGone(Exception):
     """The client closed the connection before the answer was ready; there is no one to reply to."""
 
 
-def start(engine: Any, prompt_ids: list[int], params: Any, request_id: str,
-          prompt_param: str) -> AsyncIterator[Any]:
-    """Hand the request to the engine. The engine checks its input at this call, before any response
-    is sent, so its refusals become ordinary HTTP errors rather than broken streams."""
+def start(engine: Any, prompt_ids: list[int], choices: Sequence[Any], request_id: str,
+          prompt_param: str) -> AsyncIterator[ChoiceOutput]:
+    """Hand the request's choices (one SamplingParams each) to the engine. The engine checks its input
+    at this call, before any response is sent, so its refusals become ordinary HTTP errors rather than
+    broken streams."""
     try:
-        return engine.generate(prompt_ids, params, request_id=request_id)
+        streams = [engine.generate(prompt_ids, params,
+                                   request_id=request_id if len(choices) == 1 else f"{request_id}-{i}")
+                   for i, params in enumerate(choices)]
     except ContextLengthError as exc:
         raise APIError(str(exc), param=prompt_param, code="context_length_exceeded") from exc
     except ValueError as exc:  # sampling parameters are checked before; what is left is the prompt
         raise APIError(str(exc), param=prompt_param) from exc
     except EngineError as exc:  # stopped or stopping: try again later, maybe elsewhere
         raise APIError(str(exc), status=503) from exc
+    # Nothing is queued yet (an engine stream submits when first read), so a refusal above leaks nothing.
+    return _merged(streams)
+
+
+async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[ChoiceOutput]:
+    """Every choice's outputs as they arrive. One task reads each stream; closing this generator
+    cancels them, and each closes its stream, which aborts that engine request."""
+    arrivals: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for output in stream:
+                arrivals.put_nowait((index, output))
+            arrivals.put_nowait((index, None))
+        except Exception as exc:
+            arrivals.put_nowait((index, exc))
+        finally:
+            await _close(stream)
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    generated = [0] * len(streams)
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await arrivals.get()
+            if item is None:
+                running -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            generated[index] = item.completion_tokens
+            yield ChoiceOutput(index, item.text, item.token_ids, item.finish_reason, item.logprobs,
+                               item.prompt_logprobs, item.prompt_tokens, sum(generated))
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _close(outputs: Any) -> None:
@@ -83,31 +127,31 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 @dataclass
-class Collected:
-    text: str
-    finish_reason: Optional[str]
-    prompt_tokens: int
-    completion_tokens: int
+class Answer:
+    """The whole answer of a non-streamed request: each choice's, and the usage of them all."""
 
-    @property
-    def usage(self) -> Usage:
-        return Usage.of(self.prompt_tokens, self.completion_tokens)
+    choices: list[Collected]
+    usage: Usage
 
 
-async def collect(outputs: AsyncIterator[Any], prompt_tokens: int) -> Collected:
-    """The whole answer of a non-streaming request."""
-    result = Collected("", None, prompt_tokens, 0)
-    pieces = []
+async def collect(outputs: AsyncIterator[ChoiceOutput], choices: int, prompt_tokens: int) -> Answer:
+    """Read the request's merged stream to the end."""
+    answer = Answer([Collected() for _ in range(choices)], Usage.of(prompt_tokens, 0))
     try:
         async for output in outputs:
-            pieces.append(output.text)
-            result.prompt_tokens = output.prompt_tokens
-            result.completion_tokens = output.completion_tokens
-            result.finish_reason = output.finish_reason or result.finish_reason
+            answer.choices[output.index].add(output)
+            answer.usage = Usage.of(output.prompt_tokens, output.completion_tokens)
     finally:
         await _close(outputs)
-    result.text = "".join(pieces)
-    return result
+    return answer
+
+
+class ChoiceRenderer(Protocol):
+    """What a route's choice rendering (server.choices) gives a stream."""
+
+    def opening(self, index: int) -> list[Any]: ...
+
+    def chunks(self, output: ChoiceOutput) -> list[Any]: ...
 
 
 @dataclass
@@ -120,18 +164,10 @@ class ChunkWriter:
     chat: bool
     include_usage: bool
 
-    def chunk(self, text: Optional[str] = None, finish_reason: Optional[str] = None,
-              role: bool = False) -> str:
-        if self.chat:
-            delta = ({"role": "assistant", "content": text or ""} if role
-                     else {} if text is None else {"content": text})
-            body: Any = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                            choices=[ChatChunkChoice(delta=delta,
-                                                                     finish_reason=finish_reason)])
-        else:
-            body = CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                      choices=[CompletionChoice(text=text or "",
-                                                                finish_reason=finish_reason)])
+    def chunk(self, choice: Any) -> str:
+        """The event for one choice's chunk (a ChatChunkChoice or a CompletionChoice)."""
+        cls = ChatCompletionChunk if self.chat else CompletionResponse
+        body = cls(id=self.id, created=self.created, model=self.model, choices=[choice])
         # With include_usage every chunk carries "usage": null and only the last one the totals.
         return _event(body.model_dump(exclude=None if self.include_usage else {"usage"}))
 
@@ -145,25 +181,25 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def events(outputs: AsyncIterator[Any], writer: ChunkWriter, prompt_tokens: int
-                 ) -> AsyncIterator[str]:
-    """The SSE body: [role chunk], content chunks, the finishing chunk, [usage chunk], [DONE]."""
-    completion_tokens = 0
-    finished = False
+async def events(outputs: AsyncIterator[ChoiceOutput], writer: ChunkWriter, render: ChoiceRenderer,
+                 choices: int, prompt_tokens: int) -> AsyncIterator[str]:
+    """The SSE body: per choice [an opening chunk], content chunks, its finishing chunk (choices
+    interleaved as they are generated); then [the usage chunk] and [DONE]."""
+    usage = Usage.of(prompt_tokens, 0)
+    finished = 0
     try:
-        if writer.chat:
-            yield writer.chunk(role=True)
+        for index in range(choices):
+            for choice in render.opening(index):
+                yield writer.chunk(choice)
         async for output in outputs:
-            prompt_tokens, completion_tokens = output.prompt_tokens, output.completion_tokens
-            if output.text:
-                yield writer.chunk(text=output.text)
-            if output.finish_reason is not None:
-                finished = True
-                yield writer.chunk(finish_reason=output.finish_reason)
-        if not finished:
+            usage = Usage.of(output.prompt_tokens, output.completion_tokens)
+            for choice in render.chunks(output):
+                yield writer.chunk(choice)
+            finished += output.finish_reason is not None
+        if finished < choices:
             raise RuntimeError("the engine ended the request without a finish reason")
         if writer.include_usage:
-            yield writer.usage(Usage.of(prompt_tokens, completion_tokens))
+            yield writer.usage(usage)
     except Exception:  # the 200 is already out: report in-band, as vLLM and openai-python expect
         log.exception("generation failed mid-stream")
         yield _event(error_body("The server had an error while generating the response.",

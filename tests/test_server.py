@@ -304,8 +304,8 @@ BAD_REQUESTS: list[tuple[str, str, Callable[[], dict[str, Any]], str | None]] = 
     ("two prompts", COMPLETIONS, lambda: completion_body(prompt=["a", "b"]), "prompt"),
     ("token id out of range", COMPLETIONS, lambda: completion_body(prompt=[1, 10 ** 9]), "prompt"),
     ("stop not strings", COMPLETIONS, lambda: completion_body(stop=[1, 2]), "stop"),
-    ("n=2", CHAT, lambda: chat_body(n=2), "n"),
-    ("logprobs", COMPLETIONS, lambda: completion_body(logprobs=3), "logprobs"),
+    ("n above 8", CHAT, lambda: chat_body(n=9), "n"),
+    ("logprobs above 20", COMPLETIONS, lambda: completion_body(logprobs=21), "logprobs"),
     ("presence_penalty out of range", CHAT, lambda: chat_body(presence_penalty=3), "presence_penalty"),
 ]
 
