@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kernels.decode import decode_matrix
+from kernels.tile import TrellisCode
 from trellis_runtime.codes import kernel_constants, table_shape
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TrellisSpec
@@ -41,22 +42,43 @@ def test_decode_kernel_matches_reference(state_bits: int, bits: int, vec: int, c
     weight = _weight(spec, 2, 3, seed=state_bits * 100 + bits * 10 + vec)  # 32x48 matrix
     expected = weight.decode_rotated()
     out = torch.full((32, 48), float("nan"), dtype=torch.float32)  # poisoned: catches gaps
-    got = decode_matrix(weight.codes, state_bits, bits, vec, code, weight.table, weight.scale,
-                        CONSTANTS, out=out, tiles_per_program=8)
+    got = decode_matrix(weight.codes, TrellisCode(state_bits, bits, vec, code, weight.table,
+                                                  CONSTANTS),
+                        weight.scale, out=out, block_rows=32, block_cols=64)
     assert got is out
     assert not torch.isnan(got).any()
     assert torch.equal(got, expected)
 
 
-def test_decode_kernel_partial_program_and_float_scale() -> None:
-    """Several programs, the last one partly masked (5 tiles, 2 per program); scale as a float."""
+def test_decode_kernel_partial_blocks_and_float_scale() -> None:
+    """Several programs each way, the last ones partly masked (48x80 in 32x32 blocks); scale as a
+    float."""
     spec = TrellisSpec(state_bits=16, bits=2, vec=1, code="1mad")
-    weight = _weight(spec, 1, 5, seed=7)
+    weight = _weight(spec, 3, 5, seed=7)
     weight.scale = torch.tensor([0.03125], dtype=torch.float32)
-    out = torch.full((16, 80), float("nan"), dtype=torch.float32)
-    got = decode_matrix(weight.codes, 16, 2, 1, "1mad", None, 0.03125, CONSTANTS, out=out,
-                        tiles_per_program=2)
+    out = torch.full((48, 80), float("nan"), dtype=torch.float32)
+    got = decode_matrix(weight.codes, TrellisCode(16, 2, 1, "1mad", None, CONSTANTS), 0.03125,
+                        out=out, block_rows=32, block_cols=32)
     assert torch.equal(got, weight.decode_rotated())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_kernel_half_output_is_the_reference_rounded_once(dtype: torch.dtype) -> None:
+    """The dense weight for decode-then-matmul comes out in the activation dtype directly.
+
+    float16 is exact; Triton's interpreter truncates to bfloat16 where a GPU rounds, so bfloat16 is
+    held to one unit in the last place.
+    """
+    spec = TrellisSpec(state_bits=12, bits=2, vec=2, code="hyb")
+    weight = _weight(spec, 2, 2, seed=11)
+    got = decode_matrix(weight.codes, TrellisCode(12, 2, 2, "hyb", weight.table, CONSTANTS),
+                        weight.scale, dtype=dtype, block_rows=32, block_cols=32)
+    assert got.dtype == dtype
+    expected = weight.decode_rotated()
+    if dtype == torch.float16:
+        assert torch.equal(got, expected.to(dtype))
+    else:
+        torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=0)
 
 
 @pytest.mark.parametrize("state_bits,bits,vec,code,kwargs", [
@@ -71,9 +93,18 @@ def test_decode_kernel_partial_program_and_float_scale() -> None:
 ])
 def test_decode_kernel_rejects_unsupported(state_bits: int, bits: int, vec: int, code: str,
                                            kwargs: dict) -> None:
-    codes = torch.zeros(1, 1, 8 * bits, dtype=torch.int32)
     table = kwargs.get("table", torch.zeros(1 << state_bits, vec, dtype=torch.float16)
                        if code == "lut" else None)
     with pytest.raises(ValueError):
-        decode_matrix(codes, state_bits, bits, vec, code, table, 1.0,
-                      kwargs.get("constants", CONSTANTS))
+        TrellisCode(state_bits, bits, vec, code, table, kwargs.get("constants", CONSTANTS))
+
+
+@pytest.mark.parametrize("codes", [
+    torch.zeros(1, 1, 16, dtype=torch.int64),  # not int32
+    torch.zeros(1, 16, dtype=torch.int32),  # not (rt, ct, 8K)
+    torch.zeros(1, 1, 24, dtype=torch.int32),  # 8K words for K=3, not K=2
+    torch.zeros(1, 2, 32, dtype=torch.int32)[:, :, :16],  # not contiguous
+])
+def test_decode_kernel_rejects_bad_codes(codes: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="codes must be"):
+        decode_matrix(codes, TrellisCode(16, 2, 1, "1mad", None, CONSTANTS), 1.0)

@@ -1,0 +1,50 @@
+"""The Hadamard rotation kernel against trellis_runtime.hadamard.rotate/unrotate in float64.
+
+Parity cases are shared with `trellis bench kernels` (trellis_runtime/kernel_suite.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.hadamard import rotate_rows, unrotate_rows
+from trellis_runtime.hadamard import random_signs, rotate, small_hadamard, unrotate
+from trellis_runtime.kernel_suite import CASES
+
+HADAMARD_CASES = [c for c in CASES if c.kernel == "hadamard"]
+
+
+@pytest.mark.parametrize("case", HADAMARD_CASES, ids=lambda c: c.name)
+def test_kernel_matches_reference(case) -> None:
+    assert case.run() <= case.tolerance
+
+
+def test_stacked_short_rows_with_a_partial_last_program() -> None:
+    """n=64 puts 16 rows in a program: 17 rows take two programs, the second nearly empty."""
+    x = torch.randn(17, 64, dtype=torch.float16)
+    signs = random_signs(64, 3)
+    out = torch.full((17, 64), float("nan"), dtype=torch.bfloat16)
+    got = rotate_rows(x, signs, None, out=out)
+    torch.testing.assert_close(got.float(), rotate(x.float(), signs), rtol=2**-7, atol=1e-2)
+    assert not torch.isnan(got).any()
+
+
+def test_unrotate_inverts_rotate() -> None:
+    x = torch.randn(2, 192, dtype=torch.float64).float()
+    small, signs = small_hadamard(12).float(), random_signs(192, 4)
+    back = unrotate_rows(rotate_rows(x, signs, small), signs, small)
+    torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back, unrotate(rotate(x, signs), signs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,small,signs,match", [
+    (48, None, 48, "not 1 times a power of two"),
+    (96, small_hadamard(12).float(), 96, "need >= 16"),
+    (68 * 16, small_hadamard(68).float(), 68 * 16, "exceeds 64"),
+    (64, None, 32, "signs of shape"),
+    (1 << 15, None, 1 << 15, "above 16384"),
+])
+def test_unsupported_sizes_are_refused(n: int, small, signs: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        rotate_rows(torch.zeros(1, n), random_signs(signs, 0), small)

@@ -1,0 +1,157 @@
+"""The kernels' correctness suite: each Triton kernel against its torch reference, fresh random inputs.
+
+`trellis bench kernels` runs it where there is no GPU (in Triton's interpreter) and prints each
+case's error; the tests assert the same cases against their tolerances, and on a GPU the same cases
+run compiled. Every case poisons its output with NaN first, so an element a kernel never wrote
+turns the error into NaN, which fails every tolerance.
+
+The error is max |got - reference| / max |reference| with the reference in float64: relative to
+the output's scale, so outputs that happen to be near zero do not blow it up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from trellis_runtime.codes import table_shape
+from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, small_hadamard, unrotate
+from trellis_runtime.kernel_linear import trellis_code
+from trellis_runtime.quantized import QuantizedWeight
+from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str
+    name: str
+    tolerance: float  # the largest error the tests accept
+    run: Callable[[], float]  # runs the kernel and its reference; returns the error
+
+
+def random_weight(spec: TrellisSpec, out_features: int, in_features: int, seed: int,
+                  scale: float | None = None, device: str | torch.device = "cpu"
+                  ) -> QuantizedWeight:
+    """A QuantizedWeight with uniformly random codes (every bitstream is a valid trellis code),
+    random signs, a random float16 table where the code has one, and a random scale unless given."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-2**31, 2**31, (out_features // TILE_ROWS, in_features // TILE_COLS,
+                                          spec.words_per_tile), dtype=torch.int64, generator=gen)
+    shape = table_shape(spec)
+    table = None if shape is None else torch.randn(*shape, generator=gen).to(torch.float16)
+    if scale is None:
+        scale = float(torch.rand(1, generator=gen)) * 0.1 + 0.01
+    signs = lambda n, k: random_signs(n, seed * 7919 + k)  # noqa: E731
+    return QuantizedWeight(
+        spec=spec, codes=codes.to(torch.int32).to(device),
+        input_signs=signs(in_features, 1).to(device), output_signs=signs(out_features, 2).to(device),
+        scale=torch.tensor([scale], dtype=torch.float32, device=device),
+        table=None if table is None else table.to(device))
+
+
+def max_rel_err(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |got - reference| / max |reference|, NaN if got holds a NaN."""
+    got, reference = got.double().cpu(), reference.double().cpu()
+    if torch.isnan(got).any():
+        return float("nan")
+    return float((got - reference).abs().max() / reference.abs().max())
+
+
+def _spec(text: str) -> TrellisSpec:
+    L, K, V, code = text.split(",")
+    return TrellisSpec(int(L), int(K), int(V), code)
+
+
+def _decode_case(spec: str, shape: tuple[int, int], seed: int) -> float:
+    from kernels.decode import decode_matrix
+
+    weight = random_weight(_spec(spec), *shape, seed=seed)
+    out = torch.full(shape, float("nan"))
+    decode_matrix(weight.codes, trellis_code(weight), weight.scale, out=out, block_rows=32,
+                  block_cols=32)
+    return max_rel_err(out, weight.decode_rotated())
+
+
+def _matmul_case(kernel: str, spec: str, shape: tuple[int, int], rows: int, dtype: torch.dtype,
+                 seed: int, **blocks: int) -> float:
+    """x @ C^T for C the weight's unscaled code values; x exact in `dtype`."""
+    from kernels.matmul import gemm, gemv_partials
+
+    weight = random_weight(_spec(spec), *shape, seed=seed, scale=1.0)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if kernel == "gemv":
+        got = gemv_partials(x, weight.codes, trellis_code(weight), **blocks)
+        got = got.sum(0)  # the partials' sum is what the output rotation reads
+    else:
+        got = gemm(x, weight.codes, trellis_code(weight),
+                   out=torch.full((rows, shape[0]), float("nan")), **blocks)
+    return max_rel_err(got, x.double() @ weight.decode_rotated().double().T)
+
+
+def _hadamard_case(direction: str, n: int, rows: int, seed: int) -> float:
+    from kernels.hadamard import rotate_rows, unrotate_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    r, _ = hadamard_factors(n)
+    small = None if r == 1 else small_hadamard(r).to(torch.float32)
+    signs = random_signs(n, seed)
+    if direction == "rotate":
+        x = torch.randn(rows, n, generator=gen)
+        out = torch.full((rows, n), float("nan"))
+        return max_rel_err(rotate_rows(x, signs, small, out=out), rotate(x.double(), signs))
+    parts = torch.randn(3, rows, n, generator=gen)  # three split-K partials, summed on the way
+    scale = torch.tensor([0.75])
+    out = torch.full((rows, n), float("nan"))
+    got = unrotate_rows(parts, signs, small, scale, out=out)
+    return max_rel_err(got, unrotate(parts.double().sum(0), signs) * 0.75)
+
+
+def _cases() -> list[Case]:
+    cases: list[Case] = []
+    for i, (spec, shape) in enumerate([("16,2,2,hyb", (48, 80)), ("16,3,1,3inst", (32, 48)),
+                                       ("12,4,1,1mad", (32, 48)), ("10,2,2,lut", (48, 32)),
+                                       ("11,1,1,lut", (32, 32)), ("8,3,2,hyb", (16, 48))]):
+        cases.append(Case("decode", f"{spec} {shape[0]}x{shape[1]} float32", 0.0,
+                          lambda s=spec, sh=shape, i=i: _decode_case(s, sh, seed=i)))
+    # (spec, shape, rows, dtype, blocks): one row runs the float32 FMA path, 2-16 rows tl.dot.
+    # Shapes alternate between whole blocks everywhere (no masks) and ragged edges.
+    gemv = [
+        ("16,2,2,hyb", (48, 80), 1, torch.float32, dict(splits=2, block_rows=32, block_tiles=2)),
+        ("16,2,2,hyb", (64, 128), 1, torch.bfloat16, dict(splits=2, block_rows=32, block_tiles=2)),
+        ("12,4,1,1mad", (48, 80), 1, torch.float32, dict(splits=3, block_rows=16, block_tiles=1)),
+        ("16,3,1,3inst", (64, 128), 1, torch.float16, dict(splits=2, block_rows=64, block_tiles=4)),
+        ("11,1,1,lut", (32, 80), 1, torch.float32, dict(splits=1, block_rows=64, block_tiles=8)),
+        ("8,3,2,hyb", (48, 80), 1, torch.float32, dict(splits=2, block_rows=32, block_tiles=2)),
+        ("10,2,2,lut", (48, 80), 5, torch.float16, dict(splits=2, block_rows=32, block_tiles=2)),
+        ("16,2,2,hyb", (64, 128), 16, torch.float16, dict(splits=2, block_rows=32, block_tiles=4)),
+        ("16,3,1,3inst", (48, 80), 3, torch.float16, dict(splits=1, block_rows=64, block_tiles=8)),
+    ]
+    gemm = [
+        ("16,2,2,hyb", (48, 80), 40, torch.float16, dict(block_m=32, block_rows=32, block_tiles=8)),
+        ("12,4,1,1mad", (64, 64), 32, torch.float16, dict(block_m=16, block_rows=32, block_tiles=4)),
+        ("10,2,2,lut", (32, 48), 20, torch.float16, dict(block_m=32, block_rows=32, block_tiles=4)),
+    ]
+    for kernel, table in (("gemv", gemv), ("gemm", gemm)):
+        for i, (spec, shape, rows, dtype, blocks) in enumerate(table):
+            # float16 code values are exact; computed codes round to float16 for tl.dot.
+            tolerance = 2e-3 if rows > 1 and spec.endswith(("mad", "inst")) else 1e-5
+            name = f"{spec} {shape[0]}x{shape[1]} rows={rows} {str(dtype)[6:]}"
+            cases.append(Case(kernel, name, tolerance,
+                              lambda k=kernel, s=spec, sh=shape, r=rows, d=dtype, b=blocks, i=i:
+                              _matmul_case(k, s, sh, r, d, seed=10 + i, **b)))
+    for direction in ("rotate", "unrotate"):
+        for i, (n, rows) in enumerate([(64, 3), (192, 2), (576, 2), (4096, 2), (1536, 1)]):
+            cases.append(Case("hadamard", f"{direction} n={n} rows={rows}", 1e-5,
+                              lambda d=direction, n=n, r=rows, i=i: _hadamard_case(d, n, r, i)))
+    return cases
+
+
+CASES = _cases()
+
+
+def run_suite(kernels: tuple[str, ...] | None = None) -> list[dict]:
+    """Run every case (or those of `kernels`): rows of kernel, case and max_rel_err."""
+    return [{"kernel": c.kernel, "case": c.name, "max_rel_err": c.run()}
+            for c in CASES if kernels is None or c.kernel in kernels]
