@@ -91,31 +91,22 @@ def sylvester(size: int, device: torch.device) -> torch.Tensor:
     return (1 - 2 * parity).to(device=device, dtype=torch.float32)
 
 
-def _factors(n: int, small: torch.Tensor | None) -> tuple[int, int, int]:
-    """(r, A, B) with n = r*A*B, A*B a power of two split into two factors <= MAX_FACTOR."""
-    r = 1 if small is None else small.shape[0]
-    if small is not None and (small.dim() != 2 or small.shape[1] != r):
-        raise ValueError(f"hadamard: the small factor must be square, got {tuple(small.shape)}")
+def check_size(n: int, r: int) -> tuple[int, int, int]:
+    """(A, B, D0) of the kernel's block for rows of n = r * A * B, or ValueError if unsupported.
+
+    A*B is the power-of-two part, split into two factors of at most MAX_FACTOR (A = 1 below 256);
+    D0 is the padded small factor, or with r = 1 the rows stacked per program.
+    """
     if n % r or (n // r) & (n // r - 1):
         raise ValueError(f"hadamard: n={n} is not {r} times a power of two")
     power = n // r
     if power < DOT_MIN:
         raise ValueError(f"hadamard: the power-of-two part of n={n} is {power}; need >= {DOT_MIN}")
     p = power.bit_length() - 1
-    a = p // 2 if p >= 8 else 0  # both factors >= 16 once 2^p >= 256
-    if (1 << (p - a)) > MAX_FACTOR or (1 << a) > MAX_FACTOR:
+    a = 1 << (p // 2 if p >= 8 else 0)  # both factors >= 16 once 2^p >= 256
+    b = power // a
+    if a > MAX_FACTOR or b > MAX_FACTOR:
         raise ValueError(f"hadamard: n={n} has a power-of-two part above {MAX_FACTOR ** 2}")
-    return r, 1 << a, 1 << (p - a)
-
-
-def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
-            scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool) -> torch.Tensor:
-    n = x.shape[-1]
-    r, a, b = _factors(n, small)
-    if signs.shape != (n,):
-        raise ValueError(f"hadamard: signs of shape {tuple(signs.shape)} do not match n={n}")
-    if x.stride(-1) != 1 or out.stride(-1) != 1 or out.dtype not in OUT_DTYPES:
-        raise ValueError("hadamard: rows must have unit stride and out be float32/16/bfloat16")
     if r > 1:
         d0 = max(DOT_MIN, triton.next_power_of_2(r))
         if d0 > MAX_SMALL_ORDER:
@@ -124,6 +115,20 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
         d0 = max(1, DOT_MIN // a)  # rows stacked so that every dot has >= 16 rows
     if d0 * a * b > MAX_ELEMENTS:
         raise ValueError(f"hadamard: n={n} (padded {d0 * a * b}) exceeds {MAX_ELEMENTS} elements")
+    return a, b, d0
+
+
+def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
+            scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool) -> torch.Tensor:
+    n = x.shape[-1]
+    r = 1 if small is None else small.shape[0]
+    if small is not None and (small.dim() != 2 or small.shape[1] != r):
+        raise ValueError(f"hadamard: the small factor must be square, got {tuple(small.shape)}")
+    a, b, d0 = check_size(n, r)
+    if signs.shape != (n,):
+        raise ValueError(f"hadamard: signs of shape {tuple(signs.shape)} do not match n={n}")
+    if x.stride(-1) != 1 or out.stride(-1) != 1 or out.dtype not in OUT_DTYPES:
+        raise ValueError("hadamard: rows must have unit stride and out be float32/16/bfloat16")
     rows = out.shape[-2]
     if rows == 0:
         return out

@@ -19,6 +19,8 @@ registers with kernels/tile.py and multiplying it at once:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -221,12 +223,17 @@ def _check_blocks(kernel: str, blocks: dict[str, int], minimum: int) -> None:
             raise ValueError(f"{kernel} {name} must be at least {minimum}, got {value}")
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def default_splits(out_features: int, col_tiles: int, block_rows: int, block_tiles: int,
                    device: torch.device) -> int:
     """Splits of the input dimension that give every SM a few programs (1 off the GPU)."""
     if device.type != "cuda":
         return 1
-    programs = GEMV_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = GEMV_PROGRAMS_PER_SM * _multiprocessors(device)
     col_blocks = triton.cdiv(col_tiles, block_tiles)
     return max(1, min(col_blocks, triton.cdiv(programs, triton.cdiv(out_features, block_rows))))
 

@@ -4,17 +4,119 @@ y = x W^T with W = diag(s_out) H_out^T (scale * C) H_in diag(s_in) (see quantize
 is three launches: rotate the input rows (kernels/hadamard.py), multiply by the code values C
 without materializing them (kernels/matmul.py), and rotate the result back while applying the
 scale and output signs (kernels/hadamard.py again, which also sums the GEMV's split-K partials).
+Nothing but the packed codes is held in memory.
+
+The product depends on how many rows arrive:
+- 1 row (a decode step): the GEMV in float32 FMAs, input rotated to float32;
+- 2-16 rows: the GEMV on the tensor cores, input rotated to float16;
+- up to DENSE_MIN_ROWS: the fused GEMM (tl.dot), float16 input;
+- more: decode C once to float16 and let cuBLAS multiply (the GEMM re-decodes C for every block
+  of 64 rows, which stops paying once there are enough rows).
+float16 rather than bfloat16 inside: rotated activations and unit-variance code values are far
+from float16's range limits, and its 3 extra mantissa bits are free.
 """
 
 from __future__ import annotations
 
-from kernels.tile import TrellisCode
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from trellis_runtime.codes import kernel_constants
+from trellis_runtime.errors import UnsupportedSpecError
+from trellis_runtime.hadamard import hadamard_factors, small_hadamard
 from trellis_runtime.quantized import QuantizedWeight
 
+# Rows from which decode + cuBLAS replaces the fused GEMM. Unmeasured default: EXL3 switches at
+# 144 rows on its kernels. benchmarks/kernels_gpu.py measures the crossover on a GPU.
+DENSE_MIN_ROWS = 128
+GEMV_MAX_ROWS = 16
+INNER_DTYPE = torch.float16
 
-def trellis_code(weight: QuantizedWeight) -> TrellisCode:
-    """The kernels' view of a weight's spec, table and code constants."""
+
+def kernels_available() -> bool:
+    """Whether Triton is installed, so that the kernels can compile."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def trellis_code(weight: QuantizedWeight):
+    """The kernels' view of a weight's spec, table and code constants (a kernels.tile.TrellisCode)."""
+    from kernels.tile import TrellisCode
+
     spec = weight.spec
     return TrellisCode(spec.state_bits, spec.bits, spec.vec, spec.code, weight.table,
                        kernel_constants())
+
+
+def _small_factor(n: int, device: torch.device) -> torch.Tensor | None:
+    r, _ = hadamard_factors(n)
+    return None if r == 1 else small_hadamard(r).to(device=device, dtype=torch.float32)
+
+
+def kernel_support_error(weight: QuantizedWeight) -> str | None:
+    """Why the kernels cannot run this weight, or None if they can."""
+    from kernels.hadamard import check_size
+
+    try:
+        trellis_code(weight)
+        for n in weight.shape:
+            r, _ = hadamard_factors(n)
+            check_size(n, r)
+    except (ValueError, UnsupportedSpecError) as err:
+        return str(err)
+    if weight.table is not None and weight.table.dtype != torch.float16:
+        return f"the fused matmul reads float16 tables, not {weight.table.dtype}"
+    return None
+
+
+class KernelBackend(nn.Module):
+    """Multiply with the Triton kernels; holds only the packed weight on the device."""
+
+    def __init__(self, weight: QuantizedWeight, device: torch.device, dtype: torch.dtype,
+                 dense_min_rows: int = DENSE_MIN_ROWS) -> None:
+        super().__init__()
+        error = kernel_support_error(weight)
+        if error is not None:
+            raise ValueError(f"kernel backend: {error}")
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        self.dense_min_rows = dense_min_rows
+        for name in ("codes", "input_signs", "output_signs", "scale"):
+            self.register_buffer(name, getattr(weight, name).to(device).contiguous(),
+                                 persistent=False)
+        table = None if weight.table is None else weight.table.to(device).contiguous()
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("small_in", _small_factor(self.in_features, device), persistent=False)
+        self.register_buffer("small_out", _small_factor(self.out_features, device),
+                             persistent=False)
+        self.code = trellis_code(QuantizedWeight(weight.spec, self.codes, self.input_signs,
+                                                 self.output_signs, self.scale, self.table))
+
+    @property
+    def decoded_bytes(self) -> int:
+        return 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.decode import decode_matrix
+        from kernels.hadamard import rotate_rows, unrotate_rows
+        from kernels.matmul import gemm, gemv_partials
+
+        rows = x.reshape(-1, self.in_features)
+        count = rows.shape[0]
+        if count == 1:
+            rotated = rotate_rows(rows, self.input_signs, self.small_in, torch.float32)
+            product = gemv_partials(rotated, self.codes, self.code)
+        elif count <= GEMV_MAX_ROWS:
+            rotated = rotate_rows(rows, self.input_signs, self.small_in, INNER_DTYPE)
+            product = gemv_partials(rotated, self.codes, self.code)
+        elif count < self.dense_min_rows:
+            rotated = rotate_rows(rows, self.input_signs, self.small_in, INNER_DTYPE)
+            product = gemm(rotated, self.codes, self.code)
+        else:
+            rotated = rotate_rows(rows, self.input_signs, self.small_in, INNER_DTYPE)
+            dense = decode_matrix(self.codes, self.code, 1.0, dtype=INNER_DTYPE)
+            product = F.linear(rotated, dense)
+        y = unrotate_rows(product, self.output_signs, self.small_out, self.scale, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)

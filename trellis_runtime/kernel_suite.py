@@ -18,7 +18,7 @@ import torch
 
 from trellis_runtime.codes import table_shape
 from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, small_hadamard, unrotate
-from trellis_runtime.kernel_linear import trellis_code
+from trellis_runtime.kernel_linear import KernelBackend, trellis_code
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
 
@@ -108,6 +108,15 @@ def _hadamard_case(direction: str, n: int, rows: int, seed: int) -> float:
     return max_rel_err(got, unrotate(parts.double().sum(0), signs) * 0.75)
 
 
+def _linear_case(spec: str, shape: tuple[int, int], rows: int, dense_min_rows: int,
+                 seed: int) -> float:
+    """The kernel backend of TrellisLinear, end to end, against x @ W^T for the dequantized W."""
+    weight = random_weight(_spec(spec), *shape, seed=seed)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed))
+    backend = KernelBackend(weight, x.device, torch.float32, dense_min_rows=dense_min_rows)
+    return max_rel_err(backend(x), x.double() @ weight.dequantize().double().T)
+
+
 def _cases() -> list[Case]:
     cases: list[Case] = []
     for i, (spec, shape) in enumerate([("16,2,2,hyb", (48, 80)), ("16,3,1,3inst", (32, 48)),
@@ -145,6 +154,16 @@ def _cases() -> list[Case]:
         for i, (n, rows) in enumerate([(64, 3), (192, 2), (576, 2), (4096, 2), (1536, 1)]):
             cases.append(Case("hadamard", f"{direction} n={n} rows={rows}", 1e-5,
                               lambda d=direction, n=n, r=rows, i=i: _hadamard_case(d, n, r, i)))
+    # The backend's four paths: float32 GEMV, float16 GEMV, GEMM, decode + dense matmul. Inside,
+    # the 2+ row paths round the rotated input to float16.
+    for i, (rows, dense_min_rows, path) in enumerate([(1, 128, "gemv float32"),
+                                                      (5, 128, "gemv float16"),
+                                                      (40, 128, "gemm float16"),
+                                                      (40, 32, "decode+matmul float16")]):
+        cases.append(Case("linear", f"16,2,2,hyb 64x192 rows={rows} {path}",
+                          1e-5 if rows == 1 else 2e-3,
+                          lambda r=rows, d=dense_min_rows, i=i:
+                          _linear_case("16,2,2,hyb", (64, 192), r, d, seed=30 + i)))
     return cases
 
 

@@ -1,9 +1,8 @@
 """TrellisLinear: a linear layer whose weight is a QuantizedWeight, multiplied by a per-device backend.
 
 The module keeps the packed weight (the one object every backend reads) and delegates the product to a
-backend chosen once, in `select_backend`, for the device. Today every backend decodes the weight once
-into a dense matrix; a kernel backend that multiplies straight from the codes slots into
-`select_backend` without the model noticing.
+backend chosen once, in `select_backend`, for the device: on CUDA the Triton kernels multiply
+straight from the codes; elsewhere the weight is decoded once into a dense matrix.
 """
 
 from __future__ import annotations
@@ -51,8 +50,16 @@ class DecodedBackend(nn.Module):
         return F.linear(x, self.dense)
 
 
-def select_backend(weight: QuantizedWeight, device: torch.device) -> DecodedBackend:
-    """The backend for `device`: the one place a faster backend is chosen once it exists."""
+def select_backend(weight: QuantizedWeight, device: torch.device) -> nn.Module:
+    """The backend for `device`: on CUDA the Triton kernels (trellis_runtime/kernel_linear.py), which
+    read the packed codes; elsewhere, or without Triton or for shapes the kernels refuse, the torch
+    reference decode."""
+    if device.type == "cuda":
+        from trellis_runtime.kernel_linear import (KernelBackend, kernel_support_error,
+                                                   kernels_available)
+
+        if kernels_available() and kernel_support_error(weight) is None:
+            return KernelBackend(weight, device, compute_dtype(device))
     return DecodedBackend(weight, device, compute_dtype(device))
 
 

@@ -1,0 +1,52 @@
+"""The kernel backend of TrellisLinear against x @ W^T of the dequantized weight, on every path.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors, so the backend is built for
+the CPU here; select_backend picks it only on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trellis_runtime.kernel_linear import KernelBackend, kernel_support_error
+from trellis_runtime.kernel_suite import CASES, random_weight
+from trellis_runtime.linear import DecodedBackend, select_backend
+from trellis_runtime.trellis import TrellisSpec
+
+LINEAR_CASES = [c for c in CASES if c.kernel == "linear"]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.name)
+def test_backend_matches_dequantized_product(case) -> None:
+    assert case.run() <= case.tolerance
+
+
+def test_backend_keeps_leading_dimensions_and_holds_no_dense_copy() -> None:
+    weight = random_weight(TrellisSpec(12, 2, 1, "1mad"), 32, 64, seed=1)
+    backend = KernelBackend(weight, torch.device("cpu"), torch.float32)
+    x = torch.randn(2, 1, 64)
+    y = backend(x)
+    assert y.shape == (2, 1, 32) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), x.double() @ weight.dequantize().double().T,
+                               rtol=2e-3, atol=2e-3)
+    assert backend.decoded_bytes == 0
+
+
+def test_shapes_the_kernels_refuse_fall_back_to_the_reference_decode() -> None:
+    """in=96 is 12 x 8: the Hadamard kernel needs a power-of-two part of at least 16."""
+    weight = random_weight(TrellisSpec(12, 2, 1, "1mad"), 32, 96, seed=2)
+    assert "need >= 16" in kernel_support_error(weight)
+    with pytest.raises(ValueError, match="kernel backend"):
+        KernelBackend(weight, torch.device("cpu"), torch.float32)
+    assert isinstance(select_backend(weight, torch.device("cpu")), DecodedBackend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_selects_the_kernel_backend() -> None:
+    weight = random_weight(TrellisSpec(16, 2, 2, "hyb"), 64, 128, seed=3)
+    backend = select_backend(weight, torch.device("cuda"))
+    assert isinstance(backend, KernelBackend)
+    x = torch.randn(3, 128, device="cuda", dtype=torch.bfloat16)
+    reference = x.double() @ weight.dequantize().double().cuda().T
+    torch.testing.assert_close(backend(x).double(), reference, rtol=2e-2, atol=2e-2)
