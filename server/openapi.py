@@ -33,6 +33,12 @@ def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
     return declared
 
 
+# One server-sent event (OpenAPI before 3.2 describes each event of a stream with `schema`).
+_SSE_EVENT = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk (the route's response "
+                            "shape with a delta), an in-band {\"error\": ...}, or [DONE] last"}}}
+
 _UNAUTHORIZED = {401: _error("Missing or wrong API key (only when the server has one).")}
 _DRAINING = {503: _error("The server is shutting down (draining) and takes no new requests.",
                          retry_after=True)}
@@ -44,7 +50,7 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
 GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The whole answer as JSON, or with `stream: true` server-sent events "
                          "of chunks ending with `data: [DONE]`.",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
     400: _error("Invalid request, including prompts or max_tokens beyond the context "
                 "(code context_length_exceeded)."),
     404: _error("Unknown model (code model_not_found)."),
