@@ -91,6 +91,26 @@ def cmd_bench_codes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qat(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    from qat.text import read_text_file
+    from qat.train import QatOptions, train_qat
+
+    if args.calib_text is not None:
+        read_text_file(args.calib_text)  # fail on bad text before loading any model
+    options = QatOptions(layers=args.layers, steps=args.steps, lr=args.lr, t_start=args.t_start,
+                         t_end=args.t_end, calib_text=args.calib_text, teacher=args.teacher,
+                         device=device, ctx=args.ctx, eval_every=args.eval_every, loss=args.loss,
+                         train_table=args.train_table, train_scale=args.train_scale, seed=args.seed)
+    summary = train_qat(args.checkpoint, args.out, options)
+    ppl = summary["validation_ppl"]
+    print(f"wrote {args.out}: validation perplexity {ppl['ptq']:.3f} (PTQ) -> "
+          f"{ppl['best_hardened']:.3f} (hardened, step {summary['best_step']}) in "
+          f"{summary['seconds']:.0f} s; escape condition held: "
+          f"{summary['drift_budget']['escape_condition_held']}")
+    return 0
+
+
 BUILTIN_MODEL = "smollm2-135m"
 
 
@@ -179,6 +199,32 @@ def build_parser() -> argparse.ArgumentParser:
                           help="layers quantized together (batch size and resume granularity)")
     quantize.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     quantize.set_defaults(run=cmd_quantize)
+
+    qat = commands.add_parser("qat", help="BCJR-QAT: train a PTQ checkpoint through the soft "
+                              "trellis against its float model, then harden with Viterbi")
+    qat.add_argument("checkpoint", help="packed PTQ checkpoint (from trellis quantize)")
+    qat.add_argument("--out", required=True, help="checkpoint directory to create")
+    qat.add_argument("--layers", default="auto",
+                     help="all, auto (CPU: the 2 layers whose quantization costs the most; CUDA: "
+                          "all) or comma-separated layer indices")
+    qat.add_argument("--steps", type=int, default=24, help="optimizer steps, one text window each")
+    qat.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    qat.add_argument("--t-start", type=float, default=0.3, help="first temperature")
+    qat.add_argument("--t-end", type=float, default=0.05, help="last temperature (exponential)")
+    qat.add_argument("--calib-text", default=None,
+                     help="UTF-8 text file (default: the built-in Wikipedia calibration text)")
+    qat.add_argument("--teacher", default=None,
+                     help="float model to distil from (default: the checkpoint's source)")
+    qat.add_argument("--ctx", type=int, default=256, help="tokens per training window")
+    qat.add_argument("--eval-every", type=int, default=6,
+                     help="steps between hardened snapshots (scored; the best is kept)")
+    qat.add_argument("--loss", choices=("kl", "mse"), default="kl",
+                     help="kl: full-vocabulary KL to the teacher; mse: per-layer output MSE")
+    qat.add_argument("--train-table", action="store_true", help="also train the code table")
+    qat.add_argument("--train-scale", action="store_true", help="also train each matrix's scale")
+    qat.add_argument("--seed", type=int, default=0)
+    qat.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    qat.set_defaults(run=cmd_qat)
 
     evaluate = commands.add_parser("eval", help="evaluate a model")
     eval_kinds = evaluate.add_subparsers(dest="kind", required=True)
