@@ -91,6 +91,12 @@ def cmd_bench_codes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from trellis_runtime.kernel_bench import bench_kernels
+
+    return bench_kernels(json_output=args.json)
+
+
 def cmd_qat(args: argparse.Namespace) -> int:
     device = _device(args.device)
     from qat.text import read_text_file
@@ -265,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--json", action="store_true", help="print one JSON line")
     codes.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     codes.set_defaults(run=cmd_bench_codes)
+    kernels = bench_kinds.add_parser(
+        "kernels", help="kernel max relative errors vs their references; timings on a GPU")
+    kernels.add_argument("--json", action="store_true", help="print one JSON line: a list of rows")
+    kernels.set_defaults(run=cmd_bench_kernels)
     return parser
 
 

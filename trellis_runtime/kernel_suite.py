@@ -28,7 +28,10 @@ class Case:
     kernel: str
     name: str
     tolerance: float  # the largest error the tests accept
-    run: Callable[[], float]  # runs the kernel and its reference; returns the error
+    check: Callable[[torch.device], float]  # runs kernel and reference on a device: the error
+
+    def run(self, device: str | torch.device = "cpu") -> float:
+        return self.check(torch.device(device))
 
 
 def random_weight(spec: TrellisSpec, out_features: int, in_features: int, seed: int,
@@ -64,56 +67,56 @@ def _spec(text: str) -> TrellisSpec:
     return TrellisSpec(int(L), int(K), int(V), code)
 
 
-def _decode_case(spec: str, shape: tuple[int, int], seed: int) -> float:
+def _decode_case(spec: str, shape: tuple[int, int], seed: int, device: torch.device) -> float:
     from kernels.decode import decode_matrix
 
-    weight = random_weight(_spec(spec), *shape, seed=seed)
-    out = torch.full(shape, float("nan"))
+    weight = random_weight(_spec(spec), *shape, seed=seed, device=device)
+    out = torch.full(shape, float("nan"), device=device)
     decode_matrix(weight.codes, trellis_code(weight), weight.scale, out=out, block_rows=32,
                   block_cols=32)
     return max_rel_err(out, weight.decode_rotated())
 
 
 def _matmul_case(kernel: str, spec: str, shape: tuple[int, int], rows: int, dtype: torch.dtype,
-                 seed: int, **blocks: int) -> float:
+                 seed: int, device: torch.device, **blocks: int) -> float:
     """x @ C^T for C the weight's unscaled code values; x exact in `dtype`."""
     from kernels.matmul import gemm, gemv_partials
 
-    weight = random_weight(_spec(spec), *shape, seed=seed, scale=1.0)
-    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed)).to(dtype)
+    weight = random_weight(_spec(spec), *shape, seed=seed, scale=1.0, device=device)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed))
+    x = x.to(device=device, dtype=dtype)
     if kernel == "gemv":
         got = gemv_partials(x, weight.codes, trellis_code(weight), **blocks)
         got = got.sum(0)  # the partials' sum is what the output rotation reads
     else:
         got = gemm(x, weight.codes, trellis_code(weight),
-                   out=torch.full((rows, shape[0]), float("nan")), **blocks)
+                   out=torch.full((rows, shape[0]), float("nan"), device=device), **blocks)
     return max_rel_err(got, x.double() @ weight.decode_rotated().double().T)
 
 
-def _hadamard_case(direction: str, n: int, rows: int, seed: int) -> float:
+def _hadamard_case(direction: str, n: int, rows: int, seed: int, device: torch.device) -> float:
     from kernels.hadamard import rotate_rows, unrotate_rows
 
     gen = torch.Generator().manual_seed(seed)
     r, _ = hadamard_factors(n)
-    small = None if r == 1 else small_hadamard(r).to(torch.float32)
-    signs = random_signs(n, seed)
+    small = None if r == 1 else small_hadamard(r).to(device=device, dtype=torch.float32)
+    signs = random_signs(n, seed).to(device)
+    out = torch.full((rows, n), float("nan"), device=device)
     if direction == "rotate":
-        x = torch.randn(rows, n, generator=gen)
-        out = torch.full((rows, n), float("nan"))
+        x = torch.randn(rows, n, generator=gen).to(device)
         return max_rel_err(rotate_rows(x, signs, small, out=out), rotate(x.double(), signs))
-    parts = torch.randn(3, rows, n, generator=gen)  # three split-K partials, summed on the way
-    scale = torch.tensor([0.75])
-    out = torch.full((rows, n), float("nan"))
+    parts = torch.randn(3, rows, n, generator=gen).to(device)  # split-K partials, summed on the way
+    scale = torch.tensor([0.75], device=device)
     got = unrotate_rows(parts, signs, small, scale, out=out)
     return max_rel_err(got, unrotate(parts.double().sum(0), signs) * 0.75)
 
 
 def _linear_case(spec: str, shape: tuple[int, int], rows: int, dense_min_rows: int,
-                 seed: int) -> float:
+                 seed: int, device: torch.device) -> float:
     """The kernel backend of TrellisLinear, end to end, against x @ W^T for the dequantized W."""
-    weight = random_weight(_spec(spec), *shape, seed=seed)
-    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed))
-    backend = KernelBackend(weight, x.device, torch.float32, dense_min_rows=dense_min_rows)
+    weight = random_weight(_spec(spec), *shape, seed=seed, device=device)
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed)).to(device)
+    backend = KernelBackend(weight, device, torch.float32, dense_min_rows=dense_min_rows)
     return max_rel_err(backend(x), x.double() @ weight.dequantize().double().T)
 
 
@@ -123,7 +126,7 @@ def _cases() -> list[Case]:
                                        ("12,4,1,1mad", (32, 48)), ("10,2,2,lut", (48, 32)),
                                        ("11,1,1,lut", (32, 32)), ("8,3,2,hyb", (16, 48))]):
         cases.append(Case("decode", f"{spec} {shape[0]}x{shape[1]} float32", 0.0,
-                          lambda s=spec, sh=shape, i=i: _decode_case(s, sh, seed=i)))
+                          lambda dev, s=spec, sh=shape, i=i: _decode_case(s, sh, i, dev)))
     # (spec, shape, rows, dtype, blocks): one row runs the float32 FMA path, 2-16 rows tl.dot.
     # Shapes alternate between whole blocks everywhere (no masks) and ragged edges.
     gemv = [
@@ -148,12 +151,13 @@ def _cases() -> list[Case]:
             tolerance = 2e-3 if rows > 1 and spec.endswith(("mad", "inst")) else 1e-5
             name = f"{spec} {shape[0]}x{shape[1]} rows={rows} {str(dtype)[6:]}"
             cases.append(Case(kernel, name, tolerance,
-                              lambda k=kernel, s=spec, sh=shape, r=rows, d=dtype, b=blocks, i=i:
-                              _matmul_case(k, s, sh, r, d, seed=10 + i, **b)))
+                              lambda dev, k=kernel, s=spec, sh=shape, r=rows, d=dtype, b=blocks,
+                              i=i: _matmul_case(k, s, sh, r, d, 10 + i, dev, **b)))
     for direction in ("rotate", "unrotate"):
         for i, (n, rows) in enumerate([(64, 3), (192, 2), (576, 2), (4096, 2), (1536, 1)]):
             cases.append(Case("hadamard", f"{direction} n={n} rows={rows}", 1e-5,
-                              lambda d=direction, n=n, r=rows, i=i: _hadamard_case(d, n, r, i)))
+                              lambda dev, d=direction, n=n, r=rows, i=i:
+                              _hadamard_case(d, n, r, i, dev)))
     # The backend's four paths: float32 GEMV, float16 GEMV, GEMM, decode + dense matmul. Inside,
     # the 2+ row paths round the rotated input to float16.
     for i, (rows, dense_min_rows, path) in enumerate([(1, 128, "gemv float32"),
@@ -162,15 +166,14 @@ def _cases() -> list[Case]:
                                                       (40, 32, "decode+matmul float16")]):
         cases.append(Case("linear", f"16,2,2,hyb 64x192 rows={rows} {path}",
                           1e-5 if rows == 1 else 2e-3,
-                          lambda r=rows, d=dense_min_rows, i=i:
-                          _linear_case("16,2,2,hyb", (64, 192), r, d, seed=30 + i)))
+                          lambda dev, r=rows, d=dense_min_rows, i=i:
+                          _linear_case("16,2,2,hyb", (64, 192), r, d, 30 + i, dev)))
     return cases
 
 
 CASES = _cases()
 
 
-def run_suite(kernels: tuple[str, ...] | None = None) -> list[dict]:
-    """Run every case (or those of `kernels`): rows of kernel, case and max_rel_err."""
-    return [{"kernel": c.kernel, "case": c.name, "max_rel_err": c.run()}
-            for c in CASES if kernels is None or c.kernel in kernels]
+def run_suite(device: str | torch.device = "cpu") -> list[dict]:
+    """Run every case on `device`: rows of kernel, case and max_rel_err."""
+    return [{"kernel": c.kernel, "case": c.name, "max_rel_err": c.run(device)} for c in CASES]

@@ -1,0 +1,207 @@
+"""`trellis bench kernels`: correctness off the GPU, speed on it.
+
+Without CUDA the correctness suite (trellis_runtime/kernel_suite.py) runs in Triton's interpreter
+and reports each case's max relative error. On a GPU the same suite runs compiled, then the timings:
+
+- the fused GEMV (and the whole quantized linear: rotate, GEMV, unrotate) on Llama-3-8B-shaped
+  matrices at K = 2, 3, 4, batch 1 and 16, against torch float16 matmul of the same shape;
+- the GEMV's bandwidth on the packed bytes against a device-to-device copy measured in the same run;
+- large batches: fused GEMM against decode + cuBLAS, to place the crossover (DENSE_MIN_ROWS);
+- the Hadamard kernel against the torch rotation.
+
+Timing uses CUDA events around CUDA-graph replays of many calls (so that Python's launch overhead
+is not what is measured), after a warm-up, taking the median of repeats. Each call reads another
+copy of the weights, cycling through copies that together exceed the L2 cache several times, so
+every call streams its weights from device memory as a decode step does.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from trellis_runtime.kernel_linear import KernelBackend
+from trellis_runtime.kernel_suite import random_weight
+from trellis_runtime.trellis import TrellisSpec
+
+# Llama-3-8B's linear shapes (out, in): q/o, k/v, gate/up, down.
+LLAMA3_8B_SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
+L2_MULTIPLE = 4  # rotated copies of an operand span this many L2 caches
+REPEATS = 15
+
+
+@dataclass
+class GraphTimer:
+    """Median seconds per call of step(i), i cycling over `count` operand copies, from CUDA-graph
+    replays of one pass over all copies."""
+
+    repeats: int = REPEATS
+
+    def __call__(self, step: Callable[[int], object], count: int) -> float:
+        for i in range(count):  # warm-up: compiles kernels, sizes allocator pools
+            step(i)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(count):
+                step(i)
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(self.repeats):
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000 / count)
+        return statistics.median(times)
+
+
+def copies_for(nbytes: int, device: torch.device) -> int:
+    """How many copies of an nbytes operand to cycle through so they exceed the L2 cache."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, math.ceil(L2_MULTIPLE * l2 / max(nbytes, 1)))
+
+
+def copy_bandwidth(device: torch.device, timer: GraphTimer, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    target = torch.empty_like(source)
+    seconds = timer(lambda i: target.copy_(source), 4)
+    return 2 * nbytes / seconds
+
+
+def _weights(spec: TrellisSpec, shape: tuple[int, int], device: torch.device, seed: int
+             ) -> list:
+    """Kernel backends over enough copies of one random weight to exceed the L2 cache."""
+    weight = random_weight(spec, *shape, seed=seed, device=device)
+    count = copies_for(weight.codes.numel() * 4, device)
+    backends = []
+    for _ in range(count):
+        weight.codes = weight.codes.clone()
+        backends.append(KernelBackend(weight, device, torch.bfloat16))
+    return backends
+
+
+def gemv_rows(device: torch.device, timer: GraphTimer, copy_bytes_per_s: float,
+              shapes=LLAMA3_8B_SHAPES, bits=(2, 3, 4), batches=(1, 16)) -> list[dict]:
+    """GEMV kernel and whole quantized linear against float16 F.linear, per shape, K and batch."""
+    from kernels.hadamard import rotate_rows
+    from kernels.matmul import gemv_partials
+
+    rows = []
+    for shape in shapes:
+        dense = [torch.randn(shape, device=device, dtype=torch.float16)
+                 for _ in range(copies_for(shape[0] * shape[1] * 2, device))]
+        for k in bits:
+            spec = TrellisSpec(16, k, 2, "hyb")
+            backends = _weights(spec, shape, device, seed=k)
+            packed = backends[0].codes.numel() * 4
+            for batch in batches:
+                x = torch.randn(batch, shape[1], device=device, dtype=torch.bfloat16)
+                x16 = x.to(torch.float16)
+                inner = torch.float32 if batch == 1 else torch.float16
+                rotated = rotate_rows(x, backends[0].input_signs, backends[0].small_in, inner)
+                kernel = timer(lambda i: gemv_partials(rotated, backends[i].codes,
+                                                       backends[i].code), len(backends))
+                linear = timer(lambda i: backends[i](x), len(backends))
+                fp16 = timer(lambda i: F.linear(x16, dense[i % len(dense)]), len(dense))
+                rows.append({
+                    "kernel": "gemv", "case": f"{shape[0]}x{shape[1]} K={k} rows={batch}",
+                    "kernel_us": kernel * 1e6, "linear_us": linear * 1e6, "fp16_us": fp16 * 1e6,
+                    "kernel_speedup": fp16 / kernel, "linear_speedup": fp16 / linear,
+                    "packed_GBps": packed / kernel / 1e9,
+                    "copy_fraction": packed / kernel / copy_bytes_per_s,
+                })
+        del dense
+    return rows
+
+
+def large_batch_rows(device: torch.device, timer: GraphTimer, shape=(4096, 4096),
+                     batches=(32, 64, 128, 256, 512, 1024)) -> list[dict]:
+    """Fused GEMM against decode + cuBLAS (and float16 F.linear) as the batch grows."""
+    from kernels.decode import decode_matrix
+    from kernels.matmul import gemm
+
+    spec = TrellisSpec(16, 2, 2, "hyb")
+    backends = _weights(spec, shape, device, seed=7)
+    dense = [torch.randn(shape, device=device, dtype=torch.float16)
+             for _ in range(copies_for(shape[0] * shape[1] * 2, device))]
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, shape[1], device=device, dtype=torch.float16)
+        fused = timer(lambda i: gemm(x, backends[i].codes, backends[i].code), len(backends))
+        decoded = timer(lambda i: F.linear(x, decode_matrix(backends[i].codes, backends[i].code,
+                                                            1.0, dtype=torch.float16)),
+                        len(backends))
+        fp16 = timer(lambda i: F.linear(x, dense[i % len(dense)]), len(dense))
+        rows.append({"kernel": "gemm", "case": f"{shape[0]}x{shape[1]} K=2 rows={batch}",
+                     "gemm_us": fused * 1e6, "decode_cublas_us": decoded * 1e6,
+                     "fp16_us": fp16 * 1e6, "faster": "gemm" if fused < decoded else "decode"})
+    return rows
+
+
+def hadamard_rows(device: torch.device, timer: GraphTimer, sizes=(4096, 14336),
+                  batches=(1, 16)) -> list[dict]:
+    """The rotation kernel against trellis_runtime.hadamard.rotate (torch), per size and batch."""
+    from kernels.hadamard import rotate_rows
+    from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, small_hadamard
+
+    rows = []
+    for n in sizes:
+        r, _ = hadamard_factors(n)
+        small = None if r == 1 else small_hadamard(r).to(device=device, dtype=torch.float32)
+        signs = random_signs(n, 0).to(device)
+        for batch in batches:
+            x = torch.randn(batch, n, device=device)
+            kernel = timer(lambda i: rotate_rows(x, signs, small), 32)
+            reference = timer(lambda i: rotate(x, signs), 32)
+            rows.append({"kernel": "hadamard", "case": f"n={n} rows={batch}",
+                         "kernel_us": kernel * 1e6, "torch_us": reference * 1e6,
+                         "speedup": reference / kernel})
+    return rows
+
+
+def gpu_rows(device: torch.device) -> list[dict]:
+    """Every timing of this module, with the copy bandwidth they are compared to."""
+    timer = GraphTimer()
+    bandwidth = copy_bandwidth(device, timer)
+    rows = [{"kernel": "copy", "case": "device-to-device 1 GiB", "GBps": bandwidth / 1e9}]
+    rows += gemv_rows(device, timer, bandwidth)
+    rows += large_batch_rows(device, timer)
+    rows += hadamard_rows(device, timer)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    values = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in row.items() if k not in ("kernel", "case"))
+    return f"{row['kernel']:9s} {row['case']:40s} {values}"
+
+
+def bench_kernels(json_output: bool) -> int:
+    """The `trellis bench kernels` command: the suite, plus the timings when CUDA is available."""
+    import json
+    import os
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:  # Triton has no CPU backend; its interpreter must be chosen before kernels load
+        os.environ["TRITON_INTERPRET"] = "1"
+    from trellis_runtime.kernel_suite import run_suite
+
+    device = torch.device("cuda" if on_gpu else "cpu")
+    rows = run_suite(device)
+    if on_gpu:
+        rows += gpu_rows(device)
+    if json_output:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(format_row(row))
+    return 0
