@@ -14,8 +14,8 @@ from typing import Optional
 
 from server.logprobs import (CompletionLogprobsWriter, Position, TokenText, chat_logprobs,
                              generated_positions, prompt_positions)
-from server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, CompletionChoice,
-                            CompletionLogprobs)
+from server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatLogprobs,
+                            CompletionChoice, CompletionLogprobs)
 from trellis_runtime.logprobs import TokenLogprob
 
 
@@ -82,7 +82,7 @@ class ChatChoices:
                                           finish_reason=output.finish_reason))
         return chunks
 
-    def _logprobs(self, scored: Optional[list[TokenLogprob]]):
+    def _logprobs(self, scored: Optional[list[TokenLogprob]]) -> Optional[ChatLogprobs]:
         return None if scored is None else chat_logprobs(self.vocab, scored)
 
 
