@@ -7,8 +7,10 @@ step, so after N steps the drift is at most N * lr per element: the budget.
 
 The radius is measured, not assumed: for a sample of tiles, the smallest per-element RMS
 perturbation (along a random direction) at which the tile's hard codes change, as a median over
-the sample and converted to weight units by the matrix's scale. (The rotation to the quantized basis
-is orthogonal, so an RMS perturbation of the latent is the same RMS in that basis.)
+the sample. Radii, budgets and learning rates are all in units of each matrix's scale (the rotation
+to the quantized basis is orthogonal, so an RMS perturbation of the latent is the same RMS there):
+measured that way, the radius is about the same for every matrix of a model, whereas in weight units
+it varies with each matrix's spread, which one absolute learning rate could not serve.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ SAMPLE_TILES = 32
 @torch.no_grad()
 def voronoi_radius(unit_tiles: torch.Tensor, weight: QuantizedWeight, values: torch.Tensor,
                    sample_tiles: int = SAMPLE_TILES, seed: int = 0) -> float:
-    """Median smallest perturbation (weight units, RMS per element) that changes a tile's codes.
+    """Median smallest perturbation (RMS per element, in units of the scale) that changes a tile's codes.
 
     `unit_tiles` (tiles, 256) is the latent in the rotated, unit-scaled basis (at PTQ init, the PTQ
     reconstruction itself); `values` are the states' values the encoder searches.
@@ -48,7 +50,7 @@ def voronoi_radius(unit_tiles: torch.Tensor, weight: QuantizedWeight, values: to
     # The first grid size that changes each tile; a tile never changed counts as the largest size.
     first = torch.where(changed.any(dim=0), changed.float().argmax(dim=0),
                         torch.full((count,), len(grid) - 1))
-    return float(grid[first].median()) * float(weight.scale)
+    return float(grid[first].median())
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Budget:
 
     name: str
     radius: float
-    budget: float  # steps * lr
+    budget: float  # steps * lr, lr relative to the matrix's scale
 
     @property
     def escapes(self) -> bool:

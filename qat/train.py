@@ -48,7 +48,7 @@ VALIDATION_CTX = 512
 class QatOptions:
     layers: str = "auto"  # "auto", "all" or comma-separated layer indices
     steps: int = 24
-    lr: float = 1e-3
+    lr: float | None = None  # relative to each matrix's scale; None = the drift budget's suggestion
     t_start: float = 0.3
     t_end: float = 0.05
     calib_text: str | None = None
@@ -72,7 +72,7 @@ class QatOptions:
     def check(self) -> None:
         if self.steps < 1:
             raise TrellisError(f"--steps must be at least 1, got {self.steps}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise TrellisError(f"--lr must be positive, got {self.lr}")
         if not (0 < self.t_end <= self.t_start):
             raise TrellisError(f"temperatures must satisfy 0 < --t-end <= --t-start, got "
@@ -128,6 +128,7 @@ class _Run:
     best_ppl: float = math.inf
     best_step: int = 0
     ptq_ppl: float = math.inf
+    lr: float = 0.0  # relative to each matrix's scale: the option, or the budget's suggestion
     layers: list[int] = field(default_factory=list)
     radii: dict[str, float] = field(default_factory=dict)
 
@@ -186,9 +187,8 @@ class Trainer:
         _atomic_save(tensors, self.work / "snapshot.safetensors", asdict(run))
 
     def _load_snapshot(self, soft: dict[str, SoftTrellisLinear],
-                       optimizer: torch.optim.Optimizer) -> _Run:
-        path = self.work / "snapshot.safetensors"
-        tensors = load_file(str(path))
+                       optimizer: torch.optim.Optimizer) -> None:
+        tensors = load_file(str(self.work / "snapshot.safetensors"))
         with torch.no_grad():
             for name, module in soft.items():
                 for pname, param in module.named_parameters():
@@ -201,7 +201,6 @@ class Trainer:
                 slots.setdefault(int(index), {})[slot] = value.reshape(()) if slot == "step" else value
         state["state"] = slots
         optimizer.load_state_dict(state)
-        return _Run(**_read_metadata(path))
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -235,27 +234,46 @@ class Trainer:
             layers = self._choose_layers(student, teacher, checkpoint, windows)
         soft = make_soft(student, checkpoint, layers, options.train_table, options.train_scale,
                          options.device)
-        params = [p for module in soft.values() for p in module.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
-
         if resuming:
-            run = self._load_snapshot(soft, optimizer)
+            run = _Run(**_read_metadata(self.work / "snapshot.safetensors"))
+            optimizer = self._optimizer(soft, run.lr)
+            self._load_snapshot(soft, optimizer)
             self.record.truncate_after(run.step)
             print(f"resuming {self.out.name} from step {run.step} of {options.steps}")
         else:
             try:
-                run = self._start(student, soft, optimizer, layers, windows)
+                run = self._plan(soft, layers)
+                optimizer = self._optimizer(soft, run.lr)
+                self._start(run, student, soft, optimizer, windows)
             except BaseException:
                 shutil.rmtree(self.work, ignore_errors=True)  # refused before any work worth keeping
                 raise
         self._train(run, student, teacher, soft, optimizer, windows)
         return self._finish(run, checkpoint, time.time() - started)
 
-    def _start(self, student, soft: dict[str, SoftTrellisLinear], optimizer: torch.optim.Optimizer,
-               layers: list[int], windows: TextWindows) -> _Run:
-        """Step 0: the drift-budget check, the PTQ solution's score, the first snapshot."""
-        run = _Run(layers=layers, radii=self._radii(soft))
-        self._check_budget(run.radii)
+    def _plan(self, soft: dict[str, SoftTrellisLinear], layers: list[int]) -> _Run:
+        """Measure the radii and settle the learning rate against the drift budget."""
+        radii = self._radii(soft)
+        lr = self.options.lr if self.options.lr is not None else suggested_lr(radii, self.options.steps)
+        self._check_budget(radii, lr)
+        return _Run(layers=layers, radii=radii, lr=lr)
+
+    @staticmethod
+    def _optimizer(soft: dict[str, SoftTrellisLinear], lr: float) -> torch.optim.Optimizer:
+        """AdamW with each matrix's step in units of its own scale (the code table's are ~1)."""
+        groups = []
+        for module in soft.values():
+            scale = float(module.ptq.scale)
+            groups.append({"params": [module.latent], "lr": lr * scale})
+            if module.table is not None:
+                groups.append({"params": [module.table], "lr": lr})
+            if isinstance(module.scale, torch.nn.Parameter):
+                groups.append({"params": [module.scale], "lr": lr * scale})
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+
+    def _start(self, run: _Run, student, soft: dict[str, SoftTrellisLinear],
+               optimizer: torch.optim.Optimizer, windows: TextWindows) -> None:
+        """Step 0: the PTQ solution's score and the first snapshot."""
         ptq = {name: module.ptq for name, module in soft.items()}
         run.ptq_ppl = run.best_ppl = self._evaluate(student, soft, ptq, windows.validation)
         _atomic_save({k: v for name, w in ptq.items() for k, v in w.tensors(name).items()},
@@ -264,7 +282,6 @@ class Trainer:
         self.record.append({"step": 0, "hard_ppl": run.ptq_ppl, "escape_frac": 0.0,
                             "temperature": self.options.temperature(0), "event": "ptq"})
         self._save_snapshot(run, soft, optimizer)
-        return run
 
     def _choose_layers(self, student, teacher, checkpoint: Checkpoint, windows: TextWindows
                        ) -> list[int]:
@@ -282,14 +299,14 @@ class Trainer:
                                              seed=self.options.seed)
         return radii
 
-    def _check_budget(self, radii: dict[str, float]) -> None:
+    def _check_budget(self, radii: dict[str, float], lr: float) -> None:
         options = self.options
-        rows = budgets(radii, options.steps, options.lr)
+        rows = budgets(radii, options.steps, lr)
         stuck = [row for row in rows if not row.escapes]
-        budget = options.steps * options.lr
+        budget = options.steps * lr
         if len(stuck) == len(rows):
             raise TrellisError(
-                f"steps x lr = {options.steps} x {options.lr:g} = {budget:.2e} cannot move any "
+                f"steps x lr = {options.steps} x {lr:g} = {budget:.2e} cannot move any "
                 f"trained matrix out of its PTQ solution (smallest Voronoi radius "
                 f"{min(radii.values()):.2e}); use --lr {suggested_lr(radii, options.steps):.1e} "
                 f"or more --steps")
@@ -299,8 +316,9 @@ class Trainer:
                   f"they will likely keep their PTQ codes. --lr "
                   f"{suggested_lr(radii, options.steps):.1e} would cover all")
         else:
-            print(f"drift budget {budget:.2e} exceeds every Voronoi radius "
-                  f"(largest {max(radii.values()):.2e}): escape predicted")
+            print(f"drift budget {options.steps} x lr {lr:.2e} = {budget:.2e} exceeds every Voronoi "
+                  f"radius (largest {max(radii.values()):.2e}, in units of each matrix's scale): "
+                  f"escape predicted")
 
     def _train(self, run: _Run, student, teacher, soft: dict[str, SoftTrellisLinear],
                optimizer: torch.optim.Optimizer, windows: TextWindows) -> None:
@@ -327,8 +345,8 @@ class Trainer:
                     [p for m in soft.values() for p in m.parameters()], options.clip)
                 optimizer.step()
                 run.step += 1
-                drift = {name: float((m.latent.detach() - start_latents[name]).pow(2).mean().sqrt())
-                         for name, m in soft.items()}
+                drift = {name: float((m.latent.detach() - start_latents[name]).pow(2).mean().sqrt()
+                                     / m.ptq.scale) for name, m in soft.items()}
                 entry = {"step": run.step, "temperature": temperature, "kl": kl.item(),
                          "loss": loss.item(), "grad_norm": grad_norm.item(),
                          "drift_over_radius": sum(drift[n] / run.radii[n] for n in drift) / len(drift)}
@@ -389,10 +407,10 @@ class Trainer:
                 quantized[name] = quantized_from_tensors(best, name, checkpoint.spec)
         last = [line for line in self.record.lines() if line.get("event") == "snapshot"][-1]
         observed = {name: stats["escape_frac"] for name, stats in last["matrices"].items()}
-        budget = options.steps * options.lr
+        budget = options.steps * run.lr
         predicted = {name: budget > radius for name, radius in run.radii.items()}
         summary = {
-            "layers": run.layers, "steps": options.steps, "lr": options.lr,
+            "layers": run.layers, "steps": options.steps, "lr": run.lr,
             "temperature": [options.t_start, options.t_end], "loss": options.loss,
             "validation_ppl": {"ptq": run.ptq_ppl, "best_hardened": run.best_ppl},
             "best_step": run.best_step, "seconds": round(seconds, 1),

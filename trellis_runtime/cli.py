@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="all, auto (CPU: the 2 layers whose quantization costs the most; CUDA: "
                           "all) or comma-separated layer indices")
     qat.add_argument("--steps", type=int, default=24, help="optimizer steps, one text window each")
-    qat.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    qat.add_argument("--lr", type=float, default=None,
+                     help="AdamW learning rate in units of each matrix's scale (default: twice the "
+                          "largest measured Voronoi radius spread over the steps)")
     qat.add_argument("--t-start", type=float, default=0.3, help="first temperature")
     qat.add_argument("--t-end", type=float, default=0.05, help="last temperature (exponential)")
     qat.add_argument("--calib-text", default=None,
