@@ -9,6 +9,7 @@ as the harness parses it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import httpx
@@ -47,10 +48,15 @@ def chat_prompt_ids(served: Served, body: dict[str, Any]) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def vocab_text(served: Served, token_id: int) -> tuple[str, list[int]]:
+@functools.cache
+def token_text(tokenizer: Any) -> Any:
     from server.logprobs import TokenText
 
-    raw = TokenText(served.tokenizer).bytes(token_id)
+    return TokenText(tokenizer)
+
+
+def vocab_text(served: Served, token_id: int) -> tuple[str, list[int]]:
+    raw = token_text(served.tokenizer).bytes(token_id)
     return raw.decode("utf-8", errors="replace"), list(raw)
 
 
@@ -174,9 +180,7 @@ def test_bytes_rebuild_split_characters(served: Served, client: httpx.Client) ->
     """Byte-level BPE splits these characters across tokens; their bytes join back exactly."""
     prompt = "naïve café — 你好 😀"
     prompt_ids = served.tokenizer.encode(prompt)
-    from server.logprobs import TokenText
-
-    vocab = TokenText(served.tokenizer)
+    vocab = token_text(served.tokenizer)
     pieces = [vocab.bytes(t) for t in prompt_ids]
     assert b"".join(pieces).decode() == prompt
     assert any(REPLACEMENT in p.decode("utf-8", errors="replace") for p in pieces)  # really split
