@@ -7,7 +7,8 @@ and reports each case's max relative error. On a GPU the same suite runs compile
   matrices at K = 2, 3, 4, batch 1 and 16, against torch float16 matmul of the same shape;
 - the GEMV's bandwidth on the packed bytes against a device-to-device copy measured in the same run;
 - large batches: fused GEMM against decode + cuBLAS, to place the crossover (DENSE_MIN_ROWS);
-- the Hadamard kernel against the torch rotation.
+- the Hadamard kernel against the torch rotation;
+- the Viterbi kernel's tiles per second against the torch encoder.
 
 Timing uses CUDA events around CUDA-graph replays of many calls (so that Python's launch overhead
 is not what is measured), after a warm-up, taking the median of repeats. Each call reads another
@@ -168,6 +169,41 @@ def hadamard_rows(device: torch.device, timer: GraphTimer, sizes=(4096, 14336),
     return rows
 
 
+def event_time(call: Callable[[], object], repeats: int = 3) -> float:
+    """Median seconds of call() after one warm-up call, timed with CUDA events (for calls long
+    enough that launch overhead does not matter)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def viterbi_rows(device: torch.device, batches=(512, 2048)) -> list[dict]:
+    """Tiles per second of one Viterbi pass (tail-biting costs two) at the CUDA quantization default
+    L=16 hyb K=2, kernel against trellis_runtime.viterbi.viterbi on the same GPU."""
+    from kernels.viterbi import viterbi_paths
+    from trellis_runtime.codes import initial_table, state_values
+    from trellis_runtime.viterbi import viterbi
+
+    spec = TrellisSpec(16, 2, 2, "hyb")
+    values = state_values(spec, initial_table(spec)).to(device)
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 256, device=device)
+        kernel = event_time(lambda: viterbi_paths(x, values, 16, 2, 2))
+        reference = event_time(lambda: viterbi(x, values, spec))
+        rows.append({"kernel": "viterbi", "case": f"L=16 K=2 V=2 hyb, {batch} tiles, one pass",
+                     "kernel_tiles_per_s": batch / kernel, "torch_tiles_per_s": batch / reference,
+                     "speedup": reference / kernel})
+    return rows
+
+
 def gpu_rows(device: torch.device) -> list[dict]:
     """Every timing of this module, with the copy bandwidth they are compared to."""
     timer = GraphTimer()
@@ -176,6 +212,7 @@ def gpu_rows(device: torch.device) -> list[dict]:
     rows += gemv_rows(device, timer, bandwidth)
     rows += large_batch_rows(device, timer)
     rows += hadamard_rows(device, timer)
+    rows += viterbi_rows(device)
     return rows
 
 

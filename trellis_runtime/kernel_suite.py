@@ -16,11 +16,12 @@ from typing import Callable
 
 import torch
 
-from trellis_runtime.codes import table_shape
+from trellis_runtime.codes import state_values, table_shape
 from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, small_hadamard, unrotate
 from trellis_runtime.kernel_linear import KernelBackend, trellis_code
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
+from trellis_runtime.viterbi import path_error, viterbi
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,32 @@ def _linear_case(spec: str, shape: tuple[int, int], rows: int, dense_min_rows: i
     return max_rel_err(backend(x), x.double() @ weight.dequantize().double().T)
 
 
+def _viterbi_case(spec: str, length: int, constrained: bool, seed: int,
+                  device: torch.device) -> float:
+    """Error of the kernel's path relative to the torch encoder's (both optimal: they differ only by
+    float rounding), or NaN if the kernel's path breaks the trellis or the overlap."""
+    from kernels.viterbi import viterbi_paths
+
+    spec_ = _spec(spec)
+    gen = torch.Generator().manual_seed(seed)
+    shape = table_shape(spec_)
+    table = None if shape is None else torch.randn(*shape, generator=gen).to(torch.float16)
+    values = state_values(spec_, table).to(device)
+    x = torch.randn(4, length, generator=gen).to(device)
+    overlap = (torch.randint(0, spec_.num_groups, (4,), generator=gen).to(device)
+               if constrained else None)
+    path = viterbi_paths(x, values, spec_.state_bits, spec_.bits, spec_.vec, overlap=overlap)
+    low, kv = spec_.num_groups - 1, spec_.step_bits
+    valid = torch.equal(path[:, :-1] & low, path[:, 1:] >> kv)  # consecutive states overlap
+    if constrained:  # and the ends go through the overlap
+        valid = valid and torch.equal(path[:, 0] >> kv, overlap) \
+            and torch.equal(path[:, -1] & low, overlap)
+    if not valid:
+        return float("nan")
+    reference = viterbi(x, values, spec_, overlap=overlap)
+    return max_rel_err(path_error(x, path, values), path_error(x, reference, values))
+
+
 def _cases() -> list[Case]:
     cases: list[Case] = []
     for i, (spec, shape) in enumerate([("16,2,2,hyb", (48, 80)), ("16,3,1,3inst", (32, 48)),
@@ -168,6 +195,13 @@ def _cases() -> list[Case]:
                           1e-5 if rows == 1 else 2e-3,
                           lambda dev, r=rows, d=dense_min_rows, i=i:
                           _linear_case("16,2,2,hyb", (64, 192), r, d, 30 + i, dev)))
+    for i, (spec, length, constrained) in enumerate([("8,2,1,1mad", 32, False),
+                                                     ("8,2,2,hyb", 64, True),
+                                                     ("9,3,1,3inst", 24, True),
+                                                     ("10,1,2,lut", 32, False)]):
+        cases.append(Case("viterbi", f"{spec} T={length} {'tail-biting' if constrained else 'free'}",
+                          1e-5, lambda dev, s=spec, n=length, c=constrained, i=i:
+                          _viterbi_case(s, n, c, 40 + i, dev)))
     return cases
 
 
