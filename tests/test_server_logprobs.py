@@ -288,6 +288,9 @@ def test_n_choices_are_distinct_and_reproducible(client: httpx.Client) -> None:
     assert texts(client.post(COMPLETIONS, json=body).json()) == texts(first)  # the seed holds
     assert texts(client.post(COMPLETIONS, json={**body, "n": 1}).json()) == texts(first)[:1]
     assert first["usage"]["completion_tokens"] == 18
+    # best_of = n keeps every sample, so it is the same request; any other best_of is refused.
+    assert texts(client.post(COMPLETIONS, json={**body, "best_of": 3}).json()) == texts(first)
+    assert_error(client.post(COMPLETIONS, json={**body, "best_of": 5}), 400, param="best_of")
 
     unseeded = client.post(CHAT, json=chat_body(n=4, temperature=1.0, max_tokens=8,
                                                 ignore_eos=True)).json()
