@@ -31,6 +31,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 import torch
 
+from trellis_runtime.cuda_graphs import DecodeGraphs
 from trellis_runtime.detokenize import TextStream
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.kv_cache import KVCache
@@ -119,6 +120,9 @@ class Engine:
         self.device = model.embed_tokens.device
         self.vocab_size = model.shape.vocab
         self.cache: KVCache = model.new_cache(max_batch, self.max_seq_len)
+        # On CUDA, steps that only decode replay captured graphs (trellis_runtime/cuda_graphs.py).
+        self._graphs = (DecodeGraphs(model, self.cache, max_batch) if self.device.type == "cuda"
+                        else None)
 
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()  # shared: guarded by _cond
@@ -340,8 +344,11 @@ class Engine:
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-        logits = self.model(tensor(tokens), tensor(positions), tensor(slots), self.cache,
-                            logits_for=tensor(logits_at))
+        if self._graphs is not None and decoding == len(batch) and not scored:
+            logits = self._graphs.run(tokens, positions, slots)  # every row is sampled, in order
+        else:
+            logits = self.model(tensor(tokens), tensor(positions), tensor(slots), self.cache,
+                                logits_for=tensor(logits_at))
         for sequence, chunk in batch:
             sequence.computed += len(chunk)
         # Without prompt scoring (the usual step) every row is a sampling row: no copy, no extra work.

@@ -288,15 +288,19 @@ class TrellisLlama(nn.Module):
                        dtype=self.embed_tokens.dtype, device=self.embed_tokens.device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                cache: KVCache, logits_for: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache, logits_for: torch.Tensor | None = None,
+                layout: AttentionLayout | None = None) -> torch.Tensor:
         """Logits (M or N, vocab) for N tokens from any mix of sequences.
 
         tokens, positions, slots: (N,) int64; token i is at absolute `positions[i]` of the sequence that
         owns cache slot `slots[i]`, and attends to that sequence's cached positions up to its own.
         logits_for: (M,) indices of the tokens that need logits (a prefill needs only its last);
-        None means all N.
+        None means all N. layout: a prepared AttentionLayout (CUDA-graph decode steps build theirs on
+        the device, see cuda_graphs.py); None plans one from the inputs.
         """
-        layout = AttentionLayout.plan(positions, slots, cache, self.shape.heads // self.shape.kv_heads)
+        if layout is None:
+            layout = AttentionLayout.plan(positions, slots, cache,
+                                          self.shape.heads // self.shape.kv_heads)
         rope = self.rotary(positions, self.embed_tokens.dtype)
         x = F.embedding(tokens, self.embed_tokens)
         for layer, cached_keys, cached_values in zip(self.layers, cache.keys, cache.values):
