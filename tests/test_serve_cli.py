@@ -64,5 +64,5 @@ def test_serve_answers_over_http(tiny_checkpoint_dir: Path) -> None:
         assert reply.json()["usage"]["completion_tokens"] <= 4
     finally:
         process.terminate()
-        # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal as its exit status.
-        assert process.wait(timeout=30) in (0, -15)
+        # SIGTERM drains (nothing is in flight here), then the process exits cleanly.
+        assert process.wait(timeout=30) == 0
