@@ -74,9 +74,11 @@ class Metrics:
 
     def observe_request(self, trace: Trace) -> None:
         """Record one generation request once its output stream has closed."""
+        # Counts are 0 for a request that ended before the engine answered; a scoring-only request
+        # (echo with max_tokens 0) has prompt tokens and no first token.
+        self.prompt_tokens.inc(trace.prompt_tokens)
+        self.generation_tokens.inc(trace.completion_tokens)
         if trace.first_token_at is not None:
-            self.prompt_tokens.inc(trace.prompt_tokens)
-            self.generation_tokens.inc(trace.completion_tokens)
             self.ttft.observe(trace.time_to_first_token)
         for gap in trace.token_gaps:
             self.itl.observe(gap)

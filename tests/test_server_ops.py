@@ -103,14 +103,16 @@ def test_metrics_count_requests_tokens_and_latencies(loaded: tuple[Any, Any]) ->
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
             usage_chunk = json.loads(streamed.text.split("\n\n")[-3][len("data: "):])
             assert client.post("/v1/completions", json=completion(temperature=-1)).status_code == 400
+            scored = client.post("/v1/completions", json=completion(0, echo=True, logprobs=1))
+            assert scored.status_code == 200 and scored.json()["usage"]["completion_tokens"] == 0
         metrics = samples(url)
-    usages = [whole["usage"], usage_chunk["usage"]]
+    usages = [whole["usage"], usage_chunk["usage"], scored.json()["usage"]]
 
     def http(endpoint: str, method: str, status: str) -> float:
         key = (("endpoint", endpoint), ("method", method), ("status", status))
         return metrics[("trellis:http_requests_total", key)]
 
-    assert http("/v1/completions", "POST", "200") == 1
+    assert http("/v1/completions", "POST", "200") == 2
     assert http("/v1/chat/completions", "POST", "200") == 1
     assert http("/v1/completions", "POST", "400") == 1
     assert metrics[("trellis:prompt_tokens_total", ())] == sum(u["prompt_tokens"] for u in usages)
@@ -118,8 +120,8 @@ def test_metrics_count_requests_tokens_and_latencies(loaded: tuple[Any, Any]) ->
     assert metrics[("trellis:time_to_first_token_seconds_count", ())] == 2
     assert metrics[("trellis:time_to_first_token_seconds_sum", ())] > 0
     assert metrics[("trellis:inter_token_latency_seconds_count", ())] == (5 - 1) + (3 - 1)
-    assert metrics[("trellis:e2e_request_latency_seconds_count", ())] == 2
-    assert metrics[("trellis:request_finished_total", (("finished_reason", "length"),))] == 2
+    assert metrics[("trellis:e2e_request_latency_seconds_count", ())] == 3
+    assert metrics[("trellis:request_finished_total", (("finished_reason", "length"),))] == 3
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert metrics[(f"trellis:{gauge}", ())] == 0
 
