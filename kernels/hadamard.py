@@ -34,8 +34,8 @@ OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _hadamard_kernel(
     x_ptr, signs_ptr, small_ptr, sylvester_a_ptr, sylvester_b_ptr, scale_ptr, out_ptr,
-    rows, x_split_stride, x_stride, out_stride, small_stride0, small_stride1, inv_sqrt_n,
-    R: tl.constexpr, D0: tl.constexpr, A: tl.constexpr, B: tl.constexpr, SPLITS: tl.constexpr,
+    rows, splits, x_split_stride, x_stride, out_stride, small_stride0, small_stride1, inv_sqrt_n,
+    R: tl.constexpr, D0: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
     SIGNS_FIRST: tl.constexpr, SCALED: tl.constexpr,
 ):
     # The block is (D0, A, B). With R == 1, D0 stacks rows of x; otherwise it is the (padded)
@@ -51,7 +51,7 @@ def _hadamard_kernel(
         col = d * (A * B) + col_ab
         ok = (d < R) & (col_ab >= 0)
     x = tl.load(x_ptr + row * x_stride + col, mask=ok, other=0.0).to(tl.float32)
-    for k in tl.static_range(1, SPLITS):
+    for k in range(1, splits):
         x += tl.load(x_ptr + k * x_split_stride + row * x_stride + col, mask=ok, other=0.0)
     signs = tl.load(signs_ptr + col, mask=ok, other=0).to(tl.float32)
     if SIGNS_FIRST:
@@ -138,9 +138,9 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
     _hadamard_kernel[grid](
         x, signs, small_t, sylvester(a, x.device), sylvester(b, x.device),
         scale if scale is not None else signs, out,
-        rows, x.stride(0) if x.dim() == 3 else 0, x.stride(-2), out.stride(-2),
+        rows, splits, x.stride(0) if x.dim() == 3 else 0, x.stride(-2), out.stride(-2),
         small_t.stride(0), small_t.stride(-1), 1.0 / math.sqrt(n),
-        R=r, D0=d0, A=a, B=b, SPLITS=splits, SIGNS_FIRST=signs_first, SCALED=scale is not None,
+        R=r, D0=d0, A=a, B=b, SIGNS_FIRST=signs_first, SCALED=scale is not None,
         num_warps=16 if d0 * a * b >= 16384 else 8 if d0 * a * b >= 4096 else 4,
     )
     return out

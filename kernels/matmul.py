@@ -285,7 +285,7 @@ def split_tiles(col_tiles: int, splits: int, block_tiles: int) -> int:
 
 
 def gemm(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, block_m: int = 64,
-         block_rows: int = 64, block_tiles: int = 16, num_warps: int = 4, num_stages: int = 2,
+         block_rows: int = 128, block_tiles: int = 4, num_warps: int = 8, num_stages: int = 2,
          out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ C^T, (rows, out) float32, for float16/bfloat16 x of any number of rows, with tl.dot.
 

@@ -13,7 +13,10 @@ import torch
 
 from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.cuda_graphs import DecodeGraphs, buckets
+from trellis_runtime.kernel_suite import CASES
 from trellis_runtime.model import TrellisLlama
+
+GRAPH_CASES = [c for c in CASES if c.kernel == "cuda_graphs"]
 
 
 def _prefilled(device: str, tiny_checkpoint_dir: Path):
@@ -62,6 +65,12 @@ def test_static_steps_equal_the_forward_on_cpu(tiny_checkpoint_dir: Path) -> Non
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graph_replays_equal_the_forward_on_cuda(tiny_checkpoint_dir: Path) -> None:
     _check_steps("cuda", tiny_checkpoint_dir)
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda c: c.name)
+def test_suite_case_on_a_random_model(case) -> None:
+    """The suite's check (a random 2-layer model): what `trellis bench kernels` reports."""
+    assert case.run("cuda" if torch.cuda.is_available() else "cpu") <= case.tolerance
 
 
 def test_bad_steps_are_refused(tiny_checkpoint_dir: Path) -> None:

@@ -13,7 +13,7 @@ from kernels.matmul import gemm, gemv_partials
 from kernels.tile import TrellisCode
 from trellis_runtime.codes import kernel_constants
 from trellis_runtime.kernel_linear import trellis_code
-from trellis_runtime.kernel_suite import CASES, random_weight
+from trellis_runtime.kernel_suite import CASES, GPU_CASES, random_weight
 from trellis_runtime.trellis import TrellisSpec
 
 MATMUL_CASES = [c for c in CASES if c.kernel in ("gemv", "gemm")]
@@ -22,6 +22,12 @@ MATMUL_CASES = [c for c in CASES if c.kernel in ("gemv", "gemm")]
 @pytest.mark.parametrize("case", MATMUL_CASES, ids=lambda c: f"{c.kernel} {c.name}")
 def test_kernel_matches_reference(case) -> None:
     assert case.run() <= case.tolerance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 tl.dot needs a GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c.kernel} {c.name}")
+def test_bfloat16_dot_matches_reference_on_gpu(case) -> None:
+    assert case.run("cuda") <= case.tolerance
 
 
 def test_gemv_splits_cover_the_input_and_write_every_partial() -> None:

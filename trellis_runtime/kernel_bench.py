@@ -8,7 +8,9 @@ and reports each case's max relative error. On a GPU the same suite runs compile
 - the GEMV's bandwidth on the packed bytes against a device-to-device copy measured in the same run;
 - large batches: fused GEMM against decode + cuBLAS, to place the crossover (DENSE_MIN_ROWS);
 - the Hadamard kernel against the torch rotation;
-- the Viterbi kernel's tiles per second against the torch encoder.
+- the Viterbi kernel's tiles per second against the torch encoder;
+- end to end: batch-1 decode tokens/s of a Llama-3-8B-shaped model at 2 bits against the same
+  model with 16-bit weights.
 
 Timing uses CUDA events around CUDA-graph replays of many calls (so that Python's launch overhead
 is not what is measured), after a warm-up, taking the median of repeats. Each call reads another
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from trellis_runtime.kernel_linear import KernelBackend
-from trellis_runtime.kernel_suite import random_weight
+from trellis_runtime.kernel_suite import random_checkpoint, random_weight
 from trellis_runtime.trellis import TrellisSpec
 
 # Llama-3-8B's linear shapes (out, in): q/o, k/v, gate/up, down.
@@ -204,6 +206,87 @@ def viterbi_rows(device: torch.device, batches=(512, 2048)) -> list[dict]:
     return rows
 
 
+# Llama-3-8B's shape; the weights are random (any bitstream is a valid trellis code).
+LLAMA3_8B_CONFIG = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                    "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+                    "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+class _Dense(torch.nn.Module):
+    """A 16-bit dense weight in place of a TrellisLinear backend: the unquantized baseline."""
+
+    def __init__(self, out_features: int, in_features: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = torch.randn(out_features, in_features, device=device, dtype=dtype) * 0.02
+        self.decoded_bytes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def decode_tokens_per_second(model, steps: int, graphs: bool, prompt: int = 16,
+                             max_seq_len: int = 512) -> float:
+    """Greedy batch-1 decode speed after a `prompt`-token prefill: each token is sampled on the
+    device and read back to feed the next step, as the engine does. The first pass warms up
+    (compiles, captures the graphs); the second, over the same positions, is timed."""
+    import time
+
+    from trellis_runtime.cuda_graphs import DecodeGraphs
+
+    device = model.embed_tokens.device
+    cache = model.new_cache(1, max_seq_len)
+    slot = cache.allocate()
+    steps_runner = DecodeGraphs(model, cache, max_batch=1) if graphs else None
+    prompt_ids = torch.randint(0, model.shape.vocab, (prompt,), device=device)
+    positions = torch.arange(prompt, device=device)
+    elapsed = 0.0
+    for _ in range(2):
+        logits = model(prompt_ids, positions, torch.full((prompt,), slot, device=device), cache,
+                       logits_for=torch.tensor([prompt - 1], device=device))
+        token = int(logits[0].argmax())
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for position in range(prompt, prompt + steps):
+            if steps_runner is not None:
+                logits = steps_runner.run([token], [position], [slot])
+            else:
+                logits = model(torch.tensor([token], device=device),
+                               torch.tensor([position], device=device),
+                               torch.tensor([slot], device=device), cache)
+            token = int(logits[0].argmax())
+        elapsed = time.perf_counter() - start
+    return steps / elapsed
+
+
+def e2e_rows(device: torch.device, steps: int = 128) -> list[dict]:
+    """Batch-1 decode tokens/s of a Llama-3-8B-shaped model at 2 bits (L=16 hyb, random codes)
+    against the same model with 16-bit dense linears (bfloat16, the runtime's CUDA dtype), both
+    replaying CUDA graphs; plus both without graphs, to show what the graphs buy."""
+    from trellis_runtime.linear import TrellisLinear
+    from trellis_runtime.model import TrellisLlama
+
+    spec = TrellisSpec(16, 2, 2, "hyb")
+    model = TrellisLlama.from_checkpoint(random_checkpoint(LLAMA3_8B_CONFIG, spec, device), device)
+    linears = [m for m in model.modules() if isinstance(m, TrellisLinear)]
+    backends = {type(m.backend).__name__ for m in linears}
+    quantized = decode_tokens_per_second(model, steps, graphs=True)
+    quantized_eager = decode_tokens_per_second(model, 16, graphs=False)
+    for m in linears:  # the same model, every projection a dense 16-bit matrix
+        m.backend = _Dense(m.out_features, m.in_features, device, model.embed_tokens.dtype)
+    torch.cuda.empty_cache()
+    dense = decode_tokens_per_second(model, steps, graphs=True)
+    dense_eager = decode_tokens_per_second(model, 16, graphs=False)
+    case = "Llama-3-8B shape, batch 1, 16-token prompt"
+    return [{"kernel": "e2e", "case": f"{case}, CUDA graphs, {steps} tokens",
+             "quantized_tokens_per_s": quantized, "bf16_tokens_per_s": dense,
+             "speedup": quantized / dense, "backend": ",".join(sorted(backends))},
+            {"kernel": "e2e", "case": f"{case}, eager, 16 tokens",
+             "quantized_tokens_per_s": quantized_eager, "bf16_tokens_per_s": dense_eager,
+             "speedup": quantized_eager / dense_eager}]
+
+
 def gpu_rows(device: torch.device) -> list[dict]:
     """Every timing of this module, with the copy bandwidth they are compared to."""
     timer = GraphTimer()
@@ -213,6 +296,7 @@ def gpu_rows(device: torch.device) -> list[dict]:
     rows += large_batch_rows(device, timer)
     rows += hadamard_rows(device, timer)
     rows += viterbi_rows(device)
+    rows += e2e_rows(device)
     return rows
 
 

@@ -11,6 +11,7 @@ the output's scale, so outputs that happen to be near zero do not blow it up.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +54,33 @@ def random_weight(spec: TrellisSpec, out_features: int, in_features: int, seed: 
         input_signs=signs(in_features, 1).to(device), output_signs=signs(out_features, 2).to(device),
         scale=torch.tensor([scale], dtype=torch.float32, device=device),
         table=None if table is None else table.to(device))
+
+
+def random_checkpoint(config: dict, spec: TrellisSpec, device: torch.device, seed: int = 0):
+    """An in-memory Checkpoint of the config's shape with random codes, signs and dense tensors,
+    generated on `device` (an 8B model's codes would take minutes to draw on a CPU)."""
+    from trellis_runtime.architecture import LlamaShape
+    from trellis_runtime.checkpoint import DENSE_DTYPE, Checkpoint
+
+    shape = LlamaShape.from_config(config)
+    gen = torch.Generator(device).manual_seed(seed)
+    table_dims = table_shape(spec)
+    table = (None if table_dims is None
+             else torch.randn(table_dims, device=device, generator=gen).half())
+
+    def signs(n: int) -> torch.Tensor:
+        return (1 - 2 * torch.randint(0, 2, (n,), device=device, generator=gen)).to(torch.int8)
+
+    quantized = {}
+    for name, (out, inp) in shape.all_linear_shapes().items():
+        codes = torch.randint(-2**31, 2**31 - 1, (out // 16, inp // 16, spec.words_per_tile),
+                              dtype=torch.int32, device=device, generator=gen)
+        scale = torch.tensor([1.0 / math.sqrt(inp)], device=device)  # keeps activations bounded
+        quantized[name] = QuantizedWeight(spec, codes, signs(inp), signs(out), scale, table)
+    dense = {name: (torch.ones(dims, device=device, dtype=DENSE_DTYPE) if len(dims) == 1 else
+                    torch.randn(dims, device=device, generator=gen).to(DENSE_DTYPE) * 0.02)
+             for name, dims in shape.dense_shapes().items()}
+    return Checkpoint(config=config, trellis={}, spec=spec, quantized=quantized, dense=dense)
 
 
 def max_rel_err(got: torch.Tensor, reference: torch.Tensor) -> float:
@@ -147,6 +175,34 @@ def _viterbi_case(spec: str, length: int, constrained: bool, seed: int,
     return max_rel_err(path_error(x, path, values), path_error(x, reference, values))
 
 
+SMALL_LLAMA_CONFIG = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768,
+                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                      "vocab_size": 512, "max_position_embeddings": 1024, "rope_theta": 10000.0,
+                      "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def _graphs_case(device: torch.device) -> float:
+    """A decode step of three sequences (padded to a batch of 4, one past the first context
+    bucket) through DecodeGraphs against the model's ordinary forward: replayed CUDA graphs on a
+    GPU, the same static step run eagerly elsewhere."""
+    from trellis_runtime.cuda_graphs import DecodeGraphs
+    from trellis_runtime.model import TrellisLlama
+
+    spec = TrellisSpec(16, 2, 2, "hyb")
+    model = TrellisLlama.from_checkpoint(random_checkpoint(SMALL_LLAMA_CONFIG, spec, device), device)
+    cache = model.new_cache(max_slots=4, max_seq_len=256)
+    gen = torch.Generator().manual_seed(0)
+    slots, lengths = [cache.allocate() for _ in range(3)], [5, 130, 9]
+    for slot, length in zip(slots, lengths):
+        prompt = torch.randint(0, 512, (length,), generator=gen).to(device)
+        model(prompt, torch.arange(length, device=device),
+              torch.full((length,), slot, device=device), cache)
+    tokens = [7, 300, 11]
+    got = DecodeGraphs(model, cache, max_batch=4).run(tokens, lengths, slots).clone()
+    expected = model(*(torch.tensor(v, device=device) for v in (tokens, lengths, slots)), cache)
+    return max_rel_err(got, expected)
+
+
 def _cases() -> list[Case]:
     cases: list[Case] = []
     for i, (spec, shape) in enumerate([("16,2,2,hyb", (48, 80)), ("16,3,1,3inst", (32, 48)),
@@ -202,12 +258,28 @@ def _cases() -> list[Case]:
         cases.append(Case("viterbi", f"{spec} T={length} {'tail-biting' if constrained else 'free'}",
                           1e-5, lambda dev, s=spec, n=length, c=constrained, i=i:
                           _viterbi_case(s, n, c, 40 + i, dev)))
+    cases.append(Case("cuda_graphs", "2-layer hyb model, decode step of 3 sequences", 1e-2,
+                      _graphs_case))
     return cases
 
 
+def _gpu_cases() -> list[Case]:
+    """bfloat16 tl.dot: Triton's interpreter computes it wrongly, so only the GPU checks it."""
+    return [Case(kernel, f"{spec} {shape[0]}x{shape[1]} rows={rows} bfloat16", 1e-2,
+                 lambda dev, k=kernel, s=spec, sh=shape, r=rows, b=blocks:
+                 _matmul_case(k, s, sh, r, torch.bfloat16, 50, dev, **b))
+            for kernel, spec, shape, rows, blocks in [
+                ("gemv", "16,2,2,hyb", (64, 128), 16, dict(splits=2, block_rows=32, block_tiles=4)),
+                ("gemv", "16,3,1,3inst", (48, 80), 4, dict(splits=1, block_rows=64, block_tiles=8)),
+                ("gemm", "16,2,2,hyb", (48, 80), 40, dict(block_m=32, block_rows=32, block_tiles=8)),
+            ]]
+
+
 CASES = _cases()
+GPU_CASES = _gpu_cases()
 
 
 def run_suite(device: str | torch.device = "cpu") -> list[dict]:
-    """Run every case on `device`: rows of kernel, case and max_rel_err."""
-    return [{"kernel": c.kernel, "case": c.name, "max_rel_err": c.run(device)} for c in CASES]
+    """Run every case on `device` (on CUDA also GPU_CASES): rows of kernel, case and max_rel_err."""
+    cases = CASES + (GPU_CASES if torch.device(device).type == "cuda" else [])
+    return [{"kernel": c.kernel, "case": c.name, "max_rel_err": c.run(device)} for c in cases]

@@ -1,0 +1,91 @@
+"""Kernel correctness and speed on a GPU, recorded in benchmarks/results/kernels_gpu.json.
+
+    python benchmarks/kernels_gpu.py [--out FILE]
+
+Run from the repository root on a CUDA machine (about 5 minutes on an H200, most of it compiling
+kernels and building an 8B-shaped model). Sections run in order: the correctness suite compiled
+for the GPU, then the timings of trellis_runtime/kernel_bench.py (copy bandwidth, GEMV on
+Llama-3-8B shapes at K=2,3,4 against float16, large batches, Hadamard, Viterbi, end-to-end decode).
+Each section is timed and guarded: a failure is recorded with its error and the next one runs, and
+the results file is rewritten after every section, so a run cut short still leaves what it
+measured. The file records the date, GPU, torch and triton versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
+
+RESULTS = Path(__file__).resolve().parent / "results" / "kernels_gpu.json"
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(device)
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": props.name, "multiprocessors": props.multi_processor_count,
+            "l2_bytes": props.L2_cache_size, "memory_bytes": props.total_memory,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("kernels_gpu: error: needs a CUDA device", file=sys.stderr)
+        return 2
+    from trellis_runtime import kernel_bench as bench
+    from trellis_runtime.kernel_suite import run_suite
+
+    device = torch.device("cuda")
+    timer = bench.GraphTimer()
+    record = {"environment": environment(device), "sections": {}}
+    bandwidth = {}
+
+    def copy() -> list[dict]:
+        bandwidth["bytes_per_s"] = bench.copy_bandwidth(device, timer)
+        return [{"kernel": "copy", "case": "device-to-device 1 GiB",
+                 "GBps": bandwidth["bytes_per_s"] / 1e9}]
+
+    sections = [
+        ("suite", lambda: run_suite(device)),
+        ("copy", copy),
+        ("gemv", lambda: bench.gemv_rows(device, timer, bandwidth["bytes_per_s"])),
+        ("large_batch", lambda: bench.large_batch_rows(device, timer)),
+        ("hadamard", lambda: bench.hadamard_rows(device, timer)),
+        ("viterbi", lambda: bench.viterbi_rows(device)),
+        ("e2e", lambda: bench.e2e_rows(device)),
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, run in sections:
+        start = time.perf_counter()
+        try:
+            section = {"rows": run()}
+        except Exception as error:  # record it and go on: later sections may still work
+            section = {"error": f"{type(error).__name__}: {error}",
+                       "traceback": traceback.format_exc(limit=8)}
+        section["seconds"] = round(time.perf_counter() - start, 1)
+        record["sections"][name] = section
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"== {name} ({section['seconds']} s)", flush=True)
+        if "error" in section:
+            print(section["traceback"], flush=True)
+        for row in section.get("rows", []):
+            print(bench.format_row(row), flush=True)
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
