@@ -38,6 +38,36 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
 
 
+def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
+    """The GEMV kernel alone over a few block shapes, K=2, to tune the defaults on this GPU."""
+    from kernels.hadamard import rotate_rows
+    from kernels.matmul import gemv_partials
+    from trellis_runtime.kernel_bench import _weights
+    from trellis_runtime.trellis import TrellisSpec
+
+    rows = []
+    for shape in ((4096, 4096), (14336, 4096)):
+        backends = _weights(TrellisSpec(16, 2, 2, "hyb"), shape, device, seed=2)
+        packed = backends[0].codes.numel() * 4
+        for batch, configs in ((1, [(64, 4, 4), (128, 2, 4), (256, 1, 4), (64, 8, 4),
+                                    (128, 4, 8), (256, 2, 8)]),
+                               (16, [(64, 4, 4), (32, 8, 4), (128, 2, 4), (64, 4, 8)])):
+            x = torch.randn(batch, shape[1], device=device)
+            rotated = rotate_rows(x, backends[0].input_signs, backends[0].small_in,
+                                  torch.float32 if batch == 1 else torch.float16)
+            for block_rows, block_tiles, warps in configs:
+                seconds = timer(lambda i: gemv_partials(
+                    rotated, backends[i].codes, backends[i].code, block_rows=block_rows,
+                    block_tiles=block_tiles, num_warps=warps), len(backends))
+                rows.append({"kernel": "gemv_config",
+                             "case": f"{shape[0]}x{shape[1]} K=2 rows={batch} "
+                                     f"block_rows={block_rows} block_tiles={block_tiles} "
+                                     f"warps={warps}",
+                             "kernel_us": seconds * 1e6,
+                             "copy_fraction": packed / seconds / bandwidth})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
@@ -62,6 +92,7 @@ def main() -> int:
         ("suite", lambda: run_suite(device)),
         ("copy", copy),
         ("gemv", lambda: bench.gemv_rows(device, timer, bandwidth["bytes_per_s"])),
+        ("gemv_configs", lambda: gemv_configs(device, timer, bandwidth["bytes_per_s"])),
         ("large_batch", lambda: bench.large_batch_rows(device, timer)),
         ("hadamard", lambda: bench.hadamard_rows(device, timer)),
         ("viterbi", lambda: bench.viterbi_rows(device)),
