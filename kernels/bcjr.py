@@ -1,0 +1,277 @@
+"""BCJR on the bitshift trellis: posterior-mean reconstruction and its analytic gradient, per chunk.
+
+Pure functions over tensors and integers (this package imports nothing of the project). A chain is
+x (B, N, V): B independent sequences of N steps of V observations. State s has L bits; step t moves
+to ((s << KV) | c) mod 2^L, so every state has F = 2^KV predecessors and successors. The measure is
+P(s_0..s_{N-1}) ∝ prod_t exp(l_t(s_t)) over legal paths with free ends, where
+
+    l_t(s) = (2 <c_s, x_t> - |c_s|^2) / T
+
+is -|c_s - x_t|^2 / T up to a per-step constant that cancels. The output at steps [start, stop) is
+the posterior mean sum_s P_t(s) c_s. A caller builds other boundaries from chains (tail-biting is a
+free chain padded with wrap-around warm-up steps; see qat/soft_trellis.py).
+
+Group messages. Write s = F*h + c (h = s >> KV: the predecessor group; its members' predecessors
+are j*G + h, j < F, with G = 2^(L-KV)). Then
+
+    alpha_t(s) = l_t(s) + m_t[s >> KV],   m_{t+1}[h] = LSE_j alpha_t(j*G + h)
+    beta_t(s)  = g_t[s mod G],            g_{t-1}[h] = LSE_c (l_t + beta_t)(F*h + c)
+
+so forward and backward messages are G-sized per step: only m and g (and, in the backward, two
+more G-sized messages) are ever stored, while l_t is recomputed from the codebook when needed. Each
+step is one max-subtracted log-sum-exp per group: O(2^L) work. Messages are re-centred every step
+(any per-step constant cancels), so fp32 never sees the huge magnitudes of unnormalised alphas.
+
+Marginals come out of the beta step without extra exponentials: with e = exp(y - max_group) the
+exponentials of y = l_t + beta_t taken for g_{t-1}, P_t(F*h + c) = e(F*h + c) * exp(max[h] + m_t[h]
+- Lambda_t), Lambda_t = LSE_h (m_t[h] + g_{t-1}[h]).
+
+Backward. With f_t(s) = <grad_t, c_s - out_t> (centred, so the sums below stay small), the
+gradient of the loss w.r.t. l_t(s) is P_t(s) * (E[F | s_t = s] - E[F]) for F = sum_t f_t(s_t).
+By the Markov property that conditional expectation splits into a past part phi and a future part
+psi, each with a group message of its own:
+
+    phi_t(s) = f_t(s) + Phi_t[s >> KV],  Phi_{t+1}[h] = sum_j r(j*G+h) phi_t(j*G+h)
+    psi_t(s) = Psi_t[s mod G],           Psi_{t-1}[h] = sum_c q(F*h+c) (f_t + psi_t)(F*h+c)
+
+with r, q the within-group softmax weights of the alpha and beta steps. Then dl_t = P_t (phi_t +
+psi_t), dx_t = (2/T) sum_s dl_t(s) c_s, and the codebook gets sum_t P_t grad_t + (2/T) dl_t (x_t -
+c_s). This equals (2/T) Cov(c_t, c_u) applied to the incoming gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check(x: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
+           temperature: float, start: int, stop: int) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"bcjr: x must be (chains, steps, V), got shape {tuple(x.shape)}")
+    if not 0 < step_bits < state_bits:
+        raise ValueError(f"bcjr: need 0 < KV < L, got KV={step_bits} L={state_bits}")
+    if tuple(values.shape) != (1 << state_bits, x.shape[2]):
+        raise ValueError(f"bcjr: values must be ({1 << state_bits}, {x.shape[2]}), got "
+                         f"{tuple(values.shape)}")
+    if x.dtype != values.dtype or x.device != values.device:
+        raise ValueError("bcjr: x and values must share dtype and device")
+    if not temperature > 0:
+        raise ValueError(f"bcjr: temperature must be positive, got {temperature}")
+    if not 0 <= start < stop <= x.shape[1]:
+        raise ValueError(f"bcjr: emitted steps [{start}, {stop}) outside the chain of "
+                         f"{x.shape[1]} steps")
+
+
+def bit_reverse(index: torch.Tensor, width: int) -> torch.Tensor:
+    """index with its low `width` bits in reverse order."""
+    out = torch.zeros_like(index)
+    for bit in range(width):
+        out |= ((index >> bit) & 1) << (width - 1 - bit)
+    return out
+
+
+class _Trellis:
+    """Per-call constants: the costs l_t = bias + x_t @ weight in two state orders.
+
+    The alpha step reduces over a predecessor group {j*G + h}: a middle dimension of the (B, F, G)
+    view, and adds m[s >> KV] over the last dimension of (B, G, F). The beta step's groups
+    {F*h + c} would be the last dimension, which torch reduces several times slower, so the beta
+    passes index states bit-reversed (r = rev_L(s)): reversed time on reversed bits is again a
+    shift trellis, its groups become middle dimensions, and its message g_t[s mod G] lands at
+    r >> KV. Group messages in that order are permuted by rev_{L-KV} (G-sized gathers).
+    """
+
+    def __init__(self, values: torch.Tensor, state_bits: int, step_bits: int,
+                 temperature: float) -> None:
+        self.S, self.G, self.F = 1 << state_bits, 1 << (state_bits - step_bits), 1 << step_bits
+        self.floor = log_floor(values.dtype)
+        self.scale = 2.0 / temperature
+        states = torch.arange(self.S, device=values.device)
+        self.reverse_states = bit_reverse(states, state_bits)
+        self.reverse_groups = bit_reverse(states[:self.G], state_bits - step_bits)
+        self.values = values
+        self.values_rev = values[self.reverse_states]
+        # (S, V) operands of (B, S) @ (S, V) products, stored transposed: torch is faster that way.
+        self.values_t = values.t().contiguous()
+        self.values_rev_t = self.values_rev.t().contiguous()
+        self.weight = (values * self.scale).t().contiguous()  # (V, S)
+        self.bias = values.pow(2).sum(1) * (-1.0 / temperature)  # (S,)
+        self.weight_rev = self.weight[:, self.reverse_states].contiguous()
+        self.bias_rev = self.bias[self.reverse_states]
+
+    def costs(self, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x_t, self.weight, out=out)
+
+    def costs_rev(self, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias_rev, x_t, self.weight_rev, out=out)
+
+
+def _centre(msg: torch.Tensor) -> torch.Tensor:
+    return msg.sub_(msg.amax(1, keepdim=True))
+
+
+def _log_norm(u: torch.Tensor) -> torch.Tensor:
+    """LSE over dim 1, keeping it (torch.logsumexp is slow on these small shapes)."""
+    top = u.amax(1, keepdim=True)
+    return torch.exp(u - top).sum(1, keepdim=True).log_().add_(top)
+
+
+def log_floor(dtype: torch.dtype) -> float:
+    """Lowest exponent we evaluate: exp(-C) with C a third of the normal range's log.
+
+    Exponentials below it are raised to it. Products of up to three such factors (a within-group
+    weight, a group factor, a gradient term) then stay normal numbers: denormals and exp's
+    underflow path are each tens of times slower on CPU. The mass added is at most
+    2^L * exp(-C) relative (5e-10 at L=12 in float32), below float32 resolution.
+    """
+    return math.log(torch.finfo(dtype).tiny) / 3
+
+
+def _power_of_two_scale(t: torch.Tensor) -> float:
+    """2^k with 2^k * max|t| in [0.5, 1), or 1 for an all-zero t."""
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    return 1.0 if peak == 0.0 or not math.isfinite(peak) else 2.0 ** -math.frexp(peak)[1]
+
+
+def _group_lse_(view: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-subtracted LSE over dim 1 of a (B, F, G) view, leaving the weights exp(v - max) in it.
+
+    Returns (max, sum of weights); the LSE is max + log(sum).
+    """
+    top = view.amax(1)
+    view.sub_(top.unsqueeze(1)).clamp_min_(floor).exp_()
+    return top, view.sum(1)
+
+
+def _centred_scores(grad_t: torch.Tensor, out_t: torch.Tensor, values_t: torch.Tensor,
+                    into: torch.Tensor) -> torch.Tensor:
+    """f_t(s) = <grad_t, c_s - out_t> for every state (B, S); values_t (V, S) in any state order."""
+    centre = (grad_t * out_t).sum(1, keepdim=True)
+    return torch.addmm(centre, grad_t, values_t, beta=-1.0, out=into)
+
+
+def _alpha_pass(xs: torch.Tensor, tr: _Trellis, stop: int, grad: torch.Tensor | None = None,
+                outs: torch.Tensor | None = None, start: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """m_t for t < stop, (stop, B, G); with grad, also Phi_t (module doc), same shape.
+
+    xs is the chain time-major (N, B, V); grad and outs are time-major over the emitted steps.
+    """
+    B = xs.shape[1]
+    S, G, F = tr.S, tr.G, tr.F
+    m = xs.new_zeros(stop, B, G)
+    phi_msg = xs.new_zeros(stop, B, G) if grad is not None else None
+    buf = xs.new_empty(B, S)
+    phi = xs.new_empty(B, S) if grad is not None else None
+    for t in range(stop - 1):
+        tr.costs(xs[t], buf).view(B, G, F).add_(m[t].unsqueeze(2))
+        weights = buf.view(B, F, G)
+        top, total = _group_lse_(weights, tr.floor)
+        _centre(torch.log(total, out=m[t + 1]).add_(top))
+        if grad is None or t < start:
+            continue  # no score before the first emitted step: Phi stays zero
+        k = t - start
+        if k < grad.shape[0]:  # phi_t = f_t + Phi_t[s >> KV]
+            _centred_scores(grad[k], outs[k], tr.values_t, phi).view(B, G, F).add_(
+                phi_msg[t].unsqueeze(2))
+        else:
+            phi.view(B, G, F).copy_(phi_msg[t].unsqueeze(2).expand(B, G, F))
+        torch.sum(phi.view(B, F, G).mul_(weights), 1, out=phi_msg[t + 1]).div_(total)
+    return m, phi_msg
+
+
+def forward_reference(x: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
+                      temperature: float, start: int = 0, stop: int | None = None,
+                      entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Posterior means (B, stop-start, V) of chains x (B, N, V); optionally marginal entropies.
+
+    The entropy (B, stop-start) is -sum_s P_t(s) log P_t(s) in nats, a diagnostic of how hard the
+    soft trellis has become.
+    """
+    stop = x.shape[1] if stop is None else stop
+    _check(x, values, state_bits, step_bits, temperature, start, stop)
+    B, N, V = x.shape
+    tr = _Trellis(values, state_bits, step_bits, temperature)
+    xs = x.permute(1, 0, 2).contiguous()
+    m, _ = _alpha_pass(xs, tr, stop)
+    m = m.index_select(2, tr.reverse_groups)  # into the beta passes' group order
+    out = x.new_empty(stop - start, B, V)
+    ent = x.new_empty(stop - start, B) if entropy else None
+    g = x.new_zeros(B, tr.G)  # g_t in bit-reversed group order
+    buf = x.new_empty(B, tr.S)
+    for t in range(N - 1, start - 1, -1):
+        tr.costs_rev(xs[t], buf).view(B, tr.G, tr.F).add_(g.unsqueeze(2))
+        weights = buf.view(B, tr.F, tr.G)
+        top, total = _group_lse_(weights, tr.floor)
+        g = total.log_().add_(top)
+        if t < stop:  # P_t = weights * exp(top + m_t - Lambda_t)
+            norm = _log_norm(m[t] + g)
+            factor = torch.add(m[t], top).sub_(norm).clamp_min_(tr.floor).exp_()
+            weights.mul_(factor.unsqueeze(1))
+            torch.mm(buf, tr.values_rev_t.t(), out=out[t - start])
+            if ent is not None:
+                ent[t - start] = -torch.xlogy(buf, buf).sum(1)
+        _centre(g)
+    return out.permute(1, 0, 2), None if ent is None else ent.t()
+
+
+def backward_reference(x: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
+                       grad_out: torch.Tensor, state_bits: int, step_bits: int,
+                       temperature: float, start: int = 0, values_grad: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients (dx (B, N, V), dvalues (S, V) or None) of <grad_out, forward(x)>.
+
+    `out` is forward_reference's output for the same arguments (B, E, V) and grad_out matches it;
+    the emitted steps are [start, start + E). Recomputes the messages instead of storing them.
+    """
+    E = out.shape[1]
+    _check(x, values, state_bits, step_bits, temperature, start, start + E)
+    B, N, V = x.shape
+    tr = _Trellis(values, state_bits, step_bits, temperature)
+    S, G, F = tr.S, tr.G, tr.F
+    xs = x.permute(1, 0, 2).contiguous()
+    # A power-of-two rescale of the incoming gradient keeps the products below in the normal range
+    # whatever the loss's scale; it is undone exactly at the end.
+    grad_scale = _power_of_two_scale(grad_out)
+    grad = (grad_out.permute(1, 0, 2) * grad_scale).contiguous()
+    outs = out.permute(1, 0, 2).contiguous()
+    m, phi_msg = _alpha_pass(xs, tr, N, grad, outs, start)
+    m, phi_msg = m.index_select(2, tr.reverse_groups), phi_msg.index_select(2, tr.reverse_groups)
+    dx = x.new_empty(N, B, V)
+    dvalues = values.new_zeros(S, V) if values_grad else None  # bit-reversed state order
+    dl_total = values.new_zeros(S) if values_grad else None
+    g = x.new_zeros(B, G)  # g_t and Psi_t in bit-reversed group order
+    psi_msg = x.new_zeros(B, G)
+    buf = x.new_empty(B, S)
+    work = x.new_empty(B, S)
+    for t in range(N - 1, -1, -1):
+        tr.costs_rev(xs[t], buf).view(B, G, F).add_(g.unsqueeze(2))
+        weights = buf.view(B, F, G)
+        top, total = _group_lse_(weights, tr.floor)
+        g = total.log().add_(top)
+        norm = _log_norm(m[t] + g)
+        factor = torch.add(m[t], top).sub_(norm).clamp_min_(tr.floor).exp_().unsqueeze(1)
+        k = t - start
+        if 0 <= k < E:  # work = f_t + psi_t
+            _centred_scores(grad[k], outs[k], tr.values_rev_t, work).view(B, G, F).add_(
+                psi_msg.unsqueeze(2))
+        else:
+            work.view(B, G, F).copy_(psi_msg.unsqueeze(2).expand(B, G, F))
+        w = work.view(B, F, G).mul_(weights)
+        psi_msg = w.sum(1).div_(total)
+        # dl_t = P_t (phi_t + psi_t) = factor * (weights * (f_t + psi_t) + weights * Phi_t)
+        w.addcmul_(weights, phi_msg[t].unsqueeze(1)).mul_(factor)
+        torch.mm(work, tr.values_rev_t.t(), out=dx[t]).mul_(tr.scale)
+        if dvalues is not None:
+            dvalues.addmm_(work.t(), xs[t], alpha=tr.scale)
+            dl_total.add_(work.sum(0))
+            if 0 <= k < E:
+                dvalues.addmm_(weights.mul_(factor).view(B, S).t(), grad[k])
+        _centre(g)
+    dx = dx.permute(1, 0, 2).div_(grad_scale)
+    if dvalues is None:
+        return dx, None
+    dvalues.sub_(tr.values_rev * dl_total.unsqueeze(1) * tr.scale).div_(grad_scale)
+    return dx, dvalues[tr.reverse_states]

@@ -1,0 +1,170 @@
+"""The soft trellis: BCJR posterior-mean reconstruction of tiles at temperature T, differentiable.
+
+soft_reconstruct replaces each tile's hard Viterbi codeword by its expectation under the Boltzmann
+measure P(path) ∝ exp(-|x - c(path)|^2 / T) over trellis paths. As T -> 0 it becomes the Viterbi
+reconstruction; at finite T its gradient is (2/T) Cov_P(c_t, c_u) times the incoming gradient, which
+couples every weight of a tile to its neighbours along the chain (the point of BCJR-QAT).
+
+Boundaries.
+- "free": uniform start and end states, the measure whose mode `trellis_runtime.viterbi.viterbi`
+  finds without `overlap`.
+- "tail_biting": the trellis is a circle (the last state's low L-KV bits are the first state's high
+  bits), as in our checkpoints. The exact cyclic measure needs one constrained run per value of the
+  L-KV shared bits (2^(L-KV) times the work). We use circular BCJR with a wrap-around warm-up
+  instead: the tile is unrolled into a free chain [last W steps | tile | first W steps] and the
+  marginals of the middle copy are reported. The forward messages thus enter step 0 having already
+  run over the end of the tile, and the backward messages leave step N-1 having run over its start,
+  which is what the circle imposes. Because this is an honest Boltzmann measure on the unrolled
+  chain, the gradient below is its exact gradient (warm-up copies of a weight add their share).
+  The error against the exact cyclic measure decays geometrically with W; the default W (a quarter
+  of the tile, 32 steps at V=2, ten times the state memory L/KV at L=12) is measured against
+  brute-force enumeration in tests/test_soft_trellis.py.
+
+Memory stays bounded: tiles run in chunks (chunk_tiles, or chosen from a budget), the forward keeps
+only the output, and the backward recomputes each chunk's messages (kernels/bcjr.py stores only
+group-sized messages per step, never (tiles, steps, 2^L)). The per-chunk work runs either in plain
+torch (any device) or in the fused Triton kernels (CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import bcjr
+from trellis_runtime.trellis import TrellisSpec
+
+BOUNDARIES = ("free", "tail_biting")
+BACKENDS = ("auto", "torch")
+# Working set per chunk on CPU: one (tiles, 2^L) step buffer near the size that stays in L2 cache.
+CPU_STEP_ELEMENTS = 1 << 18
+# On a GPU the chunk is bounded by the stored group messages and two (tiles, 2^L) step buffers.
+CUDA_CHUNK_BYTES = 2 << 30
+
+
+def warmup_steps(steps: int) -> int:
+    """Wrap-around warm-up per side for tail-biting chains of `steps` steps (see module doc)."""
+    return max(1, steps // 4)
+
+
+def chunk_tiles_for(spec: TrellisSpec, chain_steps: int, device: torch.device) -> int:
+    """Tiles per chunk: cache-sized step buffers on CPU, a memory budget on CUDA."""
+    if device.type == "cuda":
+        per_tile = (2 * chain_steps * spec.num_groups + 4 * spec.num_states) * 4
+        return max(1, CUDA_CHUNK_BYTES // per_tile)
+    return max(1, CPU_STEP_ELEMENTS // spec.num_states)
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    return False
+
+
+class _Chains(torch.autograd.Function):
+    """Posterior means of free chains, chunk by chunk, with the analytic backward."""
+
+    @staticmethod
+    def forward(ctx, chains: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
+                temperature: float, start: int, stop: int, chunk: int, triton: bool
+                ) -> torch.Tensor:
+        forward_fn = bcjr.forward_triton if triton else bcjr.forward_reference
+        out = chains.new_empty(chains.shape[0], stop - start, chains.shape[2])
+        for i in range(0, chains.shape[0], chunk):
+            out[i:i + chunk] = forward_fn(chains[i:i + chunk], values, state_bits, step_bits,
+                                          temperature, start, stop)[0]
+        ctx.save_for_backward(chains, values, out)
+        ctx.args = (state_bits, step_bits, temperature, start, chunk, triton)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        chains, values, out = ctx.saved_tensors
+        state_bits, step_bits, temperature, start, chunk, triton = ctx.args
+        backward_fn = bcjr.backward_triton if triton else bcjr.backward_reference
+        values_grad = ctx.needs_input_grad[1]
+        grad_out = grad_out.contiguous()
+        dchains = torch.empty_like(chains)
+        dvalues = torch.zeros_like(values) if values_grad else None
+        for i in range(0, chains.shape[0], chunk):
+            dx, dv = backward_fn(chains[i:i + chunk], values, out[i:i + chunk],
+                                 grad_out[i:i + chunk], state_bits, step_bits, temperature,
+                                 start, values_grad)
+            dchains[i:i + chunk] = dx
+            if dvalues is not None:
+                dvalues += dv
+        return dchains, dvalues, None, None, None, None, None, None, None
+
+
+def _validate(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, temperature: float,
+              boundary: str, chunk_tiles: int | None) -> None:
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, not {boundary!r}")
+    if x.dim() != 2 or x.shape[1] % spec.vec:
+        raise ValueError(f"x must be (tiles, steps*V) with V={spec.vec}, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"x must be float32 (or float64 for checks), got {x.dtype}")
+    if tuple(values.shape) != (spec.num_states, spec.vec):
+        raise ValueError(f"values must be ({spec.num_states}, {spec.vec}) for {spec}, got "
+                         f"{tuple(values.shape)}")
+    if values.device != x.device:
+        raise ValueError(f"values on {values.device} but x on {x.device}")
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_tiles is not None and chunk_tiles < 1:
+        raise ValueError(f"chunk_tiles must be at least 1, got {chunk_tiles}")
+
+
+def _chains(x: torch.Tensor, spec: TrellisSpec, boundary: str, warmup: int | None
+            ) -> tuple[torch.Tensor, int, int]:
+    """The chains (tiles, steps, V) to run and the steps [start, stop) whose marginals we report."""
+    steps = x.shape[1] // spec.vec
+    seq = x.reshape(x.shape[0], steps, spec.vec)
+    if boundary == "free":
+        return seq, 0, steps
+    w = warmup_steps(steps) if warmup is None else warmup
+    if w < 1:
+        raise ValueError(f"warmup must be at least 1 step, got {w}")
+    order = torch.arange(-w, steps + w, device=x.device) % steps
+    return seq[:, order], w, w + steps
+
+
+def soft_reconstruct(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, temperature: float,
+                     boundary: str = "tail_biting", chunk_tiles: int | None = None, *,
+                     backend: str = "auto", warmup: int | None = None) -> torch.Tensor:
+    """Posterior-mean reconstruction (tiles, 256) of unit-scale tiles x (tiles, 256).
+
+    values: (2^L, V) state values (`trellis_runtime.codes.state_values`). Differentiable w.r.t. x
+    and values. boundary "free" or "tail_biting" (module doc); chunk_tiles bounds memory (chosen
+    automatically when None); backend "auto" uses the Triton kernels on CUDA and plain torch
+    elsewhere; warmup overrides the tail-biting warm-up length in steps. Computes in x's dtype
+    (float32; float64 is accepted for numerical checks on the torch backend).
+    """
+    _validate(x, values, spec, temperature, boundary, chunk_tiles)
+    values = values.to(x.dtype)
+    triton = _use_triton(backend, x)
+    chains, start, stop = _chains(x, spec, boundary, warmup)
+    chunk = chunk_tiles or chunk_tiles_for(spec, chains.shape[1], x.device)
+    if x.shape[0] == 0:
+        return x.new_empty(x.shape) + 0 * values.sum()
+    out = _Chains.apply(chains, values, spec.state_bits, spec.step_bits, float(temperature),
+                        start, stop, chunk, triton)
+    return out.reshape(x.shape)
+
+
+def posterior_entropy(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, temperature: float,
+                      boundary: str = "tail_biting", chunk_tiles: int | None = None) -> torch.Tensor:
+    """Mean marginal entropy per step (nats, a scalar): 0 when hard, L*ln 2 when uniform.
+
+    A diagnostic for temperature schedules; no gradient.
+    """
+    _validate(x, values, spec, temperature, boundary, chunk_tiles)
+    chains, start, stop = _chains(x.detach(), spec, boundary, None)
+    values = values.detach().to(x.dtype)
+    chunk = chunk_tiles or chunk_tiles_for(spec, chains.shape[1], x.device)
+    total = x.new_zeros((), dtype=torch.float64)
+    for i in range(0, chains.shape[0], chunk):
+        _, ent = bcjr.forward_reference(chains[i:i + chunk], values, spec.state_bits,
+                                        spec.step_bits, float(temperature), start, stop,
+                                        entropy=True)
+        total += ent.sum(dtype=torch.float64)
+    return (total / max(1, chains.shape[0] * (stop - start))).to(x.dtype)
