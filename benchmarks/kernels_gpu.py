@@ -68,6 +68,24 @@ def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
     return rows
 
 
+def hadamard_warps(device: torch.device, timer) -> list[dict]:
+    """The rotation kernel's latency for one row at a few warp counts."""
+    from kernels.hadamard import rotate_rows
+    from trellis_runtime.hadamard import hadamard_factors, random_signs, small_hadamard
+
+    rows = []
+    for n, warp_counts in ((4096, (2, 4, 8)), (14336, (4, 8, 16))):
+        r, _ = hadamard_factors(n)
+        small = None if r == 1 else small_hadamard(r).to(device=device, dtype=torch.float32)
+        signs = random_signs(n, 0).to(device)
+        x = torch.randn(1, n, device=device)
+        for warps in warp_counts:
+            seconds = timer(lambda i: rotate_rows(x, signs, small, num_warps=warps), 32)
+            rows.append({"kernel": "hadamard_warps", "case": f"n={n} rows=1 warps={warps}",
+                         "kernel_us": seconds * 1e6})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
@@ -85,7 +103,7 @@ def main() -> int:
 
     def copy() -> list[dict]:
         bandwidth["bytes_per_s"] = bench.copy_bandwidth(device, timer)
-        return [{"kernel": "copy", "case": "device-to-device 1 GiB",
+        return [{"kernel": "copy", "case": "device-to-device 2 GiB",
                  "GBps": bandwidth["bytes_per_s"] / 1e9}]
 
     sections = [
@@ -95,6 +113,7 @@ def main() -> int:
         ("gemv_configs", lambda: gemv_configs(device, timer, bandwidth["bytes_per_s"])),
         ("large_batch", lambda: bench.large_batch_rows(device, timer)),
         ("hadamard", lambda: bench.hadamard_rows(device, timer)),
+        ("hadamard_warps", lambda: hadamard_warps(device, timer)),
         ("viterbi", lambda: bench.viterbi_rows(device)),
         ("e2e", lambda: bench.e2e_rows(device)),
     ]

@@ -119,7 +119,8 @@ def check_size(n: int, r: int) -> tuple[int, int, int]:
 
 
 def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
-            scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool) -> torch.Tensor:
+            scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool,
+            num_warps: int | None) -> torch.Tensor:
     n = x.shape[-1]
     r = 1 if small is None else small.shape[0]
     if small is not None and (small.dim() != 2 or small.shape[1] != r):
@@ -141,25 +142,25 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
         rows, splits, x.stride(0) if x.dim() == 3 else 0, x.stride(-2), out.stride(-2),
         small_t.stride(0), small_t.stride(-1), 1.0 / math.sqrt(n),
         R=r, D0=d0, A=a, B=b, SIGNS_FIRST=signs_first, SCALED=scale is not None,
-        num_warps=16 if d0 * a * b >= 16384 else 8 if d0 * a * b >= 4096 else 4,
+        num_warps=num_warps or (16 if d0 * a * b >= 16384 else 8 if d0 * a * b >= 4096 else 4),
     )
     return out
 
 
 def rotate_rows(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
-                out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+                num_warps: int | None = None) -> torch.Tensor:
     """H_n (signs * x) for each row of x (rows, n); `small` is H_r (float32, r x r) or None."""
     if x.dim() != 2:
         raise ValueError(f"rotate_rows takes (rows, n), got {tuple(x.shape)}")
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    return _launch(x, signs, small, None, out, signs_first=True)
+    return _launch(x, signs, small, None, out, signs_first=True, num_warps=num_warps)
 
 
 def unrotate_rows(parts: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
                   scale: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
     """signs * (H_n^T sum_k parts[k]) * scale for parts (splits, rows, n) or (rows, n).
 
     H_n^T only transposes the small factor (Sylvester's matrix is symmetric), so `small` is read
@@ -171,4 +172,4 @@ def unrotate_rows(parts: torch.Tensor, signs: torch.Tensor, small: torch.Tensor 
     if out is None:
         out = torch.empty(parts.shape[-2:], dtype=out_dtype, device=parts.device)
     return _launch(parts, signs, None if small is None else small.t(), scale, out,
-                   signs_first=False)
+                   signs_first=False, num_warps=num_warps)

@@ -238,14 +238,19 @@ def default_splits(out_features: int, col_tiles: int, block_rows: int, block_til
     return max(1, min(col_blocks, triton.cdiv(programs, triton.cdiv(out_features, block_rows))))
 
 
+# Block shapes (block_rows, block_tiles, num_warps) of the GEMV: the fastest of a sweep on an H200
+# (benchmarks/kernels_gpu.py, gemv_configs) for 4096x4096 and 14336x4096 at K=2.
+GEMV_BLOCKS = {"fma": (256, 2, 8), "dot": (128, 2, 4)}
+
+
 def gemv_partials(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
-                  splits: int | None = None, block_rows: int = 64, block_tiles: int = 4,
-                  num_warps: int = 4, num_stages: int = 2, out: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  splits: int | None = None, block_rows: int | None = None,
+                  block_tiles: int | None = None, num_warps: int | None = None,
+                  num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
     """Split-K partial products (splits, rows, out) float32 of x (rows <= 16, in) with C^T.
 
     Their sum over the first dimension is x @ C^T. A program covers `block_rows` output rows and
-    walks `block_tiles` tile columns (16 inputs each) per iteration. One row multiplies in float32
+    walks `block_tiles` tile columns (16 inputs each) per iteration (defaults: GEMV_BLOCKS). One row multiplies in float32
     (x may be float32/float16/bfloat16); more rows use tl.dot (x float16/bfloat16, rows padded to
     16, block_rows at least 16). `out` may be a preallocated contiguous
     (splits, rows, out) float32 buffer (CUDA graphs keep it static); `splits` is then fixed by it.
@@ -253,6 +258,10 @@ def gemv_partials(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
     rows = x.shape[0] if x.dim() == 2 else -1
     use_dot = rows > 1
     _check(x, codes, code, DOT_DTYPES if use_dot else FMA_DTYPES)
+    default_rows, default_tiles, default_warps = GEMV_BLOCKS["dot" if use_dot else "fma"]
+    block_rows = block_rows or default_rows
+    block_tiles = block_tiles or default_tiles
+    num_warps = num_warps or default_warps
     if not 1 <= rows <= GEMV_MAX_ROWS:
         raise ValueError(f"gemv takes 1..{GEMV_MAX_ROWS} rows, got {rows}; use gemm")
     _check_blocks("gemv", {"block_rows": block_rows}, DOT_MIN if use_dot else 2)

@@ -33,13 +33,12 @@ def test_backend_keeps_leading_dimensions_and_holds_no_dense_copy() -> None:
     assert backend.decoded_bytes == 0
 
 
-def test_shapes_the_kernels_refuse_fall_back_to_the_reference_decode() -> None:
+def test_shapes_the_kernels_refuse_are_named() -> None:
     """in=96 is 12 x 8: the Hadamard kernel needs a power-of-two part of at least 16."""
     weight = random_weight(TrellisSpec(12, 2, 1, "1mad"), 32, 96, seed=2)
     assert "need >= 16" in kernel_support_error(weight)
     with pytest.raises(ValueError, match="kernel backend"):
         KernelBackend(weight, torch.device("cpu"), torch.float32)
-    assert isinstance(select_backend(weight, torch.device("cpu")), DecodedBackend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -50,3 +49,24 @@ def test_cuda_selects_the_kernel_backend() -> None:
     x = torch.randn(3, 128, device="cuda", dtype=torch.bfloat16)
     reference = x.double() @ weight.dequantize().double().cuda().T
     torch.testing.assert_close(backend(x).double(), reference, rtol=2e-2, atol=2e-2)
+    refused = random_weight(TrellisSpec(12, 2, 1, "1mad"), 32, 96, seed=2)
+    assert isinstance(select_backend(refused, torch.device("cuda")), DecodedBackend)
+
+
+def test_linears_with_equal_input_signs_rotate_each_input_once() -> None:
+    """q/k/v-like siblings share one rotation; a new or modified input is rotated afresh."""
+    first = random_weight(TrellisSpec(12, 2, 1, "1mad"), 32, 64, seed=4)
+    second = random_weight(TrellisSpec(12, 2, 1, "1mad"), 16, 64, seed=5)
+    second.input_signs = first.input_signs.clone()  # equal content, another tensor
+    cpu = torch.device("cpu")
+    a, b = KernelBackend(first, cpu, torch.float32), KernelBackend(second, cpu, torch.float32)
+    assert a.rotation is b.rotation
+    x = torch.randn(1, 64)
+    a(x)
+    rotated = a.rotation._last[3]
+    b(x)
+    assert a.rotation._last[3] is rotated  # reused, not recomputed
+    x.mul_(2)  # the same tensor, modified: its version changed
+    torch.testing.assert_close(b(x).double(), x.double() @ second.dequantize().double().T,
+                               rtol=1e-5, atol=1e-5)
+    assert a.rotation._last[3] is not rotated

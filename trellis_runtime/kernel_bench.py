@@ -72,9 +72,9 @@ def copies_for(nbytes: int, device: torch.device) -> int:
     return max(2, math.ceil(L2_MULTIPLE * l2 / max(nbytes, 1)))
 
 
-def copy_bandwidth(device: torch.device, timer: GraphTimer, nbytes: int = 1 << 30) -> float:
+def copy_bandwidth(device: torch.device, timer: GraphTimer, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    source = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    source = torch.randn(nbytes // 4, device=device)
     target = torch.empty_like(source)
     seconds = timer(lambda i: target.copy_(source), 4)
     return 2 * nbytes / seconds
@@ -113,7 +113,8 @@ def gemv_rows(device: torch.device, timer: GraphTimer, copy_bytes_per_s: float,
                 rotated = rotate_rows(x, backends[0].input_signs, backends[0].small_in, inner)
                 kernel = timer(lambda i: gemv_partials(rotated, backends[i].codes,
                                                        backends[i].code), len(backends))
-                linear = timer(lambda i: backends[i](x), len(backends))
+                inputs = [x.clone() for _ in backends]  # distinct inputs: no shared rotation
+                linear = timer(lambda i: backends[i](inputs[i]), len(backends))
                 fp16 = timer(lambda i: F.linear(x16, dense[i % len(dense)]), len(dense))
                 rows.append({
                     "kernel": "gemv", "case": f"{shape[0]}x{shape[1]} K={k} rows={batch}",
@@ -140,9 +141,9 @@ def large_batch_rows(device: torch.device, timer: GraphTimer, shape=(4096, 4096)
     for batch in batches:
         x = torch.randn(batch, shape[1], device=device, dtype=torch.float16)
         fused = timer(lambda i: gemm(x, backends[i].codes, backends[i].code), len(backends))
-        decoded = timer(lambda i: F.linear(x, decode_matrix(backends[i].codes, backends[i].code,
-                                                            1.0, dtype=torch.float16)),
-                        len(backends))
+        decoded = timer(lambda i: F.linear(x, decode_matrix(
+            backends[i].codes, backends[i].code, backends[i].unit_scale, dtype=torch.float16)),
+            len(backends))
         fp16 = timer(lambda i: F.linear(x, dense[i % len(dense)]), len(dense))
         rows.append({"kernel": "gemm", "case": f"{shape[0]}x{shape[1]} K=2 rows={batch}",
                      "gemm_us": fused * 1e6, "decode_cublas_us": decoded * 1e6,
@@ -291,7 +292,7 @@ def gpu_rows(device: torch.device) -> list[dict]:
     """Every timing of this module, with the copy bandwidth they are compared to."""
     timer = GraphTimer()
     bandwidth = copy_bandwidth(device, timer)
-    rows = [{"kernel": "copy", "case": "device-to-device 1 GiB", "GBps": bandwidth / 1e9}]
+    rows = [{"kernel": "copy", "case": "device-to-device 2 GiB", "GBps": bandwidth / 1e9}]
     rows += gemv_rows(device, timer, bandwidth)
     rows += large_batch_rows(device, timer)
     rows += hadamard_rows(device, timer)

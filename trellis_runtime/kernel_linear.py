@@ -4,6 +4,7 @@ y = x W^T with W = diag(s_out) H_out^T (scale * C) H_in diag(s_in) (see quantize
 is three launches: rotate the input rows (kernels/hadamard.py), multiply by the code values C
 without materializing them (kernels/matmul.py), and rotate the result back while applying the
 scale and output signs (kernels/hadamard.py again, which also sums the GEMV's split-K partials).
+Linears that read the same input with the same signs (q/k/v, gate/up) rotate it once between them.
 Nothing but the packed codes is held in memory.
 
 The product depends on how many rows arrive:
@@ -19,6 +20,7 @@ from float16's range limits, and its 3 extra mantissa bits are free.
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,44 @@ def kernel_support_error(weight: QuantizedWeight) -> str | None:
     return None
 
 
+class InputRotation:
+    """x -> H_in (s_in * x), computed once per input for all the linears that share it.
+
+    q/k/v and gate/up read the same input with the same signs (architecture.INPUT_GROUPS), so the
+    second and third linear reuse the first one's rotated rows. The memo holds the last input by
+    identity and version: the same tensor object, unmodified, asked for the same dtype. Inside a
+    CUDA-graph capture that is the same Python-level call sequence, so the graph records one
+    rotation too.
+    """
+
+    def __init__(self, signs: torch.Tensor, small: torch.Tensor | None) -> None:
+        self.signs, self.small = signs, small
+        self._last: tuple | None = None
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        from kernels.hadamard import rotate_rows
+
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version and last[2] == dtype:
+            return last[3]
+        rotated = rotate_rows(rows, self.signs, self.small, dtype)
+        self._last = (weakref.ref(x), x._version, dtype, rotated)
+        return rotated
+
+
+# Linears whose input signs are equal share one InputRotation (weakly held: it dies with them).
+_ROTATIONS: "weakref.WeakValueDictionary[tuple, InputRotation]" = weakref.WeakValueDictionary()
+
+
+def shared_rotation(signs: torch.Tensor) -> InputRotation:
+    key = (signs.device, signs.numel(), signs.cpu().numpy().tobytes())
+    rotation = _ROTATIONS.get(key)
+    if rotation is None:
+        rotation = InputRotation(signs, _small_factor(signs.numel(), signs.device))
+        _ROTATIONS[key] = rotation
+    return rotation
+
+
 class KernelBackend(nn.Module):
     """Multiply with the Triton kernels; holds only the packed weight on the device."""
 
@@ -88,9 +128,10 @@ class KernelBackend(nn.Module):
                                  persistent=False)
         table = None if weight.table is None else weight.table.to(device).contiguous()
         self.register_buffer("table", table, persistent=False)
-        self.register_buffer("small_in", _small_factor(self.in_features, device), persistent=False)
         self.register_buffer("small_out", _small_factor(self.out_features, device),
                              persistent=False)
+        self.register_buffer("unit_scale", torch.ones(1, device=device), persistent=False)
+        self.rotation = shared_rotation(self.input_signs)
         self.code = trellis_code(QuantizedWeight(weight.spec, self.codes, self.input_signs,
                                                  self.output_signs, self.scale, self.table))
 
@@ -98,25 +139,24 @@ class KernelBackend(nn.Module):
     def decoded_bytes(self) -> int:
         return 0
 
+    @property
+    def small_in(self) -> torch.Tensor | None:
+        return self.rotation.small
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from kernels.decode import decode_matrix
-        from kernels.hadamard import rotate_rows, unrotate_rows
+        from kernels.hadamard import unrotate_rows
         from kernels.matmul import gemm, gemv_partials
 
         rows = x.reshape(-1, self.in_features)
         count = rows.shape[0]
-        if count == 1:
-            rotated = rotate_rows(rows, self.input_signs, self.small_in, torch.float32)
-            product = gemv_partials(rotated, self.codes, self.code)
-        elif count <= GEMV_MAX_ROWS:
-            rotated = rotate_rows(rows, self.input_signs, self.small_in, INNER_DTYPE)
+        rotated = self.rotation(x, rows, torch.float32 if count == 1 else INNER_DTYPE)
+        if count <= GEMV_MAX_ROWS:
             product = gemv_partials(rotated, self.codes, self.code)
         elif count < self.dense_min_rows:
-            rotated = rotate_rows(rows, self.input_signs, self.small_in, INNER_DTYPE)
             product = gemm(rotated, self.codes, self.code)
         else:
-            rotated = rotate_rows(rows, self.input_signs, self.small_in, INNER_DTYPE)
-            dense = decode_matrix(self.codes, self.code, 1.0, dtype=INNER_DTYPE)
+            dense = decode_matrix(self.codes, self.code, self.unit_scale, dtype=INNER_DTYPE)
             product = F.linear(rotated, dense)
         y = unrotate_rows(product, self.output_signs, self.small_out, self.scale, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
