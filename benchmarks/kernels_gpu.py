@@ -29,10 +29,18 @@ RESULTS = Path(__file__).resolve().parent / "results" / "kernels_gpu.json"
 
 
 def environment(device: torch.device) -> dict:
+    import subprocess
+
     import triton
 
     props = torch.cuda.get_device_properties(device)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:  # no git on the machine
+        commit = ""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit or None,
             "gpu": props.name, "multiprocessors": props.multi_processor_count,
             "l2_bytes": props.L2_cache_size, "memory_bytes": props.total_memory,
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
