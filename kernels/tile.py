@@ -27,7 +27,6 @@ import triton.language as tl
 
 TILE_ROWS = 16
 TILE_COLS = 16
-TILE_SIZE = TILE_ROWS * TILE_COLS
 TILE_DIM = tl.constexpr(16)  # the same tile side, as kernels read it (they see no plain globals)
 
 # Code ids (constexpr) and the V each code can emit.
