@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from trellis_runtime.checkpoint import load_checkpoint
+from trellis_runtime.cpu_linear import CpuKernelBackend, cpu_kernels_loaded
 from trellis_runtime.linear import DecodedBackend, TrellisLinear, compute_dtype
 
 
@@ -15,7 +16,8 @@ def test_forward_is_x_times_dequantized_transpose(tiny_checkpoint_dir: Path) -> 
     weight = load_checkpoint(tiny_checkpoint_dir).quantized["model.layers.0.mlp.down_proj"]
     linear = TrellisLinear(weight, "cpu")
     assert (linear.out_features, linear.in_features) == (64, 192)
-    assert isinstance(linear.backend, DecodedBackend)
+    # The C++ kernel for decode-sized batches where it is available (tests/test_kernels_cpu.py).
+    assert isinstance(linear.backend, CpuKernelBackend if cpu_kernels_loaded() else DecodedBackend)
     x = torch.randn(5, 192, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(linear(x), x @ weight.dequantize().T)
     assert linear(x[0]).shape == (64,)  # any leading dims, as nn.Linear

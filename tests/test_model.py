@@ -12,6 +12,7 @@ import torch
 
 from qat.sources import dense_model_from_checkpoint
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
+from trellis_runtime.cpu_linear import cpu_kernels_loaded
 from trellis_runtime.errors import SourceError
 from trellis_runtime.model import RotaryEmbedding, TrellisLlama, load_model, rope_frequencies
 
@@ -204,4 +205,6 @@ def test_load_model_logs_decoded_memory(tiny_checkpoint_dir: Path,
     weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 192 * 64)  # layers x (q, o; k, v; gate, up, down)
     assert f"14 quantized linears decoded for cpu: {weights * 4 / 2**20:.1f} MiB" in caplog.text
     assert tokenizer("hello")["input_ids"]
-    assert model.embed_tokens.dtype == torch.float32
+    assert model.dtype == torch.float32
+    # The bf16 embeddings are kept as stored where the CPU kernel multiplies by them, else widened.
+    assert model.embed_tokens.dtype == (torch.bfloat16 if cpu_kernels_loaded() else torch.float32)

@@ -51,9 +51,17 @@ class DecodedBackend(nn.Module):
 
 
 def select_backend(weight: QuantizedWeight, device: torch.device) -> nn.Module:
-    """The backend for `device`: on CUDA the Triton kernels (trellis_runtime/kernel_linear.py), which
-    read the packed codes; elsewhere, or without Triton or for shapes the kernels refuse, the torch
-    reference decode."""
+    """The backend for `device`: on CUDA the Triton kernels (trellis_runtime/kernel_linear.py), on CPU
+    the C++ kernel for decode steps (trellis_runtime/cpu_linear.py), both reading the packed codes;
+    without them, or for weights they refuse, the torch reference decode."""
+    if device.type == "cpu":
+        from trellis_runtime.cpu_linear import CpuKernelBackend, cpu_kernels_loaded
+
+        if cpu_kernels_loaded():
+            try:
+                return CpuKernelBackend(weight)
+            except ValueError:  # code values the kernel cannot hold exactly
+                pass
     if device.type == "cuda":
         from trellis_runtime.kernel_linear import (KernelBackend, kernel_support_error,
                                                    kernels_available)

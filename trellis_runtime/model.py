@@ -22,6 +22,7 @@ from torch import nn
 
 from trellis_runtime.architecture import LlamaShape
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
+from trellis_runtime.cpu_linear import bf16_product, cpu_kernels_loaded
 from trellis_runtime.errors import SourceError
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear, compute_dtype
@@ -236,9 +237,13 @@ class DecoderLayer(nn.Module):
 
 class TrellisLlama(nn.Module):
     def __init__(self, shape: LlamaShape, embed_tokens: torch.Tensor, layers: list[DecoderLayer],
-                 norm: RMSNorm, lm_head: torch.Tensor, rotary: RotaryEmbedding) -> None:
+                 norm: RMSNorm, lm_head: torch.Tensor, rotary: RotaryEmbedding,
+                 dtype: torch.dtype) -> None:
+        """dtype: the activations' (and KV cache's) dtype; embed_tokens and lm_head may be stored
+        narrower (bf16 on CPU, exactly as the checkpoint holds them) and are widened as they are read."""
         super().__init__()
         self.shape = shape
+        self.dtype = dtype
         self.register_buffer("embed_tokens", embed_tokens, persistent=False)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -269,10 +274,19 @@ class TrellisLlama(nn.Module):
             layers.append(DecoderLayer(attention, mlp,
                                        RMSNorm(dense(f"{prefix}.input_layernorm.weight"), eps),
                                        RMSNorm(dense(f"{prefix}.post_attention_layernorm.weight"), eps)))
-        embed = dense("model.embed_tokens.weight")
-        lm_head = embed if shape.tied_embeddings else dense("lm_head.weight")
+        def head(name: str) -> torch.Tensor:
+            """Embeddings and output head: bf16 kept as is where the CPU kernel multiplies by it
+            (half the bytes a decode step reads, the same values), else in the compute dtype."""
+            tensor = checkpoint.dense[name]
+            if device.type == "cpu" and tensor.dtype == torch.bfloat16 and cpu_kernels_loaded():
+                return tensor.contiguous()
+            return dense(name)
+
+        embed = head("model.embed_tokens.weight")
+        lm_head = embed if shape.tied_embeddings else head("lm_head.weight")
         rotary = RotaryEmbedding(rope_frequencies(config, shape.head_dim).to(device))
-        model = cls(shape, embed, layers, RMSNorm(dense("model.norm.weight"), eps), lm_head, rotary)
+        model = cls(shape, embed, layers, RMSNorm(dense("model.norm.weight"), eps), lm_head, rotary,
+                    dtype)
         model.eval()
         linears = [m for m in model.modules() if isinstance(m, TrellisLinear)]
         packed = sum(m.quantized.codes.numel() * m.quantized.codes.element_size() for m in linears)
@@ -285,7 +299,7 @@ class TrellisLlama(nn.Module):
         """A KV cache shaped for this model, on its device and in its dtype."""
         return KVCache(layers=self.shape.layers, max_slots=max_slots, kv_heads=self.shape.kv_heads,
                        max_seq_len=max_seq_len, head_dim=self.shape.head_dim,
-                       dtype=self.embed_tokens.dtype, device=self.embed_tokens.device)
+                       dtype=self.dtype, device=self.embed_tokens.device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 cache: KVCache, logits_for: torch.Tensor | None = None,
@@ -301,13 +315,16 @@ class TrellisLlama(nn.Module):
         if layout is None:
             layout = AttentionLayout.plan(positions, slots, cache,
                                           self.shape.heads // self.shape.kv_heads)
-        rope = self.rotary(positions, self.embed_tokens.dtype)
-        x = F.embedding(tokens, self.embed_tokens)
+        rope = self.rotary(positions, self.dtype)
+        x = F.embedding(tokens, self.embed_tokens).to(self.dtype)
         for layer, cached_keys, cached_values in zip(self.layers, cache.keys, cache.values):
             x = layer(x, rope, layout, slots, positions, cached_keys, cached_values)
         if logits_for is not None:
             x = x.index_select(0, logits_for)
-        return F.linear(self.norm(x), self.lm_head).float()
+        x = self.norm(x)
+        if self.lm_head.dtype != self.dtype:  # bf16 on CPU: the kernel widens it on the fly
+            return bf16_product(x, self.lm_head)
+        return F.linear(x, self.lm_head).float()
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

@@ -1,0 +1,113 @@
+"""CPU kernels for decode steps, in C++ (trellis_cpu.cpp), compiled on first use and cached.
+
+What they compute, and the layout they assume (the torch references are
+trellis_runtime.quantized.QuantizedWeight.dequantize and torch.nn.functional.linear):
+
+- trellis_linear(x, codes, lut, input_signs, output_signs, input_hadamard, output_hadamard, factor,
+  state_bits, bits, vec) = x W^T with W = diag(s_out) H_out^T (scale T) H_in diag(s_in), for at most
+  MAX_TOKENS rows of float32 x. T is read straight from the packed codes (rt, ct, 8K) int32: tile
+  (r, c) holds a 256*K-bit stream, most significant bit first; tile position p = 16*row + col is slot
+  p % V of step t = p // V, whose state is the L-bit window starting at bit t*K*V, circular within
+  the tile. `lut` (2^L,) int32 maps a state to its V values: one float32 (V = 1) or two float16
+  (V = 2, slot 0 in the low 16 bits), bit patterns stored as int32. H_n is the unnormalised
+  H_r kron H_{2^p}, with the small r x r factor passed in as float32; `factor` is
+  scale / sqrt(in * out), the scale and both Hadamard normalisations in one multiply.
+- bf16_linear(x, w) = x w^T for float32 x (at most MAX_TOKENS rows) and bfloat16 w, accumulated in
+  float32.
+
+The kernels need x86-64 with AVX-512 and a C++ compiler (g++, or $CXX) at first use; `load`
+raises KernelsUnavailable saying which is missing, and callers fall back to torch. Nothing here
+imports the project: the caller chooses the build directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("trellis_cpu.cpp")
+MAX_TOKENS = 16  # rows of x per call: decode batches; larger products belong to a GEMM
+FLAGS = ["-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw",
+         "-mavx512dq", "-mavx512vl", "-mf16c", "-mfma", "-DNDEBUG"]
+BUILD_TIMEOUT_S = 600
+
+_loaded: str | None = None  # path of the library loaded into this process
+
+
+class KernelsUnavailable(RuntimeError):
+    """The CPU kernels cannot run here; the message says why."""
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def library_path(build_dir: Path) -> Path:
+    """Where the library for this source, compiler, torch and Python is cached."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), _compiler().encode(), " ".join(FLAGS).encode(),
+                 torch.__version__.encode(), sys.version.encode(), platform.machine().encode()):
+        key.update(part)
+    return build_dir / f"trellis_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    """Compile the source into `target`, atomically: a failed or concurrent build leaves no torn file."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        partial = Path(work) / target.name
+        command = [_compiler(), *FLAGS, *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o",
+                   str(partial), *(f"-L{p}" for p in library_paths()),
+                   *(f"-Wl,-rpath,{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except FileNotFoundError:
+            raise KernelsUnavailable(f"no C++ compiler: {_compiler()!r} was not found") from None
+        except subprocess.TimeoutExpired:
+            raise KernelsUnavailable(f"compiling {SOURCE.name} took over {BUILD_TIMEOUT_S} s") from None
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if "error" in line]
+            raise KernelsUnavailable(f"compiling {SOURCE.name} failed: "
+                                     f"{(errors or result.stderr.splitlines() or ['?'])[0]}")
+        os.replace(partial, target)
+
+
+def load(build_dir: Path) -> None:
+    """Make torch.ops.trellis_cpu available in this process, compiling into build_dir if needed."""
+    global _loaded
+    if _loaded is not None:
+        return
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelsUnavailable(f"the CPU kernels need x86-64, not {platform.machine()}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        raise KernelsUnavailable(f"the CPU kernels need AVX-512; this CPU offers {capability}")
+    target = library_path(build_dir)
+    if not target.exists():
+        _build(target)
+    torch.ops.load_library(str(target))
+    _loaded = str(target)
+
+
+def trellis_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
+                   input_signs: torch.Tensor, output_signs: torch.Tensor,
+                   input_hadamard: torch.Tensor, output_hadamard: torch.Tensor, factor: float,
+                   state_bits: int, bits: int, vec: int) -> torch.Tensor:
+    """x (tokens, in) float32 -> (tokens, out) float32; see the module docstring."""
+    return torch.ops.trellis_cpu.trellis_linear(x, codes, lut, input_signs, output_signs,
+                                                input_hadamard, output_hadamard, factor,
+                                                state_bits, bits, vec)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (tokens, in) float32, weight (out, in) bfloat16 -> (tokens, out) float32."""
+    return torch.ops.trellis_cpu.bf16_linear(x, weight)

@@ -1,0 +1,295 @@
+// CPU kernels for small batches (decode steps): products with packed trellis weights and with bf16
+// weights, each reading its weights in their compact form instead of a dense float32 copy.
+//
+// Built and loaded by kernels/cpu.py (which states the layout these functions assume) and tested
+// against the torch references in tests/test_kernels_cpu.py. Requires AVX-512 (F, BW, DQ, VL) and F16C.
+//
+// trellis_linear computes y = x W^T for W = diag(s_out) H_out^T (scale * T) H_in diag(s_in), where T
+// holds the code values of the packed tiles and H_n is the unnormalised Hadamard transform
+// H_r kron H_{2^p}. Instead of decoding W it rotates the activations, multiplies by T straight from
+// the codes, and rotates the result back: the weights used are exactly the stored code values.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTile = 16;      // tile rows and columns
+constexpr int64_t kMaxTokens = 16;  // rows of x handled per call: a decode batch, not a prefill
+constexpr int64_t kMaxWords = 32;   // 8K words per tile, K <= 4
+constexpr int64_t kTokenBlock = 8;  // tokens whose accumulators share the registers
+
+// Sylvester's transform (unnormalised) of a power-of-two length vector, in place.
+void fwht(float* v, int64_t m) {
+  for (int64_t h = 1; h < m; h *= 2) {
+    for (int64_t i = 0; i < m; i += 2 * h) {
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+    }
+  }
+}
+
+// (H_r kron H_{2^p}) v, or its transpose, unnormalised, for each of `rows` vectors of length n:
+// the vector read as an r x 2^p matrix V becomes H_r V H_{2^p} (H_r^T V H_{2^p}).
+void hadamard_rows(float* x, int64_t rows, int64_t n, const float* small, int64_t r, bool transpose) {
+  const int64_t m = n / r;
+  thread_local std::vector<float> mixed;
+  mixed.resize(n);
+  for (int64_t row = 0; row < rows; ++row) {
+    float* v = x + row * n;
+    for (int64_t block = 0; block < r; ++block) fwht(v + block * m, m);
+    if (r == 1) continue;
+    std::fill(mixed.begin(), mixed.end(), 0.0f);
+    for (int64_t a = 0; a < r; ++a) {
+      float* out = mixed.data() + a * m;
+      for (int64_t b = 0; b < r; ++b) {
+        const float h = transpose ? small[b * r + a] : small[a * r + b];
+        const float* in = v + b * m;
+        for (int64_t k = 0; k < m; ++k) out[k] += h * in[k];
+      }
+    }
+    std::memcpy(v, mixed.data(), n * sizeof(float));
+  }
+}
+
+// Where the states of each group of 16 consecutive steps start: word, next word (circular) and bit
+// offset, as 16-lane permutation indices into a tile's words. Built once per (K, V).
+struct WindowPlan {
+  alignas(64) int32_t first[kTile * kTile];  // 16 lanes per group, at most 256 steps (V = 1)
+  alignas(64) int32_t next[kTile * kTile];
+  alignas(64) int32_t shift[kTile * kTile];
+  alignas(64) int32_t back_shift[kTile * kTile];
+};
+
+const WindowPlan& window_plan(int64_t bits, int64_t vec) {
+  static const std::array<WindowPlan, 8> plans = [] {
+    std::array<WindowPlan, 8> all{};
+    for (int64_t k = 1; k <= 4; ++k) {
+      for (int64_t v = 1; v <= 2; ++v) {
+        WindowPlan& plan = all[(k - 1) * 2 + (v - 1)];
+        const int64_t words = 8 * k;
+        for (int64_t step = 0; step < kTile * kTile / v; ++step) {
+          const int64_t start = step * k * v;
+          plan.first[step] = static_cast<int32_t>(start / 32);
+          plan.next[step] = static_cast<int32_t>((start / 32 + 1) % words);
+          plan.shift[step] = static_cast<int32_t>(start % 32);
+          // A shift by 32 yields 0 for the variable-shift instructions: offset 0 takes nothing of next.
+          plan.back_shift[step] = static_cast<int32_t>(32 - start % 32);
+        }
+      }
+    }
+    return all;
+  }();
+  return plans[(bits - 1) * 2 + (vec - 1)];
+}
+
+// y_rot[t, rt*16 + row] for row tiles [begin, end) and kTokens rows of x_rot. Group g of 16 steps
+// emits 16*V weights: tile row g (V = 1: lut entries are float32) or rows 2g and 2g+1 (V = 2: lut
+// entries are two float16, slot 0 in the low half). Loop order rt, g, ct keeps the kVec * kTokens
+// accumulators in registers; the tile row of codes being re-read per group stays in L1.
+template <int64_t kVec, int64_t kTokens>
+void tile_rows_product(const int32_t* codes, const int32_t* lut, const float* x_rot, float* y_rot,
+                       int64_t col_tiles, int64_t in_features, int64_t out_features,
+                       int64_t state_bits, int64_t bits, int64_t begin, int64_t end) {
+  constexpr int64_t kGroups = kTile * kTile / kVec / 16;
+  const WindowPlan& plan = window_plan(bits, kVec);
+  const int64_t words = 8 * bits;
+  const __mmask16 low_mask = words >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << words) - 1);
+  const __mmask16 high_mask =
+      words <= 16 ? 0 : static_cast<__mmask16>(words >= 32 ? 0xFFFF : (1u << (words - 16)) - 1);
+  const __m128i state_shift = _mm_cvtsi32_si128(static_cast<int>(32 - state_bits));
+  for (int64_t rt = begin; rt < end; ++rt) {
+    const int32_t* tile_row = codes + rt * col_tiles * words;
+    for (int64_t g = 0; g < kGroups; ++g) {
+      const __m512i first = _mm512_load_si512(plan.first + 16 * g);
+      const __m512i next = _mm512_load_si512(plan.next + 16 * g);
+      const __m512i shift = _mm512_load_si512(plan.shift + 16 * g);
+      const __m512i back_shift = _mm512_load_si512(plan.back_shift + 16 * g);
+      __m512 acc[kVec][kTokens];
+      for (auto& row : acc) {
+        for (auto& a : row) a = _mm512_setzero_ps();
+      }
+      for (int64_t ct = 0; ct < col_tiles; ++ct) {
+        const int32_t* tile = tile_row + ct * words;
+        const __m512i low = _mm512_maskz_loadu_epi32(low_mask, tile);
+        const __m512i high = _mm512_maskz_loadu_epi32(high_mask, tile + 16);
+        const __m512i window =
+            _mm512_or_si512(_mm512_sllv_epi32(_mm512_permutex2var_epi32(low, first, high), shift),
+                            _mm512_srlv_epi32(_mm512_permutex2var_epi32(low, next, high), back_shift));
+        const __m512i values = _mm512_i32gather_epi32(_mm512_srl_epi32(window, state_shift), lut, 4);
+        __m512 w[kVec];
+        if constexpr (kVec == 2) {
+          w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(values));
+          w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(values, 1));
+        } else {
+          w[0] = _mm512_castsi512_ps(values);
+        }
+        const float* xs = x_rot + ct * kTile;
+        for (int64_t t = 0; t < kTokens; ++t) {
+          const __m512 xv = _mm512_loadu_ps(xs + t * in_features);
+          for (int64_t r = 0; r < kVec; ++r) acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
+        }
+      }
+      for (int64_t r = 0; r < kVec; ++r) {
+        for (int64_t t = 0; t < kTokens; ++t) {
+          y_rot[t * out_features + rt * kTile + kVec * g + r] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+      }
+    }
+  }
+}
+
+// Dispatch on (V, tokens in this block); blocks of at most kTokenBlock tokens.
+template <int64_t kVec>
+void product_block(int64_t tokens, const int32_t* codes, const int32_t* lut, const float* x_rot,
+                   float* y_rot, int64_t col_tiles, int64_t in_features, int64_t out_features,
+                   int64_t state_bits, int64_t bits, int64_t begin, int64_t end) {
+#define TRELLIS_CASE(n)                                                                           \
+  case n:                                                                                         \
+    return tile_rows_product<kVec, n>(codes, lut, x_rot, y_rot, col_tiles, in_features,           \
+                                      out_features, state_bits, bits, begin, end);
+  switch (tokens) {
+    TRELLIS_CASE(1) TRELLIS_CASE(2) TRELLIS_CASE(3) TRELLIS_CASE(4)
+    TRELLIS_CASE(5) TRELLIS_CASE(6) TRELLIS_CASE(7) TRELLIS_CASE(8)
+  }
+#undef TRELLIS_CASE
+}
+
+void check_small_hadamard(const at::Tensor& h, int64_t n, const char* name) {
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == h.size(1) && h.scalar_type() == at::kFloat &&
+                  h.is_contiguous() && n % h.size(0) == 0,
+              "trellis_linear: ", name, " must be a contiguous float32 r x r matrix with r dividing ", n);
+  const int64_t m = n / h.size(0);
+  TORCH_CHECK(m > 0 && (m & (m - 1)) == 0, "trellis_linear: ", n, " / ", h.size(0),
+              " is not a power of two");
+}
+
+at::Tensor trellis_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
+                          const at::Tensor& input_signs, const at::Tensor& output_signs,
+                          const at::Tensor& input_hadamard, const at::Tensor& output_hadamard,
+                          double factor, int64_t state_bits, int64_t bits, int64_t vec) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "trellis_linear: x must be float32 (tokens, in)");
+  TORCH_CHECK(x.size(0) <= kMaxTokens, "trellis_linear: at most ", kMaxTokens, " tokens per call");
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kInt && codes.is_contiguous() &&
+                  codes.size(2) == 8 * bits,
+              "trellis_linear: codes must be contiguous int32 (out/16, in/16, 8K)");
+  TORCH_CHECK(bits >= 1 && 8 * bits <= kMaxWords && (vec == 1 || vec == 2) && state_bits <= 16 &&
+                  bits * vec < state_bits,
+              "trellis_linear: unsupported (L, K, V)");
+  TORCH_CHECK(lut.dim() == 1 && lut.scalar_type() == at::kInt && lut.is_contiguous() &&
+                  lut.size(0) == (int64_t{1} << state_bits),
+              "trellis_linear: lut must be contiguous int32 of 2^L entries");
+  const int64_t tokens = x.size(0), in_features = codes.size(1) * kTile,
+                out_features = codes.size(0) * kTile;
+  TORCH_CHECK(x.size(1) == in_features, "trellis_linear: x has ", x.size(1), " features, codes ",
+              in_features);
+  TORCH_CHECK(input_signs.scalar_type() == at::kFloat && input_signs.numel() == in_features &&
+                  output_signs.scalar_type() == at::kFloat && output_signs.numel() == out_features &&
+                  input_signs.is_contiguous() && output_signs.is_contiguous(),
+              "trellis_linear: signs must be contiguous float32 vectors of in and out features");
+  check_small_hadamard(input_hadamard, in_features, "input_hadamard");
+  check_small_hadamard(output_hadamard, out_features, "output_hadamard");
+
+  const at::Tensor xc = x.contiguous();
+  at::Tensor x_rot = at::empty({tokens, in_features}, x.options());
+  float* x_ptr = x_rot.data_ptr<float>();
+  const float* in_signs = input_signs.data_ptr<float>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* src = xc.data_ptr<float>() + t * in_features;
+    for (int64_t i = 0; i < in_features; ++i) x_ptr[t * in_features + i] = src[i] * in_signs[i];
+  }
+  hadamard_rows(x_ptr, tokens, in_features, input_hadamard.data_ptr<float>(), input_hadamard.size(0),
+                /*transpose=*/false);
+
+  at::Tensor y = at::empty({tokens, out_features}, x.options());
+  const int32_t* code_ptr = codes.data_ptr<int32_t>();
+  const int32_t* lut_ptr = lut.data_ptr<int32_t>();
+  float* y_ptr = y.data_ptr<float>();
+  const int64_t col_tiles = codes.size(1);
+  at::parallel_for(0, codes.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
+      const int64_t block = std::min(kTokenBlock, tokens - t0);
+      const float* xb = x_ptr + t0 * in_features;
+      float* yb = y_ptr + t0 * out_features;
+      if (vec == 2) {
+        product_block<2>(block, code_ptr, lut_ptr, xb, yb, col_tiles, in_features, out_features,
+                         state_bits, bits, begin, end);
+      } else {
+        product_block<1>(block, code_ptr, lut_ptr, xb, yb, col_tiles, in_features, out_features,
+                         state_bits, bits, begin, end);
+      }
+    }
+  });
+
+  hadamard_rows(y_ptr, tokens, out_features, output_hadamard.data_ptr<float>(),
+                output_hadamard.size(0), /*transpose=*/true);
+  const float* out_signs = output_signs.data_ptr<float>();
+  const float f = static_cast<float>(factor);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < out_features; ++i) y_ptr[t * out_features + i] *= out_signs[i] * f;
+  }
+  return y;
+}
+
+// y = x w^T for float32 x (tokens, in) and bfloat16 w (out, in), accumulated in float32: the exact
+// bf16 weights, widened on the fly, with float32 activations.
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "bf16_linear: x must be contiguous float32 (tokens, in)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+                  w.size(1) == x.size(1),
+              "bf16_linear: w must be contiguous bfloat16 (out, in) matching x");
+  TORCH_CHECK(x.size(0) <= kMaxTokens, "bf16_linear: at most ", kMaxTokens, " tokens per call");
+  const int64_t tokens = x.size(0), in = x.size(1), out = w.size(0);
+  at::Tensor y = at::empty({tokens, out}, x.options());
+  const uint16_t* w_ptr = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const float* x_ptr = x.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  const int64_t full = in / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (in - full)) - 1);
+  at::parallel_for(0, out, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint16_t* wr = w_ptr + row * in;
+      if (row + 8 < end) _mm_prefetch(reinterpret_cast<const char*>(wr + 8 * in), _MM_HINT_T0);
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* xr = x_ptr + t * in;
+        __m512 acc = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k < full; k += 16) {
+          const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(wr + k)));
+          acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)),
+                                _mm512_loadu_ps(xr + k), acc);
+        }
+        if (tail) {
+          const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail, wr + k));
+          acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)),
+                                _mm512_maskz_loadu_ps(tail, xr + k), acc);
+        }
+        y_ptr[t * out + row] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(trellis_cpu, m) {
+  m.def("trellis_linear(Tensor x, Tensor codes, Tensor lut, Tensor input_signs, Tensor output_signs, "
+        "Tensor input_hadamard, Tensor output_hadamard, float factor, int state_bits, int bits, "
+        "int vec) -> Tensor",
+        &trellis_linear);
+  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor", &bf16_linear);
+}

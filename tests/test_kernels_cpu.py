@@ -1,0 +1,121 @@
+"""The C++ CPU kernels against float64 references, the backend that uses them, and their fallbacks.
+
+The kernels compile on first use (about 15 s, once per source version); on a CPU without AVX-512 or
+without a compiler the kernel tests skip and the fallback tests still run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.cpu import KernelsUnavailable, MAX_TOKENS, bf16_linear, library_path
+from trellis_runtime.cpu_linear import (CpuKernelBackend, bf16_product, cpu_kernels_loaded,
+                                        kernels_unavailable_reason, state_lut)
+from trellis_runtime.kernel_suite import random_weight
+from trellis_runtime.linear import DecodedBackend, select_backend
+from trellis_runtime.quantized import QuantizedWeight
+from trellis_runtime.trellis import TrellisSpec
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels_loaded(),
+                                   reason=f"CPU kernels unavailable: {kernels_unavailable_reason()}")
+
+# Every code, both V, every word count 8K (K = 1..4: masked and two-register tile loads) and window
+# offsets that cross words; shapes with Paley factors (192 = 12 * 16, 48 = 12 * 4) and without (64).
+SPECS = [TrellisSpec(8, 2, 1, "1mad"), TrellisSpec(12, 2, 2, "hyb"), TrellisSpec(16, 1, 2, "hyb"),
+         TrellisSpec(10, 3, 2, "lut"), TrellisSpec(16, 4, 1, "3inst"), TrellisSpec(9, 4, 1, "lut")]
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((y.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("shape", [(192, 64), (48, 192)])
+def test_kernel_matches_dequantized_product(spec: TrellisSpec, shape: tuple[int, int]) -> None:
+    weight = random_weight(spec, *shape, seed=3)
+    backend = CpuKernelBackend(weight, max_rows=MAX_TOKENS)
+    dense = weight.dequantize().double()
+    assert backend(torch.zeros(0, shape[1])).shape == (0, shape[0])
+    for tokens in (1, 3, 8, 9, MAX_TOKENS):  # one register block, a partial one, two blocks
+        x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens))
+        # float32 throughout, as the dense float32 product: only the summation order differs.
+        assert relative_error(backend(x), x.double() @ dense.T) < 1e-5
+
+
+@needs_kernels
+def test_backend_keeps_leading_dims_and_switches_to_the_dense_copy() -> None:
+    weight = random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 192, seed=4)
+    backend = CpuKernelBackend(weight, max_rows=4)
+    x = torch.randn(2, 3, 192)
+    reference = x.double() @ weight.dequantize().double().T
+    assert backend(x).shape == (2, 3, 64) and relative_error(backend(x), reference) < 1e-5
+    many = torch.randn(5, 192)  # beyond max_rows: F.linear on the dense copy
+    assert relative_error(backend(many), many.double() @ weight.dequantize().double().T) < 1e-5
+    assert backend.decoded_bytes == 64 * 192 * 4
+
+
+@needs_kernels
+def test_select_backend_uses_the_kernel_and_refuses_inexact_tables() -> None:
+    spec = TrellisSpec(10, 2, 2, "lut")
+    weight = random_weight(spec, 64, 64, seed=5)
+    assert isinstance(select_backend(weight, torch.device("cpu")), CpuKernelBackend)
+    # A float32 table with values no float16 holds: the kernel's 2 x float16 entries would round them.
+    inexact = QuantizedWeight(spec, weight.codes, weight.input_signs, weight.output_signs, weight.scale,
+                              weight.table.float() * (1 + 2**-15))
+    with pytest.raises(ValueError, match="not exact float16"):
+        state_lut(inexact)
+    assert isinstance(select_backend(inexact, torch.device("cpu")), DecodedBackend)
+
+
+@needs_kernels
+@pytest.mark.parametrize("features", [576, 100])  # a whole number of 16-lane vectors, and a tail
+def test_bf16_linear_matches_widened_weights(features: int) -> None:
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(300, features, generator=gen).to(torch.bfloat16)
+    assert bf16_product(torch.zeros(0, features), weight).shape == (0, 300)
+    for tokens in (1, 5, 8, 12):
+        x = torch.randn(tokens, features, generator=gen)
+        reference = x.double() @ weight.double().T
+        assert relative_error(bf16_product(x, weight), reference) < 1e-5
+
+
+@needs_kernels
+def test_kernels_refuse_bad_inputs() -> None:
+    weight = torch.zeros(8, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=f"at most {MAX_TOKENS} tokens"):
+        bf16_linear(torch.zeros(MAX_TOKENS + 1, 16), weight)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        bf16_linear(torch.zeros(1, 16), weight.float())
+    backend = CpuKernelBackend(random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 64, seed=7))
+    with pytest.raises(RuntimeError, match="x has 48 features, codes 64"):
+        torch.ops.trellis_cpu.trellis_linear(
+            torch.zeros(1, 48), backend.codes, backend.lut, backend.input_signs, backend.output_signs,
+            backend.small_in, backend.small_out, backend.factor, 12, 2, 2)
+
+
+def test_missing_compiler_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels import cpu
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(KernelsUnavailable, match="no C\\+\\+ compiler"):
+        cpu._build(library_path(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_disabled_kernels_fall_back_to_the_dense_product(tiny_checkpoint_dir: Path) -> None:
+    """With TRELLIS_CPU_KERNELS=0 every linear decodes to float32 and the head is float32."""
+    script = ("from trellis_runtime.model import load_model\n"
+              f"model, _ = load_model({str(tiny_checkpoint_dir)!r})\n"
+              "print({type(m.backend).__name__ for m in model.modules() if hasattr(m, 'backend')},"
+              " model.lm_head.dtype)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "TRELLIS_CPU_KERNELS": "0"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{'DecodedBackend'} torch.float32"

@@ -1,0 +1,115 @@
+"""The CPU kernel backend of TrellisLinear: decode steps multiply straight from the packed codes.
+
+A decode step on CPU is bound by the bytes its weights occupy: float32 copies of SmolLM2-135M's linears
+are 424 MB, read at about 19 GB/s on the 2-core development machine (its last-level cache holds about
+64 MB), so ~23 ms per token whatever the arithmetic. The 2-bit codes are 26.5 MB and stay in cache, so
+the C++ kernel (kernels/trellis_cpu.cpp) reads them instead: it rotates the input rows, multiplies by
+the code values looked up per trellis state, and rotates the result back. The values are the stored
+ones (float16 table entries, float32 computed codes) times the matrix's scale: no weight is rounded.
+
+Products of more than `max_rows` rows (prefill) are compute-bound instead, and there a GEMM on a dense
+float32 copy is far faster than re-decoding the codes per row block; that copy is the memory this
+backend reports as decoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trellis_runtime.codes import state_values
+from trellis_runtime.hadamard import hadamard_factors, small_hadamard
+from trellis_runtime.paths import cache_dir
+from trellis_runtime.quantized import QuantizedWeight
+
+logger = logging.getLogger("trellis_runtime")
+
+# Rows up to which the kernel beats F.linear on the dense copy (benchmarks/runtime_decode.py measures
+# single-stream and 8-sequence decode; the kernel re-decodes the codes for every 8 rows).
+KERNEL_MAX_ROWS = 8
+DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use the dense float32 product everywhere
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_unavailable_reason() -> str | None:
+    """None when the CPU kernels are loaded in this process, else why not (logged once)."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return f"disabled by {DISABLE_VARIABLE}=0"
+    from kernels.cpu import KernelsUnavailable, load
+
+    try:
+        load(cache_dir() / "kernels")
+    except KernelsUnavailable as error:
+        logger.warning("CPU kernels unavailable, using dense float32 weights: %s", error)
+        return str(error)
+    return None
+
+
+def cpu_kernels_loaded() -> bool:
+    return kernels_unavailable_reason() is None
+
+
+def state_lut(weight: QuantizedWeight) -> torch.Tensor:
+    """The kernel's state -> values table (2^L,) int32: float32 bit patterns for V = 1, two float16
+    for V = 2 (slot 0 low). Raises ValueError if a V = 2 value is not exactly a float16."""
+    values = state_values(weight.spec, weight.table)  # (2^L, V) float32, unscaled
+    if weight.spec.vec == 1:
+        return values.reshape(-1).contiguous().view(torch.int32)
+    half = values.to(torch.float16)
+    if not torch.equal(half.to(torch.float32), values):
+        raise ValueError("code values are not exact float16 numbers")
+    return half.contiguous().view(torch.int32).reshape(-1)
+
+
+def _small_factor(n: int) -> torch.Tensor:
+    """The r x r Paley/Sylvester factor of H_n as float32 ([[1]] when n is a power of two)."""
+    return small_hadamard(hadamard_factors(n)[0]).to(torch.float32).contiguous()
+
+
+class CpuKernelBackend(nn.Module):
+    """Multiply decode batches with the C++ kernel, larger products with F.linear on a dense copy."""
+
+    def __init__(self, weight: QuantizedWeight, max_rows: int = KERNEL_MAX_ROWS) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.max_rows = max_rows
+        spec = weight.spec
+        self.state_bits, self.bits, self.vec = spec.state_bits, spec.bits, spec.vec
+        self.factor = float(weight.scale) / math.sqrt(self.in_features * self.out_features)
+        self.register_buffer("codes", weight.codes.contiguous(), persistent=False)
+        self.register_buffer("lut", state_lut(weight), persistent=False)
+        self.register_buffer("input_signs", weight.input_signs.to(torch.float32), persistent=False)
+        self.register_buffer("output_signs", weight.output_signs.to(torch.float32), persistent=False)
+        self.register_buffer("small_in", _small_factor(self.in_features), persistent=False)
+        self.register_buffer("small_out", _small_factor(self.out_features), persistent=False)
+        self.register_buffer("dense", weight.dequantize().contiguous(), persistent=False)
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.dense.numel() * self.dense.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > self.max_rows:
+            return F.linear(x, self.dense)
+        y = torch.ops.trellis_cpu.trellis_linear(
+            rows, self.codes, self.lut, self.input_signs, self.output_signs, self.small_in,
+            self.small_out, self.factor, self.state_bits, self.bits, self.vec)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def bf16_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) float32 times bf16 weight (out, in)^T in float32: the kernel for decode batches
+    (it reads the 2-byte weights; a float32 copy would double the bytes), F.linear on a widened
+    copy for larger ones."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > KERNEL_MAX_ROWS:
+        return F.linear(x, weight.to(torch.float32))
+    y = torch.ops.trellis_cpu.bf16_linear(rows.contiguous(), weight)
+    return y.view(*x.shape[:-1], weight.shape[0])
