@@ -261,8 +261,12 @@ def backward_reference(x: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
             work.view(B, G, F).copy_(psi_msg.unsqueeze(2).expand(B, G, F))
         w = work.view(B, F, G).mul_(weights)
         psi_msg = w.sum(1).div_(total)
-        # dl_t = P_t (phi_t + psi_t) = factor * (weights * (f_t + psi_t) + weights * Phi_t)
-        w.addcmul_(weights, phi_msg[t].unsqueeze(1)).mul_(factor)
+        # dl_t = P_t (h_t - E_t) with h_t = phi_t + psi_t = f_t + psi_t + Phi_t and E_t its mean
+        # under P_t: mathematically the same E[F] at every step, so subtracting each step's own
+        # keeps dl_t summing to zero despite rounding in the centring (a term (2/T) E out_t).
+        w.addcmul_(weights, phi_msg[t].unsqueeze(1))  # weights * h_t
+        mean = (w.sum(1) * factor[:, 0]).sum(1).view(B, 1, 1)
+        w.addcmul_(weights, mean, value=-1.0).mul_(factor)
         torch.mm(work, tr.values_rev_t.t(), out=dx[t]).mul_(tr.scale)
         if dvalues is not None:
             dvalues.addmm_(work.t(), xs[t], alpha=tr.scale)

@@ -46,12 +46,14 @@ def warmup_steps(steps: int) -> int:
     return max(1, steps // 4)
 
 
-def chunk_tiles_for(spec: TrellisSpec, chain_steps: int, device: torch.device) -> int:
+def chunk_tiles_for(state_bits: int, step_bits: int, chain_steps: int,
+                    device: torch.device) -> int:
     """Tiles per chunk: cache-sized step buffers on CPU, a memory budget on CUDA."""
+    states, groups = 1 << state_bits, 1 << (state_bits - step_bits)
     if device.type == "cuda":
-        per_tile = (2 * chain_steps * spec.num_groups + 4 * spec.num_states) * 4
+        per_tile = (2 * chain_steps * groups + 4 * states) * 4
         return max(1, CUDA_CHUNK_BYTES // per_tile)
-    return max(1, CPU_STEP_ELEMENTS // spec.num_states)
+    return max(1, CPU_STEP_ELEMENTS // states)
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
@@ -95,37 +97,63 @@ class _Chains(torch.autograd.Function):
         return dchains, dvalues, None, None, None, None, None, None, None
 
 
-def _validate(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, temperature: float,
-              boundary: str, chunk_tiles: int | None) -> None:
+def _chains(seq: torch.Tensor, boundary: str, warmup: int | None
+            ) -> tuple[torch.Tensor, int, int]:
+    """The chains (tiles, chain steps, V) to run and the steps [start, stop) we report."""
     if boundary not in BOUNDARIES:
         raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}, not {boundary!r}")
-    if x.dim() != 2 or x.shape[1] % spec.vec:
-        raise ValueError(f"x must be (tiles, steps*V) with V={spec.vec}, got {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"x must be float32 (or float64 for checks), got {x.dtype}")
-    if tuple(values.shape) != (spec.num_states, spec.vec):
-        raise ValueError(f"values must be ({spec.num_states}, {spec.vec}) for {spec}, got "
+    steps = seq.shape[1]
+    if boundary == "free":
+        return seq, 0, steps
+    w = warmup_steps(steps) if warmup is None else warmup
+    if w < 1:
+        raise ValueError(f"warmup must be at least 1 step, got {w}")
+    order = torch.arange(-w, steps + w, device=seq.device) % steps
+    return seq[:, order], w, w + steps
+
+
+def _check_inputs(seq: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
+                  temperature: float, chunk_tiles: int | None) -> None:
+    if seq.dim() != 3 or seq.shape[1] == 0:
+        raise ValueError(f"observations must be (tiles, steps, V), got {tuple(seq.shape)}")
+    if seq.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"x must be float32 (or float64 for checks), got {seq.dtype}")
+    if not 0 < step_bits < state_bits:
+        raise ValueError(f"need 0 < K*V < L, got K*V={step_bits} and L={state_bits}")
+    if tuple(values.shape) != (1 << state_bits, seq.shape[2]):
+        raise ValueError(f"values must be ({1 << state_bits}, {seq.shape[2]}), got "
                          f"{tuple(values.shape)}")
-    if values.device != x.device:
-        raise ValueError(f"values on {values.device} but x on {x.device}")
+    if values.device != seq.device:
+        raise ValueError(f"values on {values.device} but x on {seq.device}")
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if chunk_tiles is not None and chunk_tiles < 1:
         raise ValueError(f"chunk_tiles must be at least 1, got {chunk_tiles}")
 
 
-def _chains(x: torch.Tensor, spec: TrellisSpec, boundary: str, warmup: int | None
-            ) -> tuple[torch.Tensor, int, int]:
-    """The chains (tiles, steps, V) to run and the steps [start, stop) whose marginals we report."""
-    steps = x.shape[1] // spec.vec
-    seq = x.reshape(x.shape[0], steps, spec.vec)
-    if boundary == "free":
-        return seq, 0, steps
-    w = warmup_steps(steps) if warmup is None else warmup
-    if w < 1:
-        raise ValueError(f"warmup must be at least 1 step, got {w}")
-    order = torch.arange(-w, steps + w, device=x.device) % steps
-    return seq[:, order], w, w + steps
+def posterior_mean(seq: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
+                   temperature: float, boundary: str = "tail_biting",
+                   chunk_tiles: int | None = None, *, backend: str = "auto",
+                   warmup: int | None = None) -> torch.Tensor:
+    """soft_reconstruct on bare trellis parameters: seq (tiles, steps, V) -> (tiles, steps, V).
+
+    Any L > KV and any number of steps, so tests can reach trellises small enough to enumerate.
+    """
+    _check_inputs(seq, values, state_bits, step_bits, temperature, chunk_tiles)
+    values = values.to(seq.dtype)
+    triton = _use_triton(backend, seq)
+    chains, start, stop = _chains(seq, boundary, warmup)
+    if seq.shape[0] == 0:
+        return seq.new_zeros(seq.shape) + 0 * values.sum()
+    chunk = chunk_tiles or chunk_tiles_for(state_bits, step_bits, chains.shape[1], seq.device)
+    return _Chains.apply(chains, values, state_bits, step_bits, float(temperature), start, stop,
+                         chunk, triton)
+
+
+def _tile_steps(x: torch.Tensor, spec: TrellisSpec) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] % spec.vec or x.shape[1] == 0:
+        raise ValueError(f"x must be (tiles, steps*V) with V={spec.vec}, got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], x.shape[1] // spec.vec, spec.vec)
 
 
 def soft_reconstruct(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, temperature: float,
@@ -139,15 +167,8 @@ def soft_reconstruct(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, t
     elsewhere; warmup overrides the tail-biting warm-up length in steps. Computes in x's dtype
     (float32; float64 is accepted for numerical checks on the torch backend).
     """
-    _validate(x, values, spec, temperature, boundary, chunk_tiles)
-    values = values.to(x.dtype)
-    triton = _use_triton(backend, x)
-    chains, start, stop = _chains(x, spec, boundary, warmup)
-    chunk = chunk_tiles or chunk_tiles_for(spec, chains.shape[1], x.device)
-    if x.shape[0] == 0:
-        return x.new_empty(x.shape) + 0 * values.sum()
-    out = _Chains.apply(chains, values, spec.state_bits, spec.step_bits, float(temperature),
-                        start, stop, chunk, triton)
+    out = posterior_mean(_tile_steps(x, spec), values, spec.state_bits, spec.step_bits,
+                         temperature, boundary, chunk_tiles, backend=backend, warmup=warmup)
     return out.reshape(x.shape)
 
 
@@ -157,11 +178,13 @@ def posterior_entropy(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, 
 
     A diagnostic for temperature schedules; no gradient.
     """
-    _validate(x, values, spec, temperature, boundary, chunk_tiles)
-    chains, start, stop = _chains(x.detach(), spec, boundary, None)
-    values = values.detach().to(x.dtype)
-    chunk = chunk_tiles or chunk_tiles_for(spec, chains.shape[1], x.device)
-    total = x.new_zeros((), dtype=torch.float64)
+    seq = _tile_steps(x.detach(), spec)
+    _check_inputs(seq, values, spec.state_bits, spec.step_bits, temperature, chunk_tiles)
+    chains, start, stop = _chains(seq, boundary, None)
+    values = values.detach().to(seq.dtype)
+    chunk = chunk_tiles or chunk_tiles_for(spec.state_bits, spec.step_bits, chains.shape[1],
+                                           x.device)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for i in range(0, chains.shape[0], chunk):
         _, ent = bcjr.forward_reference(chains[i:i + chunk], values, spec.state_bits,
                                         spec.step_bits, float(temperature), start, stop,
