@@ -95,7 +95,7 @@ def test_voronoi_radius_separates_staying_from_escaping(hyb_checkpoint: Path):
         from trellis_runtime.viterbi import encode
 
         def changed_share(size: float) -> float:
-            noise = torch.randn(tiles.shape, generator=gen) * (size / float(module.ptq.scale))
+            noise = torch.randn(tiles.shape, generator=gen) * size  # radii are in units of the scale
             states = encode(tiles + noise, values, module.spec)
             return float((states != reference).any(dim=1).float().mean())
 

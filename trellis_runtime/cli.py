@@ -211,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     qat.add_argument("checkpoint", help="packed PTQ checkpoint (from trellis quantize)")
     qat.add_argument("--out", required=True, help="checkpoint directory to create")
     qat.add_argument("--layers", default="auto",
-                     help="all, auto (CPU: the 2 layers whose quantization costs the most; CUDA: "
+                     help="all, auto (CPU: the layer whose quantization costs the most; CUDA: "
                           "all) or comma-separated layer indices")
-    qat.add_argument("--steps", type=int, default=24, help="optimizer steps, one text window each")
+    qat.add_argument("--steps", type=int, default=12, help="optimizer steps, one text window each")
     qat.add_argument("--lr", type=float, default=None,
                      help="AdamW learning rate in units of each matrix's scale (default: twice the "
                           "largest measured Voronoi radius spread over the steps)")
@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="UTF-8 text file (default: the built-in Wikipedia calibration text)")
     qat.add_argument("--teacher", default=None,
                      help="float model to distil from (default: the checkpoint's source)")
-    qat.add_argument("--ctx", type=int, default=256, help="tokens per training window")
-    qat.add_argument("--eval-every", type=int, default=6,
+    qat.add_argument("--ctx", type=int, default=1024, help="tokens per training window")
+    qat.add_argument("--eval-every", type=int, default=4,
                      help="steps between hardened snapshots (scored; the best is kept)")
     qat.add_argument("--loss", choices=("kl", "mse"), default="kl",
                      help="kl: full-vocabulary KL to the teacher; mse: per-layer output MSE")
