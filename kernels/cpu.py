@@ -79,6 +79,9 @@ def _build(target: Path) -> None:
             raise KernelsUnavailable(f"compiling {SOURCE.name} failed: "
                                      f"{(errors or result.stderr.splitlines() or ['?'])[0]}")
         os.replace(partial, target)
+    for stale in target.parent.glob("trellis_cpu-*.so"):  # builds of older sources
+        if stale != target:
+            stale.unlink(missing_ok=True)
 
 
 def load(build_dir: Path) -> None:

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -122,6 +123,12 @@ void tile_rows_product(const int32_t* codes, const int32_t* lut, const float* x_
       }
       for (int64_t ct = 0; ct < col_tiles; ++ct) {
         const int32_t* tile = tile_row + ct * words;
+        if (g == 0) {  // the next tile row's codes come from memory while this one is computed
+          _mm_prefetch(reinterpret_cast<const char*>(tile + col_tiles * words), _MM_HINT_T0);
+          if (words > 16) {
+            _mm_prefetch(reinterpret_cast<const char*>(tile + col_tiles * words + 16), _MM_HINT_T0);
+          }
+        }
         const __m512i low = _mm512_maskz_loadu_epi32(low_mask, tile);
         const __m512i high = _mm512_maskz_loadu_epi32(high_mask, tile + 16);
         const __m512i window =
@@ -284,6 +291,150 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+// y = x / sqrt(mean(x^2) + eps) * weight over the last dim, in float32 (F.rms_norm in one call).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  weight.dim() == 1 && x.size(-1) == weight.size(0) && weight.is_contiguous(),
+              "rms_norm: float32 x (..., d) and weight (d,) expected");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t d = weight.size(0), rows = d == 0 ? 0 : xc.numel() / d;
+  const float* w = weight.data_ptr<float>();
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* in = xc.data_ptr<float>() + row * d;
+    float* out = y.data_ptr<float>() + row * d;
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < d; ++i) squares += in[i] * in[i];
+    const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t i = 0; i < d; ++i) out[i] = in[i] * inverse * w[i];
+  }
+  return y;
+}
+
+// exp of 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial
+// (relative error below 2e-7, about what expf gives); inputs below -87 (softmax tails) give 0.
+__m512 exp16(__m512 x) {
+  const __m512 ln2 = _mm512_set1_ps(0.6931471805599453f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, ln2, x);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One decode step of attention for N sequences, one new token each (a decode batch):
+// rotate q and k by the rotary factors (x * cos + roll(x, D/2) * signed_sin, as the model does),
+// write k and v into the cache at (slot, position), and attend each query head to positions
+// 0..position of its sequence through its kv head (grouped-query attention), scaled by 1/sqrt(D).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cos, const at::Tensor& signed_sin, at::Tensor cache_k,
+                            at::Tensor cache_v, const at::Tensor& slots, const at::Tensor& positions) {
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes() &&
+                  cache_k.scalar_type() == at::kFloat && cache_v.scalar_type() == at::kFloat &&
+                  cache_k.is_contiguous() && cache_v.is_contiguous(),
+              "decode_attention: caches must be contiguous float32 (slots, kv_heads, length, head_dim)");
+  const int64_t kv_heads = cache_k.size(1), length = cache_k.size(2), dim = cache_k.size(3);
+  const int64_t tokens = q.size(0);
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && q.scalar_type() == at::kFloat &&
+                  k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  q.size(1) % (kv_heads * dim) == 0 && k.size(1) == kv_heads * dim &&
+                  v.size(1) == kv_heads * dim && k.size(0) == tokens && v.size(0) == tokens,
+              "decode_attention: q (N, heads * D), k and v (N, kv_heads * D) float32 expected");
+  TORCH_CHECK(cos.numel() == tokens * dim && signed_sin.numel() == tokens * dim &&
+                  cos.scalar_type() == at::kFloat && signed_sin.scalar_type() == at::kFloat &&
+                  dim % 2 == 0,
+              "decode_attention: rotary factors must be float32 with N * head_dim values");
+  TORCH_CHECK(slots.numel() == tokens && positions.numel() == tokens &&
+                  slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+              "decode_attention: slots and positions must be int64 of N values");
+  const int64_t heads = q.size(1) / dim, group = heads / kv_heads;
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor cosc = cos.contiguous(), sinc = signed_sin.contiguous();
+  const at::Tensor slot_t = slots.contiguous(), position_t = positions.contiguous();
+  const int64_t* slot = slot_t.data_ptr<int64_t>();
+  const int64_t* position = position_t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tokens; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < cache_k.size(0) && position[i] >= 0 &&
+                    position[i] < length,
+                "decode_attention: slot or position outside the cache");
+    for (int64_t j = 0; j < i; ++j) {
+      TORCH_CHECK(slot[j] != slot[i], "decode_attention: one token per sequence expected");
+    }
+  }
+  at::Tensor q_rot = at::empty({tokens, heads, dim}, q.options());
+  float* qr = q_rot.data_ptr<float>();
+  float* ck = cache_k.data_ptr<float>();
+  float* cv = cache_v.data_ptr<float>();
+  const int64_t half = dim / 2;
+  auto rotate = [&](const float* in, float* out, const float* c, const float* s) {
+    for (int64_t d = 0; d < dim; ++d) out[d] = in[d] * c[d] + in[(d + half) % dim] * s[d];
+  };
+  auto at_cache = [&](float* cache, int64_t i, int64_t h) {
+    return cache + ((slot[i] * kv_heads + h) * length + position[i]) * dim;
+  };
+  for (int64_t i = 0; i < tokens; ++i) {
+    const float* c = cosc.data_ptr<float>() + i * dim;
+    const float* s = sinc.data_ptr<float>() + i * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      rotate(qc.data_ptr<float>() + (i * heads + h) * dim, qr + (i * heads + h) * dim, c, s);
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      rotate(kc.data_ptr<float>() + (i * kv_heads + h) * dim, at_cache(ck, i, h), c, s);
+      std::memcpy(at_cache(cv, i, h), vc.data_ptr<float>() + (i * kv_heads + h) * dim,
+                  dim * sizeof(float));
+    }
+  }
+
+  at::Tensor out = at::zeros({tokens, heads * dim}, q.options());
+  float* o = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / kv_heads, h = task % kv_heads, keys = position[i] + 1;
+      const float* key0 = ck + (slot[i] * kv_heads + h) * length * dim;
+      const float* value0 = cv + (slot[i] * kv_heads + h) * length * dim;
+      scores.resize((keys + 15) / 16 * 16);
+      for (int64_t member = 0; member < group; ++member) {
+        const int64_t head = h * group + member;
+        const float* query = qr + (i * heads + head) * dim;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < keys; ++j) {
+          const float* key = key0 + j * dim;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
+          scores[j] = dot * scale;
+          top = std::max(top, scores[j]);
+        }
+        std::fill(scores.begin() + keys, scores.end(), -INFINITY);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < keys; j += 16) {
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(&scores[j]), _mm512_set1_ps(top)));
+          _mm512_storeu_ps(&scores[j], e);
+          total = _mm512_add_ps(total, e);
+        }
+        const float inverse = 1.0f / _mm512_reduce_add_ps(total);
+        float* result = o + (i * heads + head) * dim;
+        for (int64_t j = 0; j < keys; ++j) {
+          const float p = scores[j] * inverse;
+          const float* value = value0 + j * dim;
+          for (int64_t d = 0; d < dim; ++d) result[d] += p * value[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(trellis_cpu, m) {
@@ -292,4 +443,8 @@ TORCH_LIBRARY(trellis_cpu, m) {
         "int vec) -> Tensor",
         &trellis_linear);
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor", &bf16_linear);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor signed_sin, "
+        "Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, Tensor positions) -> Tensor",
+        &decode_attention);
 }

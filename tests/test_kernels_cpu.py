@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernels.cpu import KernelsUnavailable, MAX_TOKENS, bf16_linear, library_path
 from trellis_runtime.cpu_linear import (CpuKernelBackend, bf16_product, cpu_kernels_loaded,
                                         kernels_unavailable_reason, state_lut)
 from trellis_runtime.kernel_suite import random_weight
 from trellis_runtime.linear import DecodedBackend, select_backend
+from trellis_runtime.model import RotaryEmbedding, apply_rotary, rope_frequencies
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TrellisSpec
 
@@ -119,3 +121,44 @@ def test_disabled_kernels_fall_back_to_the_dense_product(tiny_checkpoint_dir: Pa
                             env={**os.environ, "TRELLIS_CPU_KERNELS": "0"}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "{'DecodedBackend'} torch.float32"
+
+
+@needs_kernels
+def test_rms_norm_matches_torch() -> None:
+    gen = torch.Generator().manual_seed(8)
+    x, weight = torch.randn(3, 2, 100, generator=gen) * 4, torch.randn(100, generator=gen)
+    expected = F.rms_norm(x.double(), (100,), weight.double(), 1e-5)
+    assert relative_error(torch.ops.trellis_cpu.rms_norm(x, weight, 1e-5), expected) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("positions", [[0, 5, 37], [40, 2, 17]])
+def test_decode_attention_matches_rotary_and_sdpa(positions: list[int]) -> None:
+    """Three sequences, one new token each, in slots 2, 0, 3 of a 4-slot cache: the kernel's output
+    and cache writes against the model's own rotary and torch's SDPA over each sequence's prefix."""
+    heads, kv_heads, dim, length = 6, 2, 32, 48
+    gen = torch.Generator().manual_seed(9)
+    slots = torch.tensor([2, 0, 3])
+    position = torch.tensor(positions)
+    q, k, v = (torch.randn(3, h * dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+    cache_k, cache_v = (torch.randn(4, kv_heads, length, dim, generator=gen) for _ in range(2))
+    cos, signed_sin = RotaryEmbedding(rope_frequencies({}, dim))(position, torch.float32)
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    expected_k[slots, :, position] = apply_rotary(k.view(3, kv_heads, dim), cos, signed_sin)
+    expected_v[slots, :, position] = v.view(3, kv_heads, dim)
+    rotated_q = apply_rotary(q.view(3, heads, dim), cos, signed_sin)
+
+    out = torch.ops.trellis_cpu.decode_attention(q, k, v, cos, signed_sin, cache_k, cache_v, slots,
+                                                 position)
+    assert torch.equal(cache_v, expected_v)
+    torch.testing.assert_close(cache_k, expected_k)
+    for i in range(3):
+        keys = expected_k[slots[i], :, :position[i] + 1].double().repeat_interleave(heads // kv_heads, 0)
+        values = expected_v[slots[i], :, :position[i] + 1].double().repeat_interleave(
+            heads // kv_heads, 0)
+        reference = F.scaled_dot_product_attention(rotated_q[i].double()[:, None], keys, values)
+        assert relative_error(out[i], reference.reshape(-1)) < 1e-5
+
+    with pytest.raises(RuntimeError, match="one token per sequence"):
+        torch.ops.trellis_cpu.decode_attention(q, k, v, cos, signed_sin, cache_k, cache_v,
+                                               torch.tensor([1, 0, 1]), position)

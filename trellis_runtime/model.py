@@ -96,12 +96,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False) -> None:
+        """fused: use the CPU kernel, one call where F.rms_norm runs several ops (CPU float32 only)."""
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.eps = eps
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return torch.ops.trellis_cpu.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -181,16 +185,25 @@ class AttentionLayout:
 
 class Attention(nn.Module):
     def __init__(self, q_proj: TrellisLinear, k_proj: TrellisLinear, v_proj: TrellisLinear,
-                 o_proj: TrellisLinear, heads: int, kv_heads: int, head_dim: int) -> None:
+                 o_proj: TrellisLinear, heads: int, kv_heads: int, head_dim: int,
+                 fused_decode: bool = False) -> None:
+        """fused_decode: decode steps (one token per sequence) run rotary, the cache write and
+        attention as one CPU kernel call instead of ~20 small ops (CPU float32 only)."""
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group = heads // kv_heads
+        self.fused_decode = fused_decode
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: AttentionLayout,
                 slots: torch.Tensor, positions: torch.Tensor, cached_keys: torch.Tensor,
                 cached_values: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
+        if self.fused_decode and layout.tokens_per_sequence == 1:
+            out = torch.ops.trellis_cpu.decode_attention(
+                self.q_proj(x), self.k_proj(x), self.v_proj(x), *rope, cached_keys, cached_values,
+                slots, positions)
+            return self.o_proj(out)
         q = apply_rotary(self.q_proj(x).view(n, self.heads, self.head_dim), *rope)
         k = apply_rotary(self.k_proj(x).view(n, self.kv_heads, self.head_dim), *rope)
         v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
@@ -258,6 +271,8 @@ class TrellisLlama(nn.Module):
         dtype = compute_dtype(device)
         shape, config = checkpoint.shape, checkpoint.config
         eps = float(config.get("rms_norm_eps", 1e-6))
+        # The CPU kernels also fuse the small ops of a decode step (norms, attention).
+        fused = device.type == "cpu" and dtype == torch.float32 and cpu_kernels_loaded()
 
         def dense(name: str) -> torch.Tensor:
             return checkpoint.dense[name].to(device=device, dtype=dtype).contiguous()
@@ -269,11 +284,12 @@ class TrellisLlama(nn.Module):
         for index in range(shape.layers):
             prefix = f"model.layers.{index}"
             attention = Attention(*(linear(f"{prefix}.self_attn.{p}_proj") for p in "qkvo"),
-                                  heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim)
+                                  heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                                  fused_decode=fused)
             mlp = MLP(*(linear(f"{prefix}.mlp.{p}_proj") for p in ("gate", "up", "down")))
-            layers.append(DecoderLayer(attention, mlp,
-                                       RMSNorm(dense(f"{prefix}.input_layernorm.weight"), eps),
-                                       RMSNorm(dense(f"{prefix}.post_attention_layernorm.weight"), eps)))
+            layers.append(DecoderLayer(
+                attention, mlp, RMSNorm(dense(f"{prefix}.input_layernorm.weight"), eps, fused),
+                RMSNorm(dense(f"{prefix}.post_attention_layernorm.weight"), eps, fused)))
         def head(name: str) -> torch.Tensor:
             """Embeddings and output head: bf16 kept as is where the CPU kernel multiplies by it
             (half the bytes a decode step reads, the same values), else in the compute dtype."""
@@ -285,8 +301,8 @@ class TrellisLlama(nn.Module):
         embed = head("model.embed_tokens.weight")
         lm_head = embed if shape.tied_embeddings else head("lm_head.weight")
         rotary = RotaryEmbedding(rope_frequencies(config, shape.head_dim).to(device))
-        model = cls(shape, embed, layers, RMSNorm(dense("model.norm.weight"), eps), lm_head, rotary,
-                    dtype)
+        model = cls(shape, embed, layers, RMSNorm(dense("model.norm.weight"), eps, fused), lm_head,
+                    rotary, dtype)
         model.eval()
         linears = [m for m in model.modules() if isinstance(m, TrellisLinear)]
         packed = sum(m.quantized.codes.numel() * m.quantized.codes.element_size() for m in linears)
