@@ -3,11 +3,14 @@
 Measured in one process, on one packed checkpoint:
   single stream   greedy decode with the KV cache, new tokens per second (prompt included in the time,
                   as it is for `generate`, which runs the same float32 weights)
+  engine          the same through the generation engine in this process (its thread, sampling,
+                  detokenizing, stop checks; no HTTP): what the engine adds per token
   batched         8 sequences advanced by one forward per step: aggregate new tokens per second
   prefill         one 256-token prompt, last token's logits only, next to transformers' forward
 Every figure is the median of --runs rounds after a warm-up round; a round measures each item once,
 in turn, so a burst of load from elsewhere on a shared machine hits both sides alike. Achieved
-bandwidth counts the float32 weights a decode step reads (the decoded linears and the lm_head).
+bandwidth counts the weight bytes a decode step reads: the packed codes and state tables where the CPU
+kernel runs (else the decoded float32 matrices) and the output head as held.
 Targets: single stream >= 2x `generate`, batched aggregate >= 3x single stream.
 Writes benchmarks/results/runtime_decode.json.
 
@@ -28,9 +31,12 @@ import torch
 
 from qat.sources import dense_model_from_checkpoint
 from trellis_runtime.checkpoint import load_checkpoint
+from trellis_runtime.cpu_linear import CpuKernelBackend
+from trellis_runtime.engine import Engine
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear
 from trellis_runtime.model import TrellisLlama
+from trellis_runtime.sampling import SamplingParams
 
 RESULTS = Path(__file__).parent / "results" / "runtime_decode.json"
 PROMPT_TOKENS, BATCH, PREFILL_TOKENS = 16, 8, 256
@@ -85,6 +91,18 @@ def batched_steps(model: TrellisLlama, cache: KVCache, prompts: list[list[int]],
             cache.free(slot)
 
 
+def step_weight_bytes(model: TrellisLlama) -> int:
+    """Weight bytes one decode step reads: what each linear's backend multiplies from, and the head."""
+    total = model.lm_head.numel() * model.lm_head.element_size()
+    for module in model.modules():
+        if isinstance(module, TrellisLinear):
+            backend = module.backend
+            held = ((backend.codes, backend.lut) if isinstance(backend, CpuKernelBackend)
+                    else (backend.dense,))
+            total += sum(t.numel() * t.element_size() for t in held)
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint")
@@ -93,7 +111,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
+    from transformers import AutoTokenizer
+
     checkpoint = load_checkpoint(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     started = time.perf_counter()
     model = TrellisLlama.from_checkpoint(checkpoint, "cpu")
     load_seconds = time.perf_counter() - started
@@ -113,8 +134,12 @@ def main() -> None:
               cache, logits_for=as_tensor([PREFILL_TOKENS - 1]))
         cache.free(slot)
 
+    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=PREFILL_TOKENS + n).start()
+    engine_params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
     measurements: dict[str, Callable[[], float]] = {
         "trellis_single": lambda: timed(lambda: trellis_greedy(model, cache, prompt, n)),
+        "trellis_engine": lambda: timed(lambda: engine.generate_text(prompt, engine_params)),
         "transformers_generate": lambda: timed(
             lambda: reference.generate(as_tensor(prompt)[None], **generate_kwargs)),
         "trellis_batched": lambda: batched_steps(model, cache, prompts, n),
@@ -130,15 +155,19 @@ def main() -> None:
                 seconds = measure()
                 if round_:
                     samples[name].append(seconds)
+        engine_tokens = engine.generate_text(prompt, engine_params).token_ids
+    engine.shutdown()
     median = {name: statistics.median(values) for name, values in samples.items()}
     single, generate, batched = (median[k] for k in ("trellis_single", "transformers_generate",
                                                      "trellis_batched"))
     prefill_seconds, reference_prefill = median["trellis_prefill"], median["transformers_prefill"]
 
-    step_bytes = (sum(m.decoded_bytes for m in model.modules() if isinstance(m, TrellisLinear))
-                  + model.lm_head.numel() * model.lm_head.element_size())
+    step_bytes = step_weight_bytes(model)
+    backends = sorted({type(m.backend).__name__ for m in model.modules()
+                       if isinstance(m, TrellisLinear)})
     rows = {
         "trellis_single": n / single,
+        "trellis_engine": n / median["trellis_engine"],
         "transformers_generate": n / generate,
         f"trellis_batched_{BATCH}": BATCH * n / batched,
     }
@@ -147,9 +176,12 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "checkpoint": Path(args.checkpoint).name, "spec": checkpoint.trellis["spec"],
         "new_tokens": n, "prompt_tokens": PROMPT_TOKENS, "runs": args.runs,
-        "load_seconds": load_seconds,
+        "load_seconds": load_seconds, "linear_backends": backends,
+        "lm_head_dtype": str(model.lm_head.dtype).removeprefix("torch."),
         "tokens_per_second": rows,
         "greedy_tokens_match_transformers": ours == theirs.tolist(),
+        "engine_tokens_match": engine_tokens == ours,
+        "engine_overhead_ms_per_token": (median["trellis_engine"] - single) / n * 1000,
         "prefill_256_seconds": {"trellis": prefill_seconds, "transformers": reference_prefill},
         "samples_seconds": samples,
         "decode_step_weight_bytes": step_bytes,
@@ -166,8 +198,10 @@ def main() -> None:
     targets = result["targets"]
     print(f"single stream vs generate: {targets['single_vs_generate']:.2f}x (target 2x); "
           f"batched vs single: {targets['batched_vs_single']:.2f}x (target 3x)")
-    print(f"single stream reads {result['single_stream_gb_per_s']:.1f} GB/s of weights; "
-          f"greedy tokens match transformers: {result['greedy_tokens_match_transformers']}")
+    print(f"single stream reads {result['single_stream_gb_per_s']:.1f} GB/s of weights "
+          f"({step_bytes / 2**20:.0f} MiB per step, {', '.join(backends)}); greedy tokens match "
+          f"transformers: {result['greedy_tokens_match_transformers']}; engine adds "
+          f"{result['engine_overhead_ms_per_token']:.1f} ms per token")
     print(f"prefill {PREFILL_TOKENS} tokens: trellis {prefill_seconds * 1000:.0f} ms, "
           f"transformers {reference_prefill * 1000:.0f} ms; model load {load_seconds:.1f} s")
 

@@ -73,34 +73,40 @@ def _small_factor(n: int) -> torch.Tensor:
 
 
 class CpuKernelBackend(nn.Module):
-    """Multiply decode batches with the C++ kernel, larger products with F.linear on a dense copy."""
+    """Multiply decode batches with the C++ kernel, larger products with F.linear on a dense copy.
+
+    CPU only. The kernel's arguments are kept as one plain tuple, not as registered buffers: a decode
+    step makes 210 of these calls, and nn.Module's attribute lookup for ten buffers per call would
+    cost more than the smaller products themselves.
+    """
 
     def __init__(self, weight: QuantizedWeight, max_rows: int = KERNEL_MAX_ROWS) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.max_rows = max_rows
         spec = weight.spec
-        self.state_bits, self.bits, self.vec = spec.state_bits, spec.bits, spec.vec
+        self.codes = weight.codes.contiguous()
+        self.lut = state_lut(weight)
+        self.input_signs = weight.input_signs.to(torch.float32)
+        self.output_signs = weight.output_signs.to(torch.float32)
+        self.small_in = _small_factor(self.in_features)
+        self.small_out = _small_factor(self.out_features)
         self.factor = float(weight.scale) / math.sqrt(self.in_features * self.out_features)
-        self.register_buffer("codes", weight.codes.contiguous(), persistent=False)
-        self.register_buffer("lut", state_lut(weight), persistent=False)
-        self.register_buffer("input_signs", weight.input_signs.to(torch.float32), persistent=False)
-        self.register_buffer("output_signs", weight.output_signs.to(torch.float32), persistent=False)
-        self.register_buffer("small_in", _small_factor(self.in_features), persistent=False)
-        self.register_buffer("small_out", _small_factor(self.out_features), persistent=False)
-        self.register_buffer("dense", weight.dequantize().contiguous(), persistent=False)
+        self.kernel_args = (self.codes, self.lut, self.input_signs, self.output_signs, self.small_in,
+                            self.small_out, self.factor, spec.state_bits, spec.bits, spec.vec)
+        self.dense = weight.dequantize().contiguous()
 
     @property
     def decoded_bytes(self) -> int:
         return self.dense.numel() * self.dense.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= self.max_rows:  # a decode step's (tokens, features)
+            return torch.ops.trellis_cpu.trellis_linear(x, *self.kernel_args)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > self.max_rows:
             return F.linear(x, self.dense)
-        y = torch.ops.trellis_cpu.trellis_linear(
-            rows, self.codes, self.lut, self.input_signs, self.output_signs, self.small_in,
-            self.small_out, self.factor, self.state_bits, self.bits, self.vec)
+        y = torch.ops.trellis_cpu.trellis_linear(rows, *self.kernel_args)
         return y.view(*x.shape[:-1], self.out_features)
 
 

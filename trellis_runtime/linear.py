@@ -85,7 +85,7 @@ class TrellisLinear(nn.Module):
         return self.backend.decoded_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend(x)
+        return self.backend.forward(x)  # no hooks on backends: skip nn.Module's call machinery
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
