@@ -279,3 +279,314 @@ def backward_reference(x: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
         return dx, None
     dvalues.sub_(tr.values_rev * dl_total.unsqueeze(1) * tr.scale).div_(grad_scale)
     return dx, dvalues[tr.reverse_states]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused Triton kernels. One program per chain runs a whole pass (every step, every state) in one
+# launch: a step reads the previous step's group messages, written by the same program, after a
+# barrier. Each step loops over blocks of groups; a block is a (groups x 2^KV members) tile whose
+# costs l_t are recomputed from the codebook. The reductions that span all groups (the marginals'
+# normaliser Lambda_t, the outputs, E_t) are accumulated online across blocks with a running
+# maximum, as in a streaming softmax, so nothing of size 2^L is ever written. Messages are stored
+# relative to their previous step's maximum (a per-step constant, which every use cancels).
+# ---------------------------------------------------------------------------------------------
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+BLOCK_ELEMENTS = 2048  # states per block: groups x members
+
+
+@triton.jit
+def _costs(coef_ptr, bias_ptr, s, x0, x1, V: tl.constexpr):
+    """l_t(s) = bias[s] + <coef[s], x_t> with coef = 2 c / T and bias = -|c|^2 / T."""
+    cost = tl.load(bias_ptr + s) + x0 * tl.load(coef_ptr + s * V)
+    if V == 2:
+        cost += x1 * tl.load(coef_ptr + s * V + 1)
+    return cost
+
+
+@triton.jit
+def _scores(values_ptr, s, g0, g1, centre, V: tl.constexpr):
+    """f_t(s) = <grad_t, c_s> - <grad_t, out_t> (zero outside the emitted steps: grad = 0)."""
+    score = g0 * tl.load(values_ptr + s * V) - centre
+    if V == 2:
+        score += g1 * tl.load(values_ptr + s * V + 1)
+    return score
+
+
+@triton.jit
+def _load_step(ptr, row, t, V: tl.constexpr, mask=True):
+    """(v0, v1) of a (rows, steps, V) tensor at [row, t]; v1 = 0 when V = 1."""
+    v0 = tl.load(ptr + row * V + t * V, mask=mask, other=0.0)
+    v1 = 0.0
+    if V == 2:
+        v1 = tl.load(ptr + row * V + t * V + 1, mask=mask, other=0.0)
+    return v0, v1
+
+
+@triton.jit
+def _alpha_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, phi_ptr, grad_ptr, out_ptr,
+                  chains, steps, stop, start, emitted, floor,
+                  STATE_BITS: tl.constexpr, STEP_BITS: tl.constexpr, V: tl.constexpr,
+                  BLOCK_G: tl.constexpr, WITH_PHI: tl.constexpr):
+    """m_{t+1}[h] = LSE_j (l_t + m_t)(j*G + h) for t < stop-1; with WITH_PHI also Phi_{t+1}."""
+    G: tl.constexpr = 1 << (STATE_BITS - STEP_BITS)
+    F: tl.constexpr = 1 << STEP_BITS
+    b = tl.program_id(0).to(tl.int64)
+    member = tl.arange(0, F)[:, None]
+    lane = tl.arange(0, BLOCK_G)
+    shift = 0.0
+    for t in range(0, stop - 1):
+        x0, x1 = _load_step(x_ptr, b * steps, t, V)
+        k = t - start
+        active = (k >= 0) & (k < emitted)
+        g0, g1 = _load_step(grad_ptr, b * emitted, k, V, active)
+        o0, o1 = _load_step(out_ptr, b * emitted, k, V, active)
+        centre = g0 * o0 + g1 * o1
+        here = (t * chains + b) * G
+        there = here + chains * G
+        new_shift = -float("inf")
+        for h0 in range(0, G, BLOCK_G):
+            h = h0 + lane
+            p = member * G + h[None, :]  # (F, BLOCK_G): the predecessor group of each h
+            a = _costs(coef_ptr, bias_ptr, p, x0, x1, V) - shift
+            a += tl.load(m_ptr + here + (p >> STEP_BITS))
+            top = tl.max(a, axis=0)
+            e = tl.exp(tl.maximum(a - top[None, :], floor))
+            total = tl.sum(e, axis=0)
+            m_next = top + tl.log(total)
+            tl.store(m_ptr + there + h, m_next)
+            new_shift = tl.maximum(new_shift, tl.max(m_next, axis=0))
+            if WITH_PHI:
+                phi = _scores(values_ptr, p, g0, g1, centre, V) * active.to(tl.float32)
+                phi += tl.load(phi_ptr + here + (p >> STEP_BITS))
+                tl.store(phi_ptr + there + h, tl.sum(e * phi, axis=0) / total)
+        shift = new_shift
+        tl.debug_barrier()
+
+
+@triton.jit
+def _beta_forward_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, g_ptr, out_ptr,
+                         chains, steps, start, stop, floor,
+                         STATE_BITS: tl.constexpr, STEP_BITS: tl.constexpr, V: tl.constexpr,
+                         BLOCK_G: tl.constexpr):
+    """Beta recursion from the last step down to `start`; posterior means at steps < stop."""
+    G: tl.constexpr = 1 << (STATE_BITS - STEP_BITS)
+    F: tl.constexpr = 1 << STEP_BITS
+    b = tl.program_id(0).to(tl.int64)
+    member = tl.arange(0, F)[None, :]
+    lane = tl.arange(0, BLOCK_G)
+    shift = 0.0
+    for i in range(0, steps - start):
+        t = steps - 1 - i
+        x0, x1 = _load_step(x_ptr, b * steps, t, V)
+        cur = ((i % 2) * chains + b) * G
+        nxt = (((i + 1) % 2) * chains + b) * G
+        m_row = (t * chains + b) * G
+        new_shift = -float("inf")
+        run_max = -float("inf")
+        z = 0.0
+        o0 = 0.0
+        o1 = 0.0
+        for h0 in range(0, G, BLOCK_G):
+            h = h0 + lane
+            s = h[:, None] * F + member  # (BLOCK_G, F): the successor group of each h
+            y = _costs(coef_ptr, bias_ptr, s, x0, x1, V) - shift
+            y += tl.load(g_ptr + cur + (s & (G - 1)))
+            top = tl.max(y, axis=1)
+            e = tl.exp(tl.maximum(y - top[:, None], floor))
+            g_next = top + tl.log(tl.sum(e, axis=1))
+            tl.store(g_ptr + nxt + h, g_next)
+            new_shift = tl.maximum(new_shift, tl.max(g_next, axis=0))
+            if t < stop:  # P_t(s) = e(s) exp(top + m_t - Lambda_t), streamed over blocks
+                m_t = tl.load(m_ptr + m_row + h)
+                block_max = tl.max(m_t + g_next, axis=0)
+                new_max = tl.maximum(run_max, block_max)
+                rescale = tl.exp(run_max - new_max)
+                weight = tl.exp(m_t + top - new_max)
+                z = z * rescale + tl.sum(tl.exp(m_t + g_next - new_max), axis=0)
+                v0 = tl.sum(e * tl.load(values_ptr + s * V), axis=1)
+                o0 = o0 * rescale + tl.sum(weight * v0, axis=0)
+                if V == 2:
+                    v1 = tl.sum(e * tl.load(values_ptr + s * V + 1), axis=1)
+                    o1 = o1 * rescale + tl.sum(weight * v1, axis=0)
+                run_max = new_max
+        if t < stop:
+            row = (b * (stop - start) + t - start) * V
+            tl.store(out_ptr + row, o0 / z)
+            if V == 2:
+                tl.store(out_ptr + row + 1, o1 / z)
+        shift = new_shift
+        tl.debug_barrier()
+
+
+@triton.jit
+def _beta_backward_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, phi_ptr, g_ptr, psi_ptr,
+                          grad_ptr, out_ptr, dx_ptr, dvalues_ptr,
+                          chains, steps, start, emitted, floor, scale,
+                          STATE_BITS: tl.constexpr, STEP_BITS: tl.constexpr, V: tl.constexpr,
+                          BLOCK_G: tl.constexpr, VALUES_GRAD: tl.constexpr):
+    """dx_t = (2/T) sum_s P_t (h_t - E_t) c_s with h_t = f_t + psi_t + Phi_t, all steps."""
+    G: tl.constexpr = 1 << (STATE_BITS - STEP_BITS)
+    F: tl.constexpr = 1 << STEP_BITS
+    S: tl.constexpr = 1 << STATE_BITS
+    b = tl.program_id(0).to(tl.int64)
+    member = tl.arange(0, F)[None, :]
+    lane = tl.arange(0, BLOCK_G)
+    shift = 0.0
+    for i in range(0, steps):
+        t = steps - 1 - i
+        x0, x1 = _load_step(x_ptr, b * steps, t, V)
+        k = t - start
+        active = (k >= 0) & (k < emitted)
+        g0, g1 = _load_step(grad_ptr, b * emitted, k, V, active)
+        c0, c1 = _load_step(out_ptr, b * emitted, k, V, active)
+        centre = g0 * c0 + g1 * c1
+        cur = ((i % 2) * chains + b) * G
+        nxt = (((i + 1) % 2) * chains + b) * G
+        m_row = (t * chains + b) * G
+        new_shift = -float("inf")
+        run_max = -float("inf")
+        z = 0.0
+        su = 0.0
+        u0 = 0.0
+        u1 = 0.0
+        a0 = 0.0
+        a1 = 0.0
+        for h0 in range(0, G, BLOCK_G):
+            h = h0 + lane
+            s = h[:, None] * F + member
+            low = s & (G - 1)
+            y = _costs(coef_ptr, bias_ptr, s, x0, x1, V) + tl.load(g_ptr + cur + low) - shift
+            top = tl.max(y, axis=1)
+            e = tl.exp(tl.maximum(y - top[:, None], floor))
+            total = tl.sum(e, axis=1)
+            g_next = top + tl.log(total)
+            tl.store(g_ptr + nxt + h, g_next)
+            new_shift = tl.maximum(new_shift, tl.max(g_next, axis=0))
+            w = _scores(values_ptr, s, g0, g1, centre, V) * active.to(tl.float32)
+            ew = e * (w + tl.load(psi_ptr + cur + low))
+            tl.store(psi_ptr + nxt + h, tl.sum(ew, axis=1) / total)
+            u = ew + e * tl.load(phi_ptr + m_row + h)[:, None]  # e * h_t
+            m_t = tl.load(m_ptr + m_row + h)
+            new_max = tl.maximum(run_max, tl.max(m_t + g_next, axis=0))
+            rescale = tl.exp(run_max - new_max)
+            weight = tl.exp(m_t + top - new_max)
+            z = z * rescale + tl.sum(tl.exp(m_t + g_next - new_max), axis=0)
+            su = su * rescale + tl.sum(weight * tl.sum(u, axis=1), axis=0)
+            v0 = tl.load(values_ptr + s * V)
+            u0 = u0 * rescale + tl.sum(weight * tl.sum(u * v0, axis=1), axis=0)
+            a0 = a0 * rescale + tl.sum(weight * tl.sum(e * v0, axis=1), axis=0)
+            if V == 2:
+                v1 = tl.load(values_ptr + s * V + 1)
+                u1 = u1 * rescale + tl.sum(weight * tl.sum(u * v1, axis=1), axis=0)
+                a1 = a1 * rescale + tl.sum(weight * tl.sum(e * v1, axis=1), axis=0)
+            run_max = new_max
+        mean = su / z
+        row = (b * steps + t) * V
+        tl.store(dx_ptr + row, scale * (u0 - mean * a0) / z)
+        if V == 2:
+            tl.store(dx_ptr + row + 1, scale * (u1 - mean * a1) / z)
+        if VALUES_GRAD:  # a second sweep, now that Lambda_t and E_t are known
+            log_norm = run_max + tl.log(z)
+            for h0 in range(0, G, BLOCK_G):
+                h = h0 + lane
+                s = h[:, None] * F + member
+                low = s & (G - 1)
+                y = _costs(coef_ptr, bias_ptr, s, x0, x1, V) + tl.load(g_ptr + cur + low) - shift
+                top = tl.max(y, axis=1)
+                e = tl.exp(tl.maximum(y - top[:, None], floor))
+                factor = tl.exp(tl.load(m_ptr + m_row + h) + top - log_norm)[:, None]
+                w = _scores(values_ptr, s, g0, g1, centre, V) * active.to(tl.float32)
+                hw = w + tl.load(psi_ptr + cur + low) + tl.load(phi_ptr + m_row + h)[:, None]
+                p = e * factor
+                dl = p * (hw - mean)
+                dv = dvalues_ptr + (b * S + s) * V
+                v0 = tl.load(values_ptr + s * V)
+                tl.store(dv, tl.load(dv) + p * g0 + scale * dl * (x0 - v0))
+                if V == 2:
+                    v1 = tl.load(values_ptr + s * V + 1)
+                    tl.store(dv + 1, tl.load(dv + 1) + p * g1 + scale * dl * (x1 - v1))
+        shift = new_shift
+        tl.debug_barrier()
+
+
+def _kernel_inputs(x: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    if x.dtype != torch.float32:
+        raise ValueError(f"bcjr kernels run in float32, got {x.dtype}")
+    if x.shape[2] not in (1, 2):
+        raise ValueError(f"bcjr kernels support V = 1 or 2, got {x.shape[2]}")
+    values = values.contiguous()
+    coef = (values * (2.0 / temperature)).contiguous()
+    bias = (values.pow(2).sum(1) * (-1.0 / temperature)).contiguous()
+    groups = 1 << (state_bits - step_bits)
+    block_g = max(1, min(groups, BLOCK_ELEMENTS >> step_bits))
+    meta = dict(STATE_BITS=state_bits, STEP_BITS=step_bits, V=x.shape[2], BLOCK_G=block_g)
+    return values, coef, bias, meta
+
+
+def _output(given: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
+            name: str) -> torch.Tensor:
+    if given is None:
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    if tuple(given.shape) != shape or given.dtype != torch.float32 or not given.is_contiguous():
+        raise ValueError(f"bcjr: {name} must be a contiguous float32 tensor of shape {shape}")
+    return given
+
+
+def forward_triton(x: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
+                   temperature: float, start: int = 0, stop: int | None = None,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    """forward_reference in two fused kernels (float32; V = 1 or 2; no entropy).
+
+    `out`, if given, is a contiguous float32 (B, stop-start, V) tensor written in full.
+    """
+    stop = x.shape[1] if stop is None else stop
+    _check(x, values, state_bits, step_bits, temperature, start, stop)
+    values, coef, bias, meta = _kernel_inputs(x, values, state_bits, step_bits, temperature)
+    B, N, V = x.shape
+    x = x.contiguous()
+    G = 1 << (state_bits - step_bits)
+    floor = log_floor(torch.float32)
+    m = torch.empty(stop, B, G, device=x.device, dtype=torch.float32)
+    m[0].zero_()
+    _alpha_kernel[(B,)](x, coef, bias, values, m, m, x, x, B, N, stop, 0, 0, floor,
+                        WITH_PHI=False, **meta)
+    g = torch.zeros(2, B, G, device=x.device, dtype=torch.float32)
+    out = _output(out, (B, stop - start, V), x.device, "out")
+    _beta_forward_kernel[(B,)](x, coef, bias, values, m, g, out, B, N, start, stop, floor,
+                               **meta)
+    return out, None
+
+
+def backward_triton(x: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
+                    grad_out: torch.Tensor, state_bits: int, step_bits: int, temperature: float,
+                    start: int = 0, values_grad: bool = False, dx: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """backward_reference in two fused kernels (float32; V = 1 or 2).
+
+    `dx`, if given, is a contiguous float32 tensor shaped like x, written in full.
+    """
+    E = out.shape[1]
+    _check(x, values, state_bits, step_bits, temperature, start, start + E)
+    values, coef, bias, meta = _kernel_inputs(x, values, state_bits, step_bits, temperature)
+    B, N, V = x.shape
+    x, out, grad_out = x.contiguous(), out.contiguous(), grad_out.contiguous()
+    G, S = 1 << (state_bits - step_bits), 1 << state_bits
+    floor = log_floor(torch.float32)
+    m = torch.empty(N, B, G, device=x.device, dtype=torch.float32)
+    phi = torch.empty(N, B, G, device=x.device, dtype=torch.float32)
+    m[0].zero_()
+    phi[0].zero_()
+    _alpha_kernel[(B,)](x, coef, bias, values, m, phi, grad_out, out, B, N, N, start, E, floor,
+                        WITH_PHI=True, **meta)
+    g = torch.zeros(2, B, G, device=x.device, dtype=torch.float32)
+    psi = torch.zeros(2, B, G, device=x.device, dtype=torch.float32)
+    dx = _output(dx, tuple(x.shape), x.device, "dx")
+    dvalues = torch.zeros(B if values_grad else 1, S, V, device=x.device, dtype=torch.float32)
+    _beta_backward_kernel[(B,)](x, coef, bias, values, m, phi, g, psi, grad_out, out, dx,
+                                dvalues, B, N, start, E, floor, 2.0 / temperature,
+                                VALUES_GRAD=values_grad, **meta)
+    return dx, dvalues.sum(0) if values_grad else None

@@ -34,11 +34,12 @@ from kernels import bcjr
 from trellis_runtime.trellis import TrellisSpec
 
 BOUNDARIES = ("free", "tail_biting")
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 # Working set per chunk on CPU: one (tiles, 2^L) step buffer near the size that stays in L2 cache.
 CPU_STEP_ELEMENTS = 1 << 18
-# On a GPU the chunk is bounded by the stored group messages and two (tiles, 2^L) step buffers.
-CUDA_CHUNK_BYTES = 2 << 30
+# On a GPU the chunk is bounded by the stored group messages (two per step), two (tiles, 2^L) step
+# buffers and the kernels' per-tile codebook gradient; bigger chunks keep more of the GPU busy.
+CUDA_CHUNK_BYTES = 4 << 30
 
 
 def warmup_steps(steps: int) -> int:
@@ -57,9 +58,13 @@ def chunk_tiles_for(state_bits: int, step_bits: int, chain_steps: int,
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether to run the fused kernels: "auto" picks them on CUDA (float32) and plain torch
+    elsewhere; "triton" forces them (on CPU they run only under TRITON_INTERPRET=1, for tests)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    return False
+    if backend == "auto":
+        return x.is_cuda and x.dtype == torch.float32
+    return backend == "triton"
 
 
 class _Chains(torch.autograd.Function):
@@ -173,7 +178,8 @@ def soft_reconstruct(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, t
 
 
 def posterior_entropy(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, temperature: float,
-                      boundary: str = "tail_biting", chunk_tiles: int | None = None) -> torch.Tensor:
+                      boundary: str = "tail_biting", chunk_tiles: int | None = None
+                      ) -> torch.Tensor:
     """Mean marginal entropy per step (nats, a scalar): 0 when hard, L*ln 2 when uniform.
 
     A diagnostic for temperature schedules; no gradient.

@@ -50,7 +50,7 @@ def enumerated_mean(seq: torch.Tensor, values: torch.Tensor, paths: torch.Tensor
 
 def dense_cyclic_mean(seq: torch.Tensor, values: torch.Tensor, L: int, kv: int,
                       temperature: float) -> torch.Tensor:
-    """Exact cyclic posterior mean via transfer matrices: P_t(s) ∝ (M_{t+1}..M_{N-1}M_0..M_t)_ss."""
+    """The exact cyclic posterior mean: P_t(s) ∝ (M_{t+1} ... M_{N-1} M_0 ... M_t)[s, s]."""
     S = 1 << L
     states = torch.arange(S)
     adjacency = torch.zeros(S, S, dtype=F64)
