@@ -110,6 +110,10 @@ void tile_rows_product(const int32_t* codes, const int32_t* lut, const float* x_
   const __mmask16 high_mask =
       words <= 16 ? 0 : static_cast<__mmask16>(words >= 32 ? 0xFFFF : (1u << (words - 16)) - 1);
   const __m128i state_shift = _mm_cvtsi32_si128(static_cast<int>(32 - state_bits));
+  // The state table is read at random: ask for all of it at once rather than miss line by line.
+  for (int64_t i = 0; i < (int64_t{1} << state_bits); i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(lut + i), _MM_HINT_T1);
+  }
   for (int64_t rt = begin; rt < end; ++rt) {
     const int32_t* tile_row = codes + rt * col_tiles * words;
     for (int64_t g = 0; g < kGroups; ++g) {

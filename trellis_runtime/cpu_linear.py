@@ -30,9 +30,12 @@ from trellis_runtime.quantized import QuantizedWeight
 
 logger = logging.getLogger("trellis_runtime")
 
-# Rows up to which the kernel beats F.linear on the dense copy (benchmarks/runtime_decode.py measures
-# single-stream and 8-sequence decode; the kernel re-decodes the codes for every 8 rows).
-KERNEL_MAX_ROWS = 8
+# Rows up to which the kernels beat F.linear on a dense float32 copy, measured over SmolLM2-135M's 210
+# linears on the 2-core development machine: 14.7 against 20.6 ms at 1 row, 23.8 against 27.9 at 4,
+# 44.7 against 36.0 at 8 (the kernel's multiply-adds grow with the rows while its decode does not
+# shrink); for the bf16 head 10.8 against 13.4 ms at 8 rows and 17.8 against 13.0 at 16.
+KERNEL_MAX_ROWS = 4
+HEAD_KERNEL_MAX_ROWS = 8
 DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use the dense float32 product everywhere
 
 
@@ -115,7 +118,7 @@ def bf16_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (it reads the 2-byte weights; a float32 copy would double the bytes), F.linear on a widened
     copy for larger ones."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > KERNEL_MAX_ROWS:
+    if rows.shape[0] > HEAD_KERNEL_MAX_ROWS:
         return F.linear(x, weight.to(torch.float32))
     y = torch.ops.trellis_cpu.bf16_linear(rows.contiguous(), weight)
     return y.view(*x.shape[:-1], weight.shape[0])
