@@ -16,9 +16,13 @@ Boundaries.
   run over the end of the tile, and the backward messages leave step N-1 having run over its start,
   which is what the circle imposes. Because this is an honest Boltzmann measure on the unrolled
   chain, the gradient below is its exact gradient (warm-up copies of a weight add their share).
-  The error against the exact cyclic measure decays geometrically with W; the default W (a quarter
-  of the tile, 32 steps at V=2, ten times the state memory L/KV at L=12) is measured against
-  brute-force enumeration in tests/test_soft_trellis.py.
+  The error against the exact cyclic measure decays geometrically with W. The default W is a
+  quarter of the tile (32 steps at V=2, ten times the state memory L/KV = 3 of L=12). On 256-weight
+  tiles with L=6, KV=2 (the same memory) its largest error in any output weight, against the exact
+  cyclic measure, is 2e-6 at T=1, 4e-5 at T=0.3 and 7e-4 at T=0.1, where free ends are off by 0.1
+  to 1.4; tests/test_soft_trellis.py checks this (a transfer-matrix oracle, itself checked against
+  enumeration of every circular bitstream). Cost: the forward runs N+W steps per direction, the
+  backward N+2W (1.25x and 1.5x of free ends at V=2).
 
 Memory stays bounded: tiles run in chunks (chunk_tiles, or chosen from a budget), the forward keeps
 only the output, and the backward recomputes each chunk's messages (kernels/bcjr.py stores only
