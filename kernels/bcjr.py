@@ -11,6 +11,10 @@ is -|c_s - x_t|^2 / T up to a per-step constant that cancels. The output at step
 the posterior mean sum_s P_t(s) c_s. A caller builds other boundaries from chains (tail-biting is a
 free chain padded with wrap-around warm-up steps; see qat/soft_trellis.py).
 
+Two implementations with one contract: forward_reference/backward_reference in plain torch (any
+device, float32 or float64; the CPU path and the reference) and forward_triton/backward_triton,
+fused kernels for CUDA (float32, V = 1 or 2), tested for parity against the former.
+
 Group messages. Write s = F*h + c (h = s >> KV: the predecessor group; its members' predecessors
 are j*G + h, j < F, with G = 2^(L-KV)). Then
 
@@ -44,6 +48,8 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 
 def _check(x: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
@@ -91,7 +97,6 @@ class _Trellis:
         states = torch.arange(self.S, device=values.device)
         self.reverse_states = bit_reverse(states, state_bits)
         self.reverse_groups = bit_reverse(states[:self.G], state_bits - step_bits)
-        self.values = values
         self.values_rev = values[self.reverse_states]
         # (S, V) operands of (B, S) @ (S, V) products, stored transposed: torch is faster that way.
         self.values_t = values.t().contiguous()
@@ -307,9 +312,6 @@ def backward_reference(x: torch.Tensor, values: torch.Tensor, out: torch.Tensor,
 # maximum, as in a streaming softmax, so nothing of size 2^L is ever written. Messages are stored
 # relative to their previous step's maximum (a per-step constant, which every use cancels).
 # ---------------------------------------------------------------------------------------------
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 BLOCK_ELEMENTS = 2048  # states per block: groups x members
 
