@@ -97,7 +97,7 @@ class DecodeGraphs:
         mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
         layout = AttentionLayout(sequences=batch, tokens_per_sequence=1, key_length=context,
                                  cache_rows=step.slots, mask=mask, sequence_of_token=None,
-                                 row_of_token=None)
+                                 row_of_token=None, padded=True)
         return self.model(step.tokens, step.positions, step.slots, self.cache, layout=layout)
 
     def _capture(self, step: _Step, context: int) -> None:

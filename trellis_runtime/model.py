@@ -125,6 +125,9 @@ class AttentionLayout:
     mask: torch.Tensor  # additive (sequences, 1, tokens_per_sequence * group, key_length): 0 or -inf
     sequence_of_token: torch.Tensor | None  # (N,) grid coordinates for mixed batches, else None
     row_of_token: torch.Tensor | None
+    # Padded decode batches (CUDA-graph buckets) repeat a slot in their padding rows and rely on
+    # the mask, so the fused CPU decode kernel, which takes one token per sequence, cannot run them.
+    padded: bool = False
 
     @classmethod
     def plan(cls, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
@@ -199,7 +202,7 @@ class Attention(nn.Module):
                 slots: torch.Tensor, positions: torch.Tensor, cached_keys: torch.Tensor,
                 cached_values: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        if self.fused_decode and layout.tokens_per_sequence == 1:
+        if self.fused_decode and layout.tokens_per_sequence == 1 and not layout.padded:
             out = torch.ops.trellis_cpu.decode_attention(
                 self.q_proj(x), self.k_proj(x), self.v_proj(x), *rope, cached_keys, cached_values,
                 slots, positions)
