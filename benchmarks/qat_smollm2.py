@@ -6,7 +6,7 @@ same evaluation text as benchmarks/ptq_smollm2.py (the first 16,384 tokens of th
 evaluation part, 512-token windows; QAT selects its snapshot on held-out calibration text, never on
 this). Writes benchmarks/results/qat_smollm2.json with the run's summary (drift budget included).
 
-    .venv/bin/python benchmarks/qat_smollm2.py [PTQ_CHECKPOINT] [--work DIR] [-- extra qat flags]
+    .venv/bin/python benchmarks/qat_smollm2.py [PTQ_CHECKPOINT] [--work DIR] [trellis qat flags...]
 
 PTQ_CHECKPOINT defaults to the cached 2-bit checkpoint `trellis serve` makes on first use.
 """
@@ -42,8 +42,7 @@ def main() -> None:
     parser.add_argument("checkpoint", nargs="?", default=None)
     parser.add_argument("--work", default=None, help="directory for the QAT checkpoint (default: temp)")
     parser.add_argument("--max-tokens", type=int, default=16384)
-    parser.add_argument("extra", nargs="*", help="extra `trellis qat` flags, after --")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # anything else is passed to `trellis qat`
     if args.checkpoint is None:
         from trellis_runtime.cli import _checkpoint_for
 
@@ -53,7 +52,7 @@ def main() -> None:
 
     started = time.time()
     subprocess.run([sys.executable, "-m", "trellis_runtime.cli", "qat", str(ptq), "--out", str(out),
-                    *args.extra], check=True)
+                    *extra], check=True)
     seconds = time.time() - started
 
     text = evaluation_text(None)
@@ -61,7 +60,7 @@ def main() -> None:
     summary = json.loads((out / "qat_summary.json").read_text())
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "checkpoint": ptq.name, "qat_flags": args.extra, "wall_seconds": round(seconds, 1),
+              "checkpoint": ptq.name, "qat_flags": extra, "wall_seconds": round(seconds, 1),
               "eval": {"text": "built-in Wikipedia evaluation part", "ctx": 512,
                        "max_tokens": args.max_tokens},
               "eval_ppl": rows, "qat_summary": summary}
