@@ -6,7 +6,9 @@ same evaluation text as benchmarks/ptq_smollm2.py (the first 16,384 tokens of th
 evaluation part, 512-token windows; QAT selects its snapshot on held-out calibration text, never on
 this). Writes benchmarks/results/qat_smollm2.json with the run's summary (drift budget included).
 
-    .venv/bin/python benchmarks/qat_smollm2.py [PTQ_CHECKPOINT] [--work DIR] [trellis qat flags...]
+    .venv/bin/python benchmarks/qat_smollm2.py [PTQ_CHECKPOINT] [--work DIR] [--qat-flag=VALUE ...]
+
+Flags it does not know (write them as --flag=value) go to `trellis qat`, e.g. --steps=24 --layers=0,7.
 
 PTQ_CHECKPOINT defaults to the cached 2-bit checkpoint `trellis serve` makes on first use.
 """
