@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any, Callable
 
 import httpx
 import pytest
+from live_server import live_server
 
 MODEL = "tiny-trellis"
 CONTEXT = 512  # room for a stream long enough to disconnect from mid-way
@@ -35,31 +34,14 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint_dir: Path):
-    import uvicorn
-
     from server.app import create_app
     from trellis_runtime.engine import Engine
     from trellis_runtime.model import load_model
 
     model, tokenizer = load_model(tiny_checkpoint_dir, "cpu")
     engine = Engine(model, tokenizer, max_batch=MAX_BATCH, max_seq_len=CONTEXT)
-    app = create_app(engine, tokenizer, MODEL)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", engine, tokenizer)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
+    with live_server(create_app(engine, tokenizer, MODEL)) as url:
+        yield Served(url, engine, tokenizer)
 
 
 @pytest.fixture(scope="module")
