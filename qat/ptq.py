@@ -22,13 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from qat.hessian import collect_hessians, damp, hessian_key
 from qat.ldlq import LdlqJob, block_feedback, run_ldlq
 from qat.sources import load_float_model, resolve_source, source_shape
 from qat.text import calibration_text
+from qat.workdir import atomic_save, work_dir
 from trellis_runtime.architecture import INPUT_GROUPS, LlamaShape
 from trellis_runtime.bitstream import pack_states
 from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, load_checkpoint, save_checkpoint
@@ -67,20 +68,9 @@ def _seed(base: int, name: str) -> int:
     return zlib.crc32(f"{base}:{name}".encode())
 
 
-def _work_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    # clone: linears that share an input also share its sign vector object, which safetensors refuses
-    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(temporary))
-    os.replace(temporary, path)
-
-
 def _prepare_work_dir(out: Path, options: QuantizeOptions) -> Path:
     """Create or reuse the work directory; a different set of arguments starts over."""
-    work = _work_dir(out)
+    work = work_dir(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         work.mkdir(exist_ok=True)
@@ -128,7 +118,7 @@ def _load_or_collect_hessians(work: Path, model, tokenizer, options: QuantizeOpt
     windows = _calibration_windows(tokenizer, text, options.calib_windows, options.calib_ctx,
                                    options.seed)
     hessians = collect_hessians(model, windows)
-    _atomic_save(hessians, path)
+    atomic_save(hessians, path)
     return hessians
 
 
@@ -255,7 +245,7 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
                 progress.update(len(layers))
                 continue
             group_tensors = quantizer(layers, progress)
-            _atomic_save(group_tensors, path)
+            atomic_save(group_tensors, path)
             tensors.update(group_tensors)
     _finish(work, out, model, tokenizer, shape, tensors, options, source_name)
     print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from qat.distill import (TextWindows, dense_student, kl_to_teacher, layer_gains, load_teacher,
@@ -33,6 +33,7 @@ from qat.perplexity import perplexity
 from qat.record import Record, plot
 from qat.soft_linear import SoftTrellisLinear
 from qat.text import calibration_text
+from qat.workdir import atomic_save, work_dir
 from trellis_runtime.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Checkpoint, is_checkpoint,
                                         load_checkpoint, save_checkpoint)
 from trellis_runtime.errors import TrellisError
@@ -104,17 +105,6 @@ def parse_layers(text: str, count: int, device: str) -> list[int] | None:
     return layers
 
 
-def _work_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    temporary = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(temporary),
-              metadata={"json": json.dumps(metadata or {})})
-    os.replace(temporary, path)
-
-
 def _read_metadata(path: Path) -> dict:
     from safetensors import safe_open
 
@@ -138,7 +128,7 @@ class _Run:
 class Trainer:
     def __init__(self, checkpoint_dir: Path, out: Path, options: QatOptions) -> None:
         self.checkpoint_dir, self.out, self.options = Path(checkpoint_dir), Path(out), options
-        self.work = _work_dir(self.out)
+        self.work = work_dir(self.out)
         self.record = Record(self.work / "record.jsonl")
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -186,7 +176,7 @@ class Trainer:
             for key, value in slots.items():
                 tensors[f"adam.{index}.{key}"] = torch.as_tensor(value).reshape(-1) if key == "step" \
                     else value
-        _atomic_save(tensors, self.work / "snapshot.safetensors", asdict(run))
+        atomic_save(tensors, self.work / "snapshot.safetensors", asdict(run))
 
     def _load_snapshot(self, soft: dict[str, SoftTrellisLinear],
                        optimizer: torch.optim.Optimizer) -> None:
@@ -278,7 +268,7 @@ class Trainer:
         """Step 0: the PTQ solution's score and the first snapshot."""
         ptq = {name: module.ptq for name, module in soft.items()}
         run.ptq_ppl = run.best_ppl = self._evaluate(student, soft, ptq, windows.validation)
-        _atomic_save({k: v for name, w in ptq.items() for k, v in w.tensors(name).items()},
+        atomic_save({k: v for name, w in ptq.items() for k, v in w.tensors(name).items()},
                      self.work / "best.safetensors")
         self.record.path.unlink(missing_ok=True)
         self.record.append({"step": 0, "hard_ppl": run.ptq_ppl, "escape_frac": 0.0,
@@ -371,7 +361,7 @@ class Trainer:
         stats = {name: escape_stats(soft[name].ptq, weight) for name, weight in hard.items()}
         if ppl < run.best_ppl:
             run.best_ppl, run.best_step = ppl, run.step
-            _atomic_save({k: v for name, w in hard.items() for k, v in w.tensors(name).items()},
+            atomic_save({k: v for name, w in hard.items() for k, v in w.tensors(name).items()},
                          self.work / "best.safetensors")
         self._save_snapshot(run, soft, optimizer)
         return {"hard_ppl": ppl, "event": "snapshot",
