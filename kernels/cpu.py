@@ -1,4 +1,4 @@
-"""CPU kernels for decode steps, in C++ (trellis_cpu.cpp), compiled on first use and cached.
+"""CPU kernels for decode steps, in C++ (trellis_cpu*.cpp), compiled on first use and cached.
 
 What they compute, and the layout they assume (the torch references are
 trellis_runtime.quantized.QuantizedWeight.dequantize and torch.nn.functional.linear):
@@ -14,6 +14,11 @@ trellis_runtime.quantized.QuantizedWeight.dequantize and torch.nn.functional.lin
   scale / sqrt(in * out), the scale and both Hadamard normalisations in one multiply.
 - bf16_linear(x, w) = x w^T for float32 x (at most MAX_TOKENS rows) and bfloat16 w, accumulated in
   float32.
+- rms_norm and decode_attention: those steps of a decode step (trellis_cpu.cpp says what they take).
+- torch.classes.trellis_cpu.DecoderLayer(tensors, factors, specs, input_norm, post_norm, eps): a whole
+  decoder layer for decode steps, built once from its seven linears' trellis_linear arguments (q, k,
+  v, o, gate, up, down); .decode(x, cos, signed_sin, cache_k, cache_v, slots, positions) returns
+  x + attention, + MLP, as trellis_runtime/model.py's DecoderLayer computes it.
 
 The kernels need x86-64 with AVX-512 and a C++ compiler (g++, or $CXX) at first use; `load`
 raises KernelsUnavailable saying which is missing, and callers fall back to torch. Nothing here
@@ -32,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("trellis_cpu.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "trellis_cpu.cpp", HERE / "trellis_cpu_layer.cpp"]
+HEADERS = [HERE / "trellis_cpu.h"]
 MAX_TOKENS = 16  # rows of x per call: decode batches; larger products belong to a GEMM
 FLAGS = ["-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw",
          "-mavx512dq", "-mavx512vl", "-mf16c", "-mfma", "-DNDEBUG"]
@@ -50,33 +57,34 @@ def _compiler() -> str:
 
 
 def library_path(build_dir: Path) -> Path:
-    """Where the library for this source, compiler, torch and Python is cached."""
+    """Where the library for these sources, compiler, torch and Python is cached."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), _compiler().encode(), " ".join(FLAGS).encode(),
-                 torch.__version__.encode(), sys.version.encode(), platform.machine().encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), _compiler().encode(),
+                 " ".join(FLAGS).encode(), torch.__version__.encode(), sys.version.encode(),
+                 platform.machine().encode()):
         key.update(part)
     return build_dir / f"trellis_cpu-{key.hexdigest()[:16]}.so"
 
 
 def _build(target: Path) -> None:
-    """Compile the source into `target`, atomically: a failed or concurrent build leaves no torn file."""
+    """Compile the sources into `target`, atomically: a failed or concurrent build leaves no torn file."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         partial = Path(work) / target.name
-        command = [_compiler(), *FLAGS, *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o",
-                   str(partial), *(f"-L{p}" for p in library_paths()),
+        command = [_compiler(), *FLAGS, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
+                   "-o", str(partial), *(f"-L{p}" for p in library_paths()),
                    *(f"-Wl,-rpath,{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         except FileNotFoundError:
             raise KernelsUnavailable(f"no C++ compiler: {_compiler()!r} was not found") from None
         except subprocess.TimeoutExpired:
-            raise KernelsUnavailable(f"compiling {SOURCE.name} took over {BUILD_TIMEOUT_S} s") from None
+            raise KernelsUnavailable(f"compiling the CPU kernels took over {BUILD_TIMEOUT_S} s") from None
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line]
-            raise KernelsUnavailable(f"compiling {SOURCE.name} failed: "
+            raise KernelsUnavailable("compiling the CPU kernels failed: "
                                      f"{(errors or result.stderr.splitlines() or ['?'])[0]}")
         os.replace(partial, target)
     for stale in target.parent.glob("trellis_cpu-*.so"):  # builds of older sources

@@ -16,11 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu import KernelsUnavailable, MAX_TOKENS, bf16_linear, library_path
-from trellis_runtime.cpu_linear import (CpuKernelBackend, bf16_product, cpu_kernels_loaded,
+from trellis_runtime.checkpoint import load_checkpoint
+from trellis_runtime.cpu_linear import (KERNEL_MAX_ROWS, CpuKernelBackend, bf16_product,
+                                        cpu_kernels_loaded, fused_decoder_layer,
                                         kernels_unavailable_reason, state_lut)
 from trellis_runtime.kernel_suite import random_weight
 from trellis_runtime.linear import DecodedBackend, select_backend
-from trellis_runtime.model import RotaryEmbedding, apply_rotary, rope_frequencies
+from trellis_runtime.model import (AttentionLayout, RotaryEmbedding, TrellisLlama, apply_rotary,
+                                   rope_frequencies)
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TrellisSpec
 
@@ -80,12 +83,13 @@ def test_select_backend_uses_the_kernel_and_refuses_inexact_tables() -> None:
 @pytest.mark.parametrize("features", [576, 100])  # a whole number of 16-lane vectors, and a tail
 def test_bf16_linear_matches_widened_weights(features: int) -> None:
     gen = torch.Generator().manual_seed(6)
-    weight = torch.randn(300, features, generator=gen).to(torch.bfloat16)
-    assert bf16_product(torch.zeros(0, features), weight).shape == (0, 300)
+    weight = torch.randn(302, features, generator=gen).to(torch.bfloat16)  # blocks of 4 rows + 2
+    assert bf16_product(torch.zeros(0, features), weight).shape == (0, 302)
     for tokens in (1, 5, 8, 12):
         x = torch.randn(tokens, features, generator=gen)
         reference = x.double() @ weight.double().T
         assert relative_error(bf16_product(x, weight), reference) < 1e-5
+        assert relative_error(bf16_linear(x, weight), reference) < 1e-5  # the kernel at every size
 
 
 @needs_kernels
@@ -162,3 +166,51 @@ def test_decode_attention_matches_rotary_and_sdpa(positions: list[int]) -> None:
     with pytest.raises(RuntimeError, match="one token per sequence"):
         torch.ops.trellis_cpu.decode_attention(q, k, v, cos, signed_sin, cache_k, cache_v,
                                                torch.tensor([1, 0, 1]), position)
+
+
+@needs_kernels
+def test_fused_decoder_layer_matches_the_per_op_layer(tiny_checkpoint_dir: Path) -> None:
+    """A decode step through the C++ decoder layer gives the per-op path's output and cache writes
+    (the same kernels in the same order, float32 rounding apart), for 1 and 3 sequences."""
+    model = TrellisLlama.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), "cpu")
+    layer = model.layers[0]
+    assert layer.fused_decode is not None and layer.fused_max_rows == KERNEL_MAX_ROWS
+    hidden, gen = model.shape.hidden, torch.Generator().manual_seed(10)
+    for slots, positions in (([1], [7]), ([2, 0, 3], [5, 0, 11])):
+        n = len(slots)
+        cache = model.new_cache(max_slots=4, max_seq_len=16)
+        for _ in range(4):
+            cache.allocate()
+        for keys, values in zip(cache.keys, cache.values):
+            keys.copy_(torch.randn(keys.shape, generator=gen))
+            values.copy_(torch.randn(values.shape, generator=gen))
+        x = torch.randn(n, hidden, generator=gen)
+        slot_t, position_t = torch.tensor(slots), torch.tensor(positions)
+        layout = AttentionLayout.plan(position_t, slot_t, cache, model.shape.heads // model.shape.kv_heads)
+        rope = model.rotary(position_t, torch.float32)
+        outputs, caches, fused = [], [], layer.fused_decode
+        try:
+            for layer.fused_decode in (fused, None):
+                keys, values = cache.keys[0].clone(), cache.values[0].clone()
+                with torch.inference_mode():
+                    outputs.append(layer(x, rope, layout, slot_t, position_t, keys, values))
+                caches.append((keys, values))
+        finally:
+            layer.fused_decode = fused
+        assert relative_error(outputs[0], outputs[1].double()) < 1e-6
+        assert torch.equal(caches[0][1], caches[1][1])
+        torch.testing.assert_close(caches[0][0], caches[1][0])
+
+
+@needs_kernels
+def test_fused_decoder_layer_refuses_parts_that_are_not_a_layer() -> None:
+    backends = [CpuKernelBackend(random_weight(TrellisSpec(12, 2, 2, "hyb"), out, inp, seed=i))
+                for i, (out, inp) in enumerate([(64, 64)] * 4 + [(128, 64)] * 2 + [(64, 128)])]
+    norm = torch.ones(64)
+    assert fused_decoder_layer(backends, norm, norm, 1e-5) is not None
+    with pytest.raises(RuntimeError, match="do not form a decoder layer"):
+        fused_decoder_layer(backends[:6] + backends[:1], norm, norm, 1e-5)  # a 64 x 64 down
+    with pytest.raises(RuntimeError, match="expected 7 linears"):
+        fused_decoder_layer(backends[:6], norm, norm, 1e-5)
+    with pytest.raises(RuntimeError, match="norm weights"):
+        fused_decoder_layer(backends, norm, torch.ones(32), 1e-5)

@@ -113,6 +113,21 @@ class CpuKernelBackend(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post_norm: torch.Tensor,
+                        eps: float) -> torch.ScriptObject | None:
+    """The C++ decoder layer for decode steps (kernels/trellis_cpu_layer.cpp) over the backends of q, k,
+    v, o, gate, up and down, or None unless all seven are CpuKernelBackends."""
+    if not all(isinstance(linear, CpuKernelBackend) for linear in linears):
+        return None
+    tensors, factors, specs = [], [], []
+    for linear in linears:
+        *arrays, factor, state_bits, bits, vec = linear.kernel_args
+        tensors += arrays
+        factors.append(factor)
+        specs += [state_bits, bits, vec]
+    return torch.classes.trellis_cpu.DecoderLayer(tensors, factors, specs, input_norm, post_norm, eps)
+
+
 def bf16_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) float32 times bf16 weight (out, in)^T in float32: the kernel for decode batches
     (it reads the 2-byte weights; a float32 copy would double the bytes), F.linear on a widened

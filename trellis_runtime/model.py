@@ -22,7 +22,8 @@ from torch import nn
 
 from trellis_runtime.architecture import LlamaShape
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
-from trellis_runtime.cpu_linear import bf16_product, cpu_kernels_loaded
+from trellis_runtime.cpu_linear import (KERNEL_MAX_ROWS, bf16_product, cpu_kernels_loaded,
+                                         fused_decoder_layer)
 from trellis_runtime.errors import SourceError
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear, compute_dtype
@@ -242,10 +243,24 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+        # On CPU with the kernels, decode steps of up to fused_max_rows sequences run the whole layer
+        # as one C++ call (trellis_runtime/cpu_linear.py: fused_decoder_layer).
+        self.fused_decode: torch.ScriptObject | None = None
+        self.fused_max_rows = 0
+        if self_attn.fused_decode:
+            self.fused_decode = fused_decoder_layer(
+                [linear.backend for linear in (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj,
+                                               self_attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                               mlp.down_proj)],
+                input_layernorm.weight, post_attention_layernorm.weight, input_layernorm.eps)
+            self.fused_max_rows = KERNEL_MAX_ROWS
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: AttentionLayout,
                 slots: torch.Tensor, positions: torch.Tensor, cached_keys: torch.Tensor,
                 cached_values: torch.Tensor) -> torch.Tensor:
+        if (self.fused_decode is not None and layout.tokens_per_sequence == 1 and not layout.padded
+                and x.shape[0] <= self.fused_max_rows):
+            return self.fused_decode.decode(x, *rope, cached_keys, cached_values, slots, positions)
         x = x + self.self_attn(self.input_layernorm(x), rope, layout, slots, positions,
                                cached_keys, cached_values)
         return x + self.mlp(self.post_attention_layernorm(x))
