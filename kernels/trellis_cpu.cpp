@@ -94,57 +94,93 @@ const WindowPlan& window_plan(int64_t bits, int64_t vec) {
   return plans[(bits - 1) * 2 + (vec - 1)];
 }
 
-// y_rot[t, rt*16 + row] for row tiles [begin, end) and kTokens rows of x_rot. Group g of 16 steps
-// emits 16*V weights: tile row g (V = 1: lut entries are float32) or rows 2g and 2g+1 (V = 2: lut
-// entries are two float16, slot 0 in the low half). Loop order rt, g, ct keeps the kVec * kTokens
-// accumulators in registers; the tile row of codes being re-read per group stays in L1.
-template <int64_t kVec, int64_t kTokens>
-void tile_rows_product(const int32_t* codes, const int32_t* lut, const float* x_rot, float* y_rot,
-                       int64_t col_tiles, int64_t in_features, int64_t out_features,
-                       int64_t state_bits, int64_t bits, int64_t begin, int64_t end) {
-  constexpr int64_t kGroups = kTile * kTile / kVec / 16;
-  const WindowPlan& plan = window_plan(bits, kVec);
-  const int64_t words = 8 * bits;
-  const __mmask16 low_mask = words >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << words) - 1);
-  const __mmask16 high_mask =
-      words <= 16 ? 0 : static_cast<__mmask16>(words >= 32 ? 0xFFFF : (1u << (words - 16)) - 1);
-  const __m128i state_shift = _mm_cvtsi32_si128(static_cast<int>(32 - state_bits));
-  // The state table is read at random: ask for all of it at once rather than miss line by line.
-  for (int64_t i = 0; i < (int64_t{1} << state_bits); i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(lut + i), _MM_HINT_T1);
+// Decodes groups of 16 trellis steps of a tile: group g holds 16*V weights, tile row g (V = 1: lut
+// entries are float32) or rows 2g and 2g+1 (V = 2: lut entries are two float16, slot 0 in the low
+// half), 16 columns each, as float32 vectors.
+template <int64_t kVec>
+class GroupDecoder {
+ public:
+  static constexpr int64_t kGroups = kTile * kTile / kVec / 16;
+
+  GroupDecoder(const int32_t* lut, int64_t state_bits, int64_t bits)
+      : lut_(lut), plan_(window_plan(bits, kVec)), words(8 * bits),
+        low_mask_(words >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << words) - 1)),
+        high_mask_(words <= 16 ? 0
+                               : static_cast<__mmask16>(words >= 32 ? 0xFFFF : (1u << (words - 16)) - 1)),
+        state_shift_(_mm_cvtsi32_si128(static_cast<int>(32 - state_bits))) {
+    // The state table is read at random: ask for all of it at once rather than miss line by line.
+    for (int64_t i = 0; i < (int64_t{1} << state_bits); i += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(lut + i), _MM_HINT_T1);
+    }
   }
+
+  void start_group(int64_t g) {
+    first_ = _mm512_load_si512(plan_.first + 16 * g);
+    next_ = _mm512_load_si512(plan_.next + 16 * g);
+    shift_ = _mm512_load_si512(plan_.shift + 16 * g);
+    back_shift_ = _mm512_load_si512(plan_.back_shift + 16 * g);
+  }
+
+  // The current group's weights of the tile whose words start at `tile`.
+  void decode(const int32_t* tile, __m512 (&w)[kVec]) const {
+    const __m512i low = _mm512_maskz_loadu_epi32(low_mask_, tile);
+    const __m512i high = _mm512_maskz_loadu_epi32(high_mask_, tile + 16);
+    const __m512i window =
+        _mm512_or_si512(_mm512_sllv_epi32(_mm512_permutex2var_epi32(low, first_, high), shift_),
+                        _mm512_srlv_epi32(_mm512_permutex2var_epi32(low, next_, high), back_shift_));
+    const __m512i values = _mm512_i32gather_epi32(_mm512_srl_epi32(window, state_shift_), lut_, 4);
+    if constexpr (kVec == 2) {
+      w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(values));
+      w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(values, 1));
+    } else {
+      w[0] = _mm512_castsi512_ps(values);
+    }
+  }
+
+  // While group 0 of row tile `rt` is decoded, the next row tile's codes come from memory.
+  void prefetch_next_row(const int32_t* tile, int64_t col_tiles) const {
+    _mm_prefetch(reinterpret_cast<const char*>(tile + col_tiles * words), _MM_HINT_T0);
+    if (words > 16) _mm_prefetch(reinterpret_cast<const char*>(tile + col_tiles * words + 16), _MM_HINT_T0);
+  }
+
+ private:
+  const int32_t* lut_;
+  const WindowPlan& plan_;
+
+ public:
+  const int64_t words;
+
+ private:
+  const __mmask16 low_mask_, high_mask_;
+  const __m128i state_shift_;
+  __m512i first_, next_, shift_, back_shift_;
+};
+
+// Up to kDirectTokens rows of x, each group's weights are multiplied as they are decoded; beyond, the
+// accumulators would not fit the registers beside the decoder's, so a group is decoded once into a
+// buffer in L1 and multiplied from there, in blocks of up to kTokenBlock rows.
+constexpr int64_t kDirectTokens = 2;
+
+// y_rot[t, rt*16 + row] for row tiles [begin, end) and kTokens <= kDirectTokens rows of x_rot. Loop
+// order rt, g, ct keeps the accumulators in registers; the tile row of codes re-read per group stays
+// in L1.
+template <int64_t kVec, int64_t kTokens>
+void product_direct(const int32_t* codes, GroupDecoder<kVec>& decoder, const float* x_rot, float* y_rot,
+                    int64_t col_tiles, int64_t in_features, int64_t out_features, int64_t begin,
+                    int64_t end) {
   for (int64_t rt = begin; rt < end; ++rt) {
-    const int32_t* tile_row = codes + rt * col_tiles * words;
-    for (int64_t g = 0; g < kGroups; ++g) {
-      const __m512i first = _mm512_load_si512(plan.first + 16 * g);
-      const __m512i next = _mm512_load_si512(plan.next + 16 * g);
-      const __m512i shift = _mm512_load_si512(plan.shift + 16 * g);
-      const __m512i back_shift = _mm512_load_si512(plan.back_shift + 16 * g);
+    const int32_t* tile_row = codes + rt * col_tiles * decoder.words;
+    for (int64_t g = 0; g < GroupDecoder<kVec>::kGroups; ++g) {
+      decoder.start_group(g);
       __m512 acc[kVec][kTokens];
       for (auto& row : acc) {
         for (auto& a : row) a = _mm512_setzero_ps();
       }
       for (int64_t ct = 0; ct < col_tiles; ++ct) {
-        const int32_t* tile = tile_row + ct * words;
-        if (g == 0) {  // the next tile row's codes come from memory while this one is computed
-          _mm_prefetch(reinterpret_cast<const char*>(tile + col_tiles * words), _MM_HINT_T0);
-          if (words > 16) {
-            _mm_prefetch(reinterpret_cast<const char*>(tile + col_tiles * words + 16), _MM_HINT_T0);
-          }
-        }
-        const __m512i low = _mm512_maskz_loadu_epi32(low_mask, tile);
-        const __m512i high = _mm512_maskz_loadu_epi32(high_mask, tile + 16);
-        const __m512i window =
-            _mm512_or_si512(_mm512_sllv_epi32(_mm512_permutex2var_epi32(low, first, high), shift),
-                            _mm512_srlv_epi32(_mm512_permutex2var_epi32(low, next, high), back_shift));
-        const __m512i values = _mm512_i32gather_epi32(_mm512_srl_epi32(window, state_shift), lut, 4);
+        const int32_t* tile = tile_row + ct * decoder.words;
+        if (g == 0) decoder.prefetch_next_row(tile, col_tiles);
         __m512 w[kVec];
-        if constexpr (kVec == 2) {
-          w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(values));
-          w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(values, 1));
-        } else {
-          w[0] = _mm512_castsi512_ps(values);
-        }
+        decoder.decode(tile, w);
         const float* xs = x_rot + ct * kTile;
         for (int64_t t = 0; t < kTokens; ++t) {
           const __m512 xv = _mm512_loadu_ps(xs + t * in_features);
@@ -160,20 +196,80 @@ void tile_rows_product(const int32_t* codes, const int32_t* lut, const float* x_
   }
 }
 
-// Dispatch on (V, tokens in this block); blocks of at most kTokenBlock tokens.
-template <int64_t kVec>
-void product_block(int64_t tokens, const int32_t* codes, const int32_t* lut, const float* x_rot,
-                   float* y_rot, int64_t col_tiles, int64_t in_features, int64_t out_features,
-                   int64_t state_bits, int64_t bits, int64_t begin, int64_t end) {
-#define TRELLIS_CASE(n)                                                                           \
-  case n:                                                                                         \
-    return tile_rows_product<kVec, n>(codes, lut, x_rot, y_rot, col_tiles, in_features,           \
-                                      out_features, state_bits, bits, begin, end);
-  switch (tokens) {
-    TRELLIS_CASE(1) TRELLIS_CASE(2) TRELLIS_CASE(3) TRELLIS_CASE(4)
-    TRELLIS_CASE(5) TRELLIS_CASE(6) TRELLIS_CASE(7) TRELLIS_CASE(8)
+// y_rot[t, row + r] for the kVec output rows from `row` whose decoded weights are in `weights`
+// (col_tiles x kVec x 16 floats), for kTokens rows of x_rot.
+template <int64_t kVec, int64_t kTokens>
+void product_from_weights(const float* weights, const float* x_rot, float* y_rot, int64_t col_tiles,
+                          int64_t in_features, int64_t out_features, int64_t row) {
+  __m512 acc[kVec][kTokens];
+  for (auto& r : acc) {
+    for (auto& a : r) a = _mm512_setzero_ps();
   }
+  for (int64_t ct = 0; ct < col_tiles; ++ct) {
+    __m512 w[kVec];
+    for (int64_t r = 0; r < kVec; ++r) w[r] = _mm512_loadu_ps(weights + (ct * kVec + r) * kTile);
+    for (int64_t t = 0; t < kTokens; ++t) {
+      const __m512 xv = _mm512_loadu_ps(x_rot + t * in_features + ct * kTile);
+      for (int64_t r = 0; r < kVec; ++r) acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
+    }
+  }
+  for (int64_t r = 0; r < kVec; ++r) {
+    for (int64_t t = 0; t < kTokens; ++t) y_rot[t * out_features + row + r] = _mm512_reduce_add_ps(acc[r][t]);
+  }
+}
+
+// y_rot for row tiles [begin, end) and any number of rows of x_rot: each group decoded once.
+template <int64_t kVec>
+void product_buffered(const int32_t* codes, GroupDecoder<kVec>& decoder, const float* x_rot,
+                      float* y_rot, int64_t tokens, int64_t col_tiles, int64_t in_features,
+                      int64_t out_features, int64_t begin, int64_t end) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(col_tiles * kVec * kTile);
+  float* weights = buffer.data();
+  for (int64_t rt = begin; rt < end; ++rt) {
+    const int32_t* tile_row = codes + rt * col_tiles * decoder.words;
+    for (int64_t g = 0; g < GroupDecoder<kVec>::kGroups; ++g) {
+      decoder.start_group(g);
+      for (int64_t ct = 0; ct < col_tiles; ++ct) {
+        const int32_t* tile = tile_row + ct * decoder.words;
+        if (g == 0) decoder.prefetch_next_row(tile, col_tiles);
+        __m512 w[kVec];
+        decoder.decode(tile, w);
+        for (int64_t r = 0; r < kVec; ++r) _mm512_storeu_ps(weights + (ct * kVec + r) * kTile, w[r]);
+      }
+      for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
+        const float* xb = x_rot + t0 * in_features;
+        float* yb = y_rot + t0 * out_features;
+        const int64_t row = rt * kTile + kVec * g;
+#define TRELLIS_CASE(n)                                                                            \
+  case n:                                                                                          \
+    product_from_weights<kVec, n>(weights, xb, yb, col_tiles, in_features, out_features, row); \
+    break;
+        switch (std::min(kTokenBlock, tokens - t0)) {
+          TRELLIS_CASE(1) TRELLIS_CASE(2) TRELLIS_CASE(3) TRELLIS_CASE(4)
+          TRELLIS_CASE(5) TRELLIS_CASE(6) TRELLIS_CASE(7) TRELLIS_CASE(8)
+        }
 #undef TRELLIS_CASE
+      }
+    }
+  }
+}
+
+// y_rot for row tiles [begin, end) and `tokens` rows of x_rot, by the path that suits the count.
+template <int64_t kVec>
+void product_rows(const int32_t* codes, const int32_t* lut, const float* x_rot, float* y_rot,
+                  int64_t tokens, int64_t col_tiles, int64_t in_features, int64_t out_features,
+                  int64_t state_bits, int64_t bits, int64_t begin, int64_t end) {
+  static_assert(kDirectTokens == 2, "the direct cases below");
+  GroupDecoder<kVec> decoder(lut, state_bits, bits);
+  if (tokens == 1) {
+    product_direct<kVec, 1>(codes, decoder, x_rot, y_rot, col_tiles, in_features, out_features, begin, end);
+  } else if (tokens == 2) {
+    product_direct<kVec, 2>(codes, decoder, x_rot, y_rot, col_tiles, in_features, out_features, begin, end);
+  } else {
+    product_buffered<kVec>(codes, decoder, x_rot, y_rot, tokens, col_tiles, in_features, out_features,
+                           begin, end);
+  }
 }
 
 void check_small_hadamard(const at::Tensor& h, int64_t n, const char* name) {
@@ -228,17 +324,12 @@ void TrellisMatrix::multiply_rows(const float* x_rot, float* y_rot, int64_t toke
   const int32_t* code_ptr = codes.data_ptr<int32_t>();
   const int32_t* lut_ptr = lut.data_ptr<int32_t>();
   const int64_t in = in_features(), out = out_features(), col_tiles = codes.size(1);
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
-    const int64_t block = std::min(kTokenBlock, tokens - t0);
-    const float* xb = x_rot + t0 * in;
-    float* yb = y_rot + t0 * out;
-    if (vec == 2) {
-      product_block<2>(block, code_ptr, lut_ptr, xb, yb, col_tiles, in, out, state_bits, bits, begin,
-                       end);
-    } else {
-      product_block<1>(block, code_ptr, lut_ptr, xb, yb, col_tiles, in, out, state_bits, bits, begin,
-                       end);
-    }
+  if (vec == 2) {
+    product_rows<2>(code_ptr, lut_ptr, x_rot, y_rot, tokens, col_tiles, in, out, state_bits, bits, begin,
+                    end);
+  } else {
+    product_rows<1>(code_ptr, lut_ptr, x_rot, y_rot, tokens, col_tiles, in, out, state_bits, bits, begin,
+                    end);
   }
 }
 
