@@ -136,11 +136,12 @@ def test_rms_norm_matches_torch() -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("positions", [[0, 5, 37], [40, 2, 17]])
-def test_decode_attention_matches_rotary_and_sdpa(positions: list[int]) -> None:
+@pytest.mark.parametrize(("positions", "dim"), [([0, 5, 37], 32), ([40, 2, 17], 32), ([40, 16, 15], 40)])
+def test_decode_attention_matches_rotary_and_sdpa(positions: list[int], dim: int) -> None:
     """Three sequences, one new token each, in slots 2, 0, 3 of a 4-slot cache: the kernel's output
-    and cache writes against the model's own rotary and torch's SDPA over each sequence's prefix."""
-    heads, kv_heads, dim, length = 6, 2, 32, 48
+    and cache writes against the model's own rotary and torch's SDPA over each sequence's prefix
+    (whole and partial blocks of 16 keys; a head size that is not a multiple of 16)."""
+    heads, kv_heads, length = 6, 2, 48
     gen = torch.Generator().manual_seed(9)
     slots = torch.tensor([2, 0, 3])
     position = torch.tensor(positions)
