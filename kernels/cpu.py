@@ -12,8 +12,8 @@ trellis_runtime.quantized.QuantizedWeight.dequantize and torch.nn.functional.lin
   (V = 2, slot 0 in the low 16 bits), bit patterns stored as int32. H_n is the unnormalised
   H_r kron H_{2^p}, with the small r x r factor passed in as float32; `factor` is
   scale / sqrt(in * out), the scale and both Hadamard normalisations in one multiply.
-- bf16_linear(x, w) = x w^T for float32 x (at most MAX_TOKENS rows) and bfloat16 w, accumulated in
-  float32.
+- dense_linear(x, w) = x w^T for float32 x (at most MAX_TOKENS rows) and bfloat16 or float32 w,
+  accumulated in float32.
 - rms_norm and decode_attention: those steps of a decode step (trellis_cpu.cpp says what they take).
 - torch.classes.trellis_cpu.DecoderLayer(tensors, factors, specs, input_norm, post_norm, eps): a whole
   decoder layer for decode steps, built once from its seven linears' trellis_linear arguments (q, k,
@@ -119,6 +119,6 @@ def trellis_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
                                                 state_bits, bits, vec)
 
 
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (tokens, in) float32, weight (out, in) bfloat16 -> (tokens, out) float32."""
-    return torch.ops.trellis_cpu.bf16_linear(x, weight)
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (tokens, in) float32, weight (out, in) bfloat16 or float32 -> (tokens, out) float32."""
+    return torch.ops.trellis_cpu.dense_linear(x, weight)

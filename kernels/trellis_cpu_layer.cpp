@@ -32,10 +32,13 @@ void silu_times(float* gate, const float* up, int64_t n) {
 
 struct DecoderLayer : torch::CustomClassHolder {
   // tensors: kTensorsPerLinear per linear in the order q, k, v, o, gate, up, down (the arguments of
-  // TrellisMatrix); factors: one per linear; specs: (L, K, V) per linear.
+  // TrellisMatrix); factors: one per linear; specs: (L, K, V) per linear; dense: the same linears
+  // decoded to float32 (out, in), multiplied instead of the codes for more than trellis_max_tokens rows.
   DecoderLayer(std::vector<at::Tensor> tensors, std::vector<double> factors, std::vector<int64_t> specs,
-               at::Tensor input_norm_, at::Tensor post_norm_, double eps_)
-      : input_norm(std::move(input_norm_)), post_norm(std::move(post_norm_)), eps(eps_) {
+               std::vector<at::Tensor> dense_, int64_t trellis_max_tokens_, at::Tensor input_norm_,
+               at::Tensor post_norm_, double eps_)
+      : dense(std::move(dense_)), trellis_max_tokens(trellis_max_tokens_),
+        input_norm(std::move(input_norm_)), post_norm(std::move(post_norm_)), eps(eps_) {
     TORCH_CHECK(static_cast<int64_t>(tensors.size()) == kLinears * kTensorsPerLinear &&
                     static_cast<int64_t>(factors.size()) == kLinears &&
                     static_cast<int64_t>(specs.size()) == kLinears * kSpecPerLinear,
@@ -52,6 +55,13 @@ struct DecoderLayer : torch::CustomClassHolder {
                     up().out_features() == gate().out_features() &&
                     down().in_features() == gate().out_features() && down().out_features() == hidden,
                 "DecoderLayer: the linears' shapes do not form a decoder layer");
+    TORCH_CHECK(static_cast<int64_t>(dense.size()) == kLinears, "DecoderLayer: expected 7 dense weights");
+    for (int64_t i = 0; i < kLinears; ++i) {
+      TORCH_CHECK(dense[i].dim() == 2 && dense[i].scalar_type() == at::kFloat && dense[i].is_contiguous() &&
+                      dense[i].size(0) == linears[i].out_features() &&
+                      dense[i].size(1) == linears[i].in_features(),
+                  "DecoderLayer: dense weight ", i, " must be contiguous float32 of its linear's shape");
+    }
     for (const at::Tensor* norm : {&input_norm, &post_norm}) {
       TORCH_CHECK(norm->dim() == 1 && norm->scalar_type() == at::kFloat && norm->is_contiguous() &&
                       norm->size(0) == hidden,
@@ -71,20 +81,32 @@ struct DecoderLayer : torch::CustomClassHolder {
     const float e = static_cast<float>(eps);
     at::Tensor h = x.contiguous();
     at::Tensor normed = at::empty_like(h);
-    const float* n = normed.data_ptr<float>();
 
     rms_norm_rows(h.data_ptr<float>(), input_norm.data_ptr<float>(), normed.data_ptr<float>(), tokens,
                   hidden, e);
-    std::vector<at::Tensor> qkv = multiply({{&q(), n}, {&k(), n}, {&v(), n}}, tokens);
+    std::vector<at::Tensor> qkv = products({0, 1, 2}, normed, tokens);
     const at::Tensor attended = decode_attention(qkv[0], qkv[1], qkv[2], cos, signed_sin, cache_k,
                                                  cache_v, slots, positions);
-    h = h + multiply({{&o(), attended.data_ptr<float>()}}, tokens)[0];
+    h = h + products({3}, attended, tokens)[0];
 
     rms_norm_rows(h.data_ptr<float>(), post_norm.data_ptr<float>(), normed.data_ptr<float>(), tokens,
                   hidden, e);
-    std::vector<at::Tensor> gate_up = multiply({{&gate(), n}, {&up(), n}}, tokens);
+    std::vector<at::Tensor> gate_up = products({4, 5}, normed, tokens);
     silu_times(gate_up[0].data_ptr<float>(), gate_up[1].data_ptr<float>(), gate_up[0].numel());
-    return h + multiply({{&down(), gate_up[0].data_ptr<float>()}}, tokens)[0];
+    return h + products({6}, gate_up[0], tokens)[0];
+  }
+
+  // x W_i^T for the linears i of `which`, all with input x: from the codes in one parallel region for
+  // up to trellis_max_tokens rows, else from the dense copies, which is faster there.
+  std::vector<at::Tensor> products(std::initializer_list<int> which, const at::Tensor& x, int64_t tokens) const {
+    std::vector<at::Tensor> out;
+    if (tokens > trellis_max_tokens) {
+      for (int i : which) out.push_back(dense_linear(x, dense[i]));
+      return out;
+    }
+    std::vector<Product> jobs;
+    for (int i : which) jobs.push_back({&linears[i], x.data_ptr<float>()});
+    return multiply(jobs, tokens);
   }
 
   const TrellisMatrix& q() const { return linears[0]; }
@@ -96,6 +118,8 @@ struct DecoderLayer : torch::CustomClassHolder {
   const TrellisMatrix& down() const { return linears[6]; }
 
   std::vector<TrellisMatrix> linears;
+  std::vector<at::Tensor> dense;
+  int64_t trellis_max_tokens;
   at::Tensor input_norm, post_norm;
   double eps;
 };
@@ -104,7 +128,7 @@ struct DecoderLayer : torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(trellis_cpu, m) {
   m.class_<trellis_cpu::DecoderLayer>("DecoderLayer")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<double>, std::vector<int64_t>, at::Tensor,
-                       at::Tensor, double>())
+      .def(torch::init<std::vector<at::Tensor>, std::vector<double>, std::vector<int64_t>,
+                       std::vector<at::Tensor>, int64_t, at::Tensor, at::Tensor, double>())
       .def("decode", &trellis_cpu::DecoderLayer::decode);
 }

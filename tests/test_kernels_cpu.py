@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu import KernelsUnavailable, MAX_TOKENS, bf16_linear, library_path
+from kernels.cpu import KernelsUnavailable, MAX_TOKENS, dense_linear, library_path
 from trellis_runtime.checkpoint import load_checkpoint
-from trellis_runtime.cpu_linear import (KERNEL_MAX_ROWS, CpuKernelBackend, bf16_product,
-                                        cpu_kernels_loaded, fused_decoder_layer,
+from trellis_runtime.cpu_linear import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuKernelBackend,
+                                        cpu_kernels_loaded, dense_product, fused_decoder_layer,
                                         kernels_unavailable_reason, state_lut)
 from trellis_runtime.kernel_suite import random_weight
 from trellis_runtime.linear import DecodedBackend, select_backend
@@ -81,24 +81,26 @@ def test_select_backend_uses_the_kernel_and_refuses_inexact_tables() -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("features", [576, 100])  # a whole number of 16-lane vectors, and a tail
-def test_bf16_linear_matches_widened_weights(features: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dense_linear_matches_the_weights_product(features: int, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(6)
-    weight = torch.randn(302, features, generator=gen).to(torch.bfloat16)  # blocks of 4 rows + 2
-    assert bf16_product(torch.zeros(0, features), weight).shape == (0, 302)
-    for tokens in (1, 5, 8, 12):
+    weight = torch.randn(302, features, generator=gen).to(dtype)  # blocks of 4 rows + 2
+    assert dense_product(torch.zeros(0, features), weight).shape == (0, 302)
+    for tokens in (1, 5, 8, 16, 20):
         x = torch.randn(tokens, features, generator=gen)
         reference = x.double() @ weight.double().T
-        assert relative_error(bf16_product(x, weight), reference) < 1e-5
-        assert relative_error(bf16_linear(x, weight), reference) < 1e-5  # the kernel at every size
+        assert relative_error(dense_product(x, weight), reference) < 1e-5
+        if tokens <= MAX_TOKENS:
+            assert relative_error(dense_linear(x, weight), reference) < 1e-5
 
 
 @needs_kernels
 def test_kernels_refuse_bad_inputs() -> None:
     weight = torch.zeros(8, 16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=f"at most {MAX_TOKENS} tokens"):
-        bf16_linear(torch.zeros(MAX_TOKENS + 1, 16), weight)
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        bf16_linear(torch.zeros(1, 16), weight.float())
+        dense_linear(torch.zeros(MAX_TOKENS + 1, 16), weight)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        dense_linear(torch.zeros(1, 16), weight.half())
     backend = CpuKernelBackend(random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 64, seed=7))
     with pytest.raises(RuntimeError, match="x has 48 features, codes 64"):
         torch.ops.trellis_cpu.trellis_linear(
@@ -172,10 +174,12 @@ def test_decode_attention_matches_rotary_and_sdpa(positions: list[int], dim: int
 @needs_kernels
 def test_fused_decoder_layer_matches_the_per_op_layer(tiny_checkpoint_dir: Path) -> None:
     """A decode step through the C++ decoder layer gives the per-op path's output and cache writes
-    (the same kernels in the same order, float32 rounding apart), for 1 and 3 sequences."""
+    (the same kernels in the same order, float32 rounding apart), for 1 sequence (products from the
+    codes) and 3 (beyond KERNEL_MAX_ROWS: from the dense copies)."""
+    assert KERNEL_MAX_ROWS < 3
     model = TrellisLlama.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), "cpu")
     layer = model.layers[0]
-    assert layer.fused_decode is not None and layer.fused_max_rows == KERNEL_MAX_ROWS
+    assert layer.fused_decode is not None and layer.fused_max_rows == DENSE_KERNEL_MAX_ROWS
     hidden, gen = model.shape.hidden, torch.Generator().manual_seed(10)
     for slots, positions in (([1], [7]), ([2, 0, 3], [5, 0, 11])):
         n = len(slots)

@@ -30,12 +30,14 @@ from trellis_runtime.quantized import QuantizedWeight
 
 logger = logging.getLogger("trellis_runtime")
 
-# Rows up to which the kernels beat F.linear on a dense float32 copy, measured over SmolLM2-135M's 210
-# linears on the 2-core development machine: 14.7 against 20.6 ms at 1 row, 23.8 against 27.9 at 4,
-# 44.7 against 36.0 at 8 (the kernel's multiply-adds grow with the rows while its decode does not
-# shrink); for the bf16 head 10.8 against 13.4 ms at 8 rows and 17.8 against 13.0 at 16.
-KERNEL_MAX_ROWS = 4
-HEAD_KERNEL_MAX_ROWS = 8
+# Rows up to which each kernel is the fastest product, measured over SmolLM2-135M's 210 linears on the
+# 2-core development machine (the same run; the machine's speed drifts between runs): the trellis
+# kernel 22.1 ms at 1 row against 24.6 for the dense kernel and 24.8 for F.linear on the float32 copy,
+# 25.6 / 25.5 / 26.0 at 2 rows, 38.4 / 26.2 / 28.8 at 3 (its multiply-adds grow with the rows while
+# its decode does not shrink); the dense kernel 38.1 against F.linear's 51.1 at 8 rows, 58.8 / 62.4
+# at 16. For the bf16 head the dense kernel takes 11.9 ms at 16 rows, F.linear on a widened copy 59.5.
+KERNEL_MAX_ROWS = 2
+DENSE_KERNEL_MAX_ROWS = 16  # kernels.cpu.MAX_TOKENS
 DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use the dense float32 product everywhere
 
 
@@ -108,7 +110,7 @@ class CpuKernelBackend(nn.Module):
             return torch.ops.trellis_cpu.trellis_linear(x, *self.kernel_args)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > self.max_rows:
-            return F.linear(x, self.dense)
+            return dense_product(x, self.dense)
         y = torch.ops.trellis_cpu.trellis_linear(rows, *self.kernel_args)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -125,15 +127,17 @@ def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post
         tensors += arrays
         factors.append(factor)
         specs += [state_bits, bits, vec]
-    return torch.classes.trellis_cpu.DecoderLayer(tensors, factors, specs, input_norm, post_norm, eps)
+    return torch.classes.trellis_cpu.DecoderLayer(
+        tensors, factors, specs, [linear.dense for linear in linears], KERNEL_MAX_ROWS, input_norm,
+        post_norm, eps)
 
 
-def bf16_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., in) float32 times bf16 weight (out, in)^T in float32: the kernel for decode batches
-    (it reads the 2-byte weights; a float32 copy would double the bytes), F.linear on a widened
-    copy for larger ones."""
+def dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) float32 times a bf16 or float32 weight (out, in)^T, in float32: the dense kernel for
+    up to DENSE_KERNEL_MAX_ROWS rows (it reads each weight once for all rows, and bf16 ones in their
+    2 bytes), F.linear (on a widened copy for bf16) for more."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > HEAD_KERNEL_MAX_ROWS:
+    if rows.shape[0] > DENSE_KERNEL_MAX_ROWS:
         return F.linear(x, weight.to(torch.float32))
-    y = torch.ops.trellis_cpu.bf16_linear(rows.contiguous(), weight)
+    y = torch.ops.trellis_cpu.dense_linear(rows.contiguous(), weight)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -22,7 +22,7 @@ from torch import nn
 
 from trellis_runtime.architecture import LlamaShape
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
-from trellis_runtime.cpu_linear import (KERNEL_MAX_ROWS, bf16_product, cpu_kernels_loaded,
+from trellis_runtime.cpu_linear import (DENSE_KERNEL_MAX_ROWS, cpu_kernels_loaded, dense_product,
                                          fused_decoder_layer)
 from trellis_runtime.errors import SourceError
 from trellis_runtime.kv_cache import KVCache
@@ -253,7 +253,7 @@ class DecoderLayer(nn.Module):
                                                self_attn.o_proj, mlp.gate_proj, mlp.up_proj,
                                                mlp.down_proj)],
                 input_layernorm.weight, post_attention_layernorm.weight, input_layernorm.eps)
-            self.fused_max_rows = KERNEL_MAX_ROWS
+            self.fused_max_rows = DENSE_KERNEL_MAX_ROWS
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: AttentionLayout,
                 slots: torch.Tensor, positions: torch.Tensor, cached_keys: torch.Tensor,
@@ -357,7 +357,7 @@ class TrellisLlama(nn.Module):
             x = x.index_select(0, logits_for)
         x = self.norm(x)
         if self.lm_head.dtype != self.dtype:  # bf16 on CPU: the kernel widens it on the fly
-            return bf16_product(x, self.lm_head)
+            return dense_product(x, self.lm_head)
         return F.linear(x, self.lm_head).float()
 
 
