@@ -15,10 +15,12 @@ trellis_runtime.quantized.QuantizedWeight.dequantize and torch.nn.functional.lin
 - dense_linear(x, w) = x w^T for float32 x (at most MAX_TOKENS rows) and bfloat16 or float32 w,
   accumulated in float32.
 - rms_norm and decode_attention: those steps of a decode step (trellis_cpu.cpp says what they take).
-- torch.classes.trellis_cpu.DecoderLayer(tensors, factors, specs, input_norm, post_norm, eps): a whole
-  decoder layer for decode steps, built once from its seven linears' trellis_linear arguments (q, k,
-  v, o, gate, up, down); .decode(x, cos, signed_sin, cache_k, cache_v, slots, positions) returns
-  x + attention, + MLP, as trellis_runtime/model.py's DecoderLayer computes it.
+- torch.classes.trellis_cpu.DecoderLayer(tensors, factors, specs, dense, trellis_max_tokens,
+  input_norm, post_norm, eps): a whole decoder layer for decode steps, built once from its seven
+  linears' trellis_linear arguments (q, k, v, o, gate, up, down) and their float32 copies `dense`
+  (multiplied instead of the codes beyond trellis_max_tokens rows); .decode(x, cos, signed_sin,
+  cache_k, cache_v, slots, positions) returns x + attention, + MLP, as trellis_runtime/model.py's
+  DecoderLayer computes it.
 
 The kernels need x86-64 with AVX-512 and a C++ compiler (g++, or $CXX) at first use; `load`
 raises KernelsUnavailable saying which is missing, and callers fall back to torch. Nothing here

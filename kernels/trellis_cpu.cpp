@@ -1,5 +1,5 @@
-// CPU kernels for small batches (decode steps): products with packed trellis weights and with bf16
-// weights, each reading its weights in their compact form instead of a dense float32 copy.
+// CPU kernels for small batches (decode steps): products with packed trellis weights, read straight
+// from the codes, and with dense bf16 or float32 weights, each read once for all rows of the batch.
 //
 // Built and loaded by kernels/cpu.py (which states the layout these functions assume) and tested
 // against the torch references in tests/test_kernels_cpu.py. Requires AVX-512 (F, BW, DQ, VL) and F16C.
@@ -148,7 +148,7 @@ class GroupDecoder {
   const WindowPlan& plan_;
 
  public:
-  const int64_t words;
+  const int64_t words;  // 32-bit words per tile
 
  private:
   const __mmask16 low_mask_, high_mask_;

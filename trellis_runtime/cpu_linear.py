@@ -7,8 +7,9 @@ the C++ kernel (kernels/trellis_cpu.cpp) reads them instead: it rotates the inpu
 the code values looked up per trellis state, and rotates the result back. The values are the stored
 ones (float16 table entries, float32 computed codes) times the matrix's scale: no weight is rounded.
 
-Products of more than `max_rows` rows (prefill) are compute-bound instead, and there a GEMM on a dense
-float32 copy is far faster than re-decoding the codes per row block; that copy is the memory this
+Products of more rows than `max_rows` pay the code decode once but the multiply-adds per row, and a
+dense float32 copy overtakes: up to DENSE_KERNEL_MAX_ROWS rows through the C++ dense kernel (each
+weight read once for all rows), beyond (prefill) through torch's GEMM. That copy is the memory this
 backend reports as decoded.
 """
 
@@ -78,7 +79,7 @@ def _small_factor(n: int) -> torch.Tensor:
 
 
 class CpuKernelBackend(nn.Module):
-    """Multiply decode batches with the C++ kernel, larger products with F.linear on a dense copy.
+    """Multiply 1-2 rows from the codes, more from a dense float32 copy (see the module docstring).
 
     CPU only. The kernel's arguments are kept as one plain tuple, not as registered buffers: a decode
     step makes 210 of these calls, and nn.Module's attribute lookup for ten buffers per call would
