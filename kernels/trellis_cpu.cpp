@@ -653,33 +653,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor out = at::empty({tokens, heads * dim}, q.options());
   float* o = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // One task per query head: a single sequence still has work for both threads (its kv heads alone
+  // would split 3 to 2 ways unevenly); the group sharing a kv head reads its keys from cache.
+  at::parallel_for(0, tokens * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / kv_heads, h = task % kv_heads, keys = position[i] + 1;
+      const int64_t i = task / heads, head = task % heads, h = head / group, keys = position[i] + 1;
       const float* key0 = ck + (slot[i] * kv_heads + h) * length * dim;
       const float* value0 = cv + (slot[i] * kv_heads + h) * length * dim;
       scores.resize((keys + 15) / 16 * 16);
-      for (int64_t member = 0; member < group; ++member) {
-        const int64_t head = h * group + member;
-        const float* query = qr + (i * heads + head) * dim;
-        __m512 top = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < keys; j += 16) {
-          const __m512 block = _mm512_mul_ps(dot16(query, key0 + j * dim, dim, std::min<int64_t>(16, keys - j)),
-                                             _mm512_set1_ps(scale));
-          _mm512_storeu_ps(&scores[j], block);
-          top = _mm512_max_ps(top, block);
-        }
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t j = 0; j < keys; j += 16) {
-          const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(&scores[j]), shift));
-          _mm512_storeu_ps(&scores[j], e);
-          total = _mm512_add_ps(total, e);
-        }
-        weighted_sum(scores.data(), 1.0f / _mm512_reduce_add_ps(total), value0, keys, dim,
-                     o + (i * heads + head) * dim);
+      const float* query = qr + (i * heads + head) * dim;
+      __m512 top = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < keys; j += 16) {
+        const __m512 block = _mm512_mul_ps(dot16(query, key0 + j * dim, dim, std::min<int64_t>(16, keys - j)),
+                                           _mm512_set1_ps(scale));
+        _mm512_storeu_ps(&scores[j], block);
+        top = _mm512_max_ps(top, block);
       }
+      const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t j = 0; j < keys; j += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(&scores[j]), shift));
+        _mm512_storeu_ps(&scores[j], e);
+        total = _mm512_add_ps(total, e);
+      }
+      weighted_sum(scores.data(), 1.0f / _mm512_reduce_add_ps(total), value0, keys, dim,
+                   o + (i * heads + head) * dim);
     }
   });
   return out;
