@@ -24,11 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +32,10 @@ from typing import Optional
 
 import httpx
 
+from server.launch import ServeProcess
+
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
+SERVER_START_S = 1800  # a first start may quantize the model
 PROMPTS = ["The history of the river valley begins with", "Once upon a time, in a small town,",
            "The most important property of a good bridge is", "Here is a short list of colours:"]
 
@@ -48,12 +47,6 @@ class Stream:
     ttft: Optional[float] = None
     tokens: int = 0
     retry_after: Optional[str] = None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -95,32 +88,6 @@ async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Str
     return result
 
 
-class Server:
-    """`trellis serve` as a subprocess on a free port, stopped with SIGTERM."""
-
-    def __init__(self, model: Optional[str], flags: list[str]) -> None:
-        self.port = free_port()
-        command = [sys.executable, "-m", "trellis_runtime.cli", "serve", *([model] if model else []),
-                   "--port", str(self.port), *flags]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 1800  # a first start may quantize the model
-        while True:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.5)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=120)
-
-
 async def rounds(url: str, clients: int, count: int, max_tokens: int, pid: int
                  ) -> tuple[list[Stream], list[float], list[float]]:
     """Every stream, the server's RSS after each round, and each round's wall time."""
@@ -149,9 +116,10 @@ def main() -> None:
     parser.add_argument("--overload-max-waiting", type=int, default=8)
     parser.add_argument("--overload-rounds", type=int, default=2)
     args = parser.parse_args()
+    model = [args.model] if args.model else []
     base = ["--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len)]
 
-    server = Server(args.model, [*base, "--max-waiting", str(args.clients)])
+    server = ServeProcess([*model, *base, "--max-waiting", str(args.clients)], SERVER_START_S)
     started = time.perf_counter()
     streams, rss, seconds = asyncio.run(rounds(server.url, args.clients, args.requests,
                                                args.max_tokens, server.process.pid))
@@ -160,7 +128,8 @@ def main() -> None:
     ttfts = [s.ttft for s in streams if s.ttft is not None]
     tokens = sum(s.tokens for s in streams)
 
-    overloaded = Server(args.model, [*base, "--max-waiting", str(args.overload_max_waiting)])
+    overloaded = ServeProcess([*model, *base, "--max-waiting", str(args.overload_max_waiting)],
+                              SERVER_START_S)
     burst, _, _ = asyncio.run(rounds(overloaded.url, args.clients, args.overload_rounds,
                                      args.max_tokens, overloaded.process.pid))
     overload_exit = overloaded.stop()

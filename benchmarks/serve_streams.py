@@ -16,23 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from server.launch import ServeProcess
+
 RESULTS = Path(__file__).parent / "results" / "serve_streams.json"
 PROMPT = "The history of the river valley begins with"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[int, float]:
@@ -80,22 +73,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "trellis_runtime.cli", "serve",
-                               args.checkpoint, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    server = ServeProcess([args.checkpoint], timeout_s=600, probe="/health")
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        result = asyncio.run(measure(base, args.new_tokens, args.runs))
+        result = asyncio.run(measure(server.url, args.new_tokens, args.runs))
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop()
     result.update({"date": time.strftime("%Y-%m-%d"), "checkpoint": Path(args.checkpoint).name,
                    "new_tokens": args.new_tokens, "runs": args.runs})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

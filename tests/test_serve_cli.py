@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from server.launch import ServeProcess
 
 
 def test_generate_prints_a_greedy_completion(tiny_checkpoint_dir: Path) -> None:
@@ -39,23 +32,10 @@ def test_generate_rejects_bad_temperature(tiny_checkpoint_dir: Path) -> None:
 
 
 def test_serve_answers_over_http(tiny_checkpoint_dir: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trellis_runtime.cli", "serve", str(tiny_checkpoint_dir),
-         "--port", str(port), "--served-model-name", "tiny"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
+    server = ServeProcess([str(tiny_checkpoint_dir), "--served-model-name", "tiny"], timeout_s=120,
+                          probe="/health")
+    base = server.url
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not become healthy"
-            assert process.poll() is None, "server exited"
-            time.sleep(0.5)
         models = httpx.get(f"{base}/v1/models").json()
         assert [m["id"] for m in models["data"]] == ["tiny"]
         reply = httpx.post(f"{base}/v1/completions", json={
@@ -63,6 +43,5 @@ def test_serve_answers_over_http(tiny_checkpoint_dir: Path) -> None:
         assert reply.status_code == 200
         assert reply.json()["usage"]["completion_tokens"] <= 4
     finally:
-        process.terminate()
         # SIGTERM drains (nothing is in flight here), then the process exits cleanly.
-        assert process.wait(timeout=30) == 0
+        assert server.stop(timeout_s=30) == 0

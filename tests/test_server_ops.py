@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from live_server import live_server
+from server.launch import ServeProcess
 
 MODEL = "tiny-ops"
 
@@ -322,25 +322,11 @@ def test_serve_rejects_a_bad_setting_in_one_line() -> None:
 def test_sigterm_drains_streams_then_exits_zero(tiny_checkpoint_dir: Path) -> None:
     """8 live streams, SIGTERM mid-way: /ready turns 503, new requests get 503, every stream still
     ends with its complete text and [DONE], and the process exits 0."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trellis_runtime.cli", "serve", str(tiny_checkpoint_dir),
-         "--port", str(port), "--max-batch", "8", "--drain-timeout", "120"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    server = ServeProcess([str(tiny_checkpoint_dir), "--max-batch", "8", "--drain-timeout", "120"],
+                          timeout_s=120, stderr=subprocess.PIPE)
+    process, url = server.process, server.url
     body = completion(400, stream=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and process.poll() is None, "server did not start"
-            time.sleep(0.3)
         expected = httpx.post(f"{url}/v1/completions", json={**body, "stream": False},
                               timeout=120).json()["choices"][0]["text"]
         started = threading.Barrier(9)
