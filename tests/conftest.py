@@ -49,14 +49,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_tokenizer_d
     return directory
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model packed at 2 bits without a Hessian (seconds), for tests of the runtime."""
+def pack_tiny_model(model_dir: Path, out: Path, code: str) -> Path:
+    """The tiny model packed at 2 bits, L=8, with `code`, without a Hessian (seconds)."""
     from qat.ptq import QuantizeOptions, quantize_model
     from trellis_runtime.trellis import spec_for
 
-    out = tmp_path_factory.mktemp("tiny-checkpoint") / "tiny"
-    quantize_model(str(tiny_model_dir), out,
-                   QuantizeOptions(spec=spec_for("1mad", state_bits=8), hessian=False))
+    options = QuantizeOptions(spec=spec_for(code, state_bits=8), hessian=False)
+    quantize_model(str(model_dir), out, options)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model packed with 1MAD, for tests of the runtime."""
+    return pack_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("tiny-checkpoint") / "tiny", "1mad")
+
+
+@pytest.fixture(scope="session")
+def hyb_checkpoint_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model packed with HYB (a per-matrix table that QAT can train)."""
+    return pack_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("qat") / "tiny-hyb", "hyb")
 

@@ -26,17 +26,6 @@ LR = 0.1
 
 
 @pytest.fixture(scope="module")
-def hyb_checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qat.ptq import QuantizeOptions, quantize_model
-    from trellis_runtime.trellis import spec_for
-
-    out = tmp_path_factory.mktemp("qat") / "tiny-hyb"
-    quantize_model(str(tiny_model_dir), out,
-                   QuantizeOptions(spec=spec_for("hyb", state_bits=8), hessian=False))
-    return out
-
-
-@pytest.fixture(scope="module")
 def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qat.text import evaluation_text
 
@@ -60,16 +49,16 @@ def test_tiles_round_trip():
     assert torch.equal(tiles_to_matrix(tiles), matrix)
 
 
-def test_hardening_the_untouched_latent_gives_the_ptq_codes(hyb_checkpoint: Path):
-    checkpoint = load_checkpoint(hyb_checkpoint)
+def test_hardening_the_untouched_latent_gives_the_ptq_codes(hyb_checkpoint_dir: Path):
+    checkpoint = load_checkpoint(hyb_checkpoint_dir)
     model = dense_student(checkpoint, "cpu")
     soft = make_soft(model, checkpoint, [0, 1], False, False, "cpu")
     for name, module in soft.items():
         assert torch.equal(module.harden().codes, checkpoint.quantized[name].codes), name
 
 
-def test_soft_weight_tends_to_the_ptq_weight_as_temperature_falls(hyb_checkpoint: Path):
-    checkpoint = load_checkpoint(hyb_checkpoint)
+def test_soft_weight_tends_to_the_ptq_weight_as_temperature_falls(hyb_checkpoint_dir: Path):
+    checkpoint = load_checkpoint(hyb_checkpoint_dir)
     soft = make_soft(dense_student(checkpoint, "cpu"), checkpoint, [0], False, False, "cpu")
     module = soft["model.layers.0.self_attn.q_proj"]
     target = module.ptq.dequantize()
@@ -82,8 +71,8 @@ def test_soft_weight_tends_to_the_ptq_weight_as_temperature_falls(hyb_checkpoint
     assert errors[2] < 1e-3
 
 
-def test_voronoi_radius_separates_staying_from_escaping(hyb_checkpoint: Path):
-    checkpoint = load_checkpoint(hyb_checkpoint)
+def test_voronoi_radius_separates_staying_from_escaping(hyb_checkpoint_dir: Path):
+    checkpoint = load_checkpoint(hyb_checkpoint_dir)
     soft = make_soft(dense_student(checkpoint, "cpu"), checkpoint, [0], False, False, "cpu")
     module = soft["model.layers.0.mlp.gate_proj"]
     with torch.no_grad():
@@ -109,8 +98,8 @@ def test_budget_rules():
     assert all(row.escapes for row in budgets(radii, 10, suggested_lr(radii, 10)))
 
 
-def test_escape_stats_count_changed_tiles(hyb_checkpoint: Path):
-    weight = load_checkpoint(hyb_checkpoint).quantized["model.layers.0.mlp.up_proj"]
+def test_escape_stats_count_changed_tiles(hyb_checkpoint_dir: Path):
+    weight = load_checkpoint(hyb_checkpoint_dir).quantized["model.layers.0.mlp.up_proj"]
     assert escape_stats(weight, weight) == {"escape_frac": 0.0, "rel_drift": 0.0}
     codes = weight.codes.clone()
     codes[0, 0, 0] ^= 1 << 7
@@ -121,9 +110,9 @@ def test_escape_stats_count_changed_tiles(hyb_checkpoint: Path):
     assert stats["rel_drift"] > 0
 
 
-def test_training_through_the_soft_trellis_lowers_the_loss(hyb_checkpoint: Path):
+def test_training_through_the_soft_trellis_lowers_the_loss(hyb_checkpoint_dir: Path):
     """Six AdamW steps on one window: the KL to the teacher at a fixed temperature falls."""
-    checkpoint = load_checkpoint(hyb_checkpoint)
+    checkpoint = load_checkpoint(hyb_checkpoint_dir)
     teacher, tokenizer = load_teacher(checkpoint, None, "cpu")
     student = dense_student(checkpoint, "cpu")
     soft = make_soft(student, checkpoint, [0], False, False, "cpu")
@@ -154,13 +143,13 @@ def test_parse_layers():
             parse_layers(bad, 3, "cpu")
 
 
-def test_qat_writes_a_servable_checkpoint_with_its_record(hyb_checkpoint: Path, calib_file: Path,
+def test_qat_writes_a_servable_checkpoint_with_its_record(hyb_checkpoint_dir: Path, calib_file: Path,
                                                          tmp_path: Path):
     out = tmp_path / "qat"
-    summary = train_qat(hyb_checkpoint, out, small_options(calib_file))
+    summary = train_qat(hyb_checkpoint_dir, out, small_options(calib_file))
     assert not (tmp_path / ".qat.partial").exists()
     trained = load_checkpoint(out)
-    ptq = load_checkpoint(hyb_checkpoint)
+    ptq = load_checkpoint(hyb_checkpoint_dir)
     for name, weight in trained.quantized.items():
         if not name.startswith("model.layers.0."):
             assert torch.equal(weight.codes, ptq.quantized[name].codes), name
@@ -186,14 +175,14 @@ def _qat_command(checkpoint: Path, out: Path, calib: Path, *extra: str) -> list[
             "--layers", "0", "--calib-text", str(calib), "--ctx", "64", *extra]
 
 
-def test_refuses_what_cannot_be_trained(hyb_checkpoint: Path, tiny_model_dir: Path, calib_file: Path,
-                                        tmp_path: Path):
+def test_refuses_what_cannot_be_trained(hyb_checkpoint_dir: Path, tiny_model_dir: Path,
+                                        calib_file: Path, tmp_path: Path):
     out = tmp_path / "never"
     for args, message in [
         ((tiny_model_dir, out, calib_file), "not a packed trellis checkpoint"),
-        ((hyb_checkpoint, out, calib_file, "--steps", "2", "--lr", "1e-9"), "cannot move any"),
-        ((hyb_checkpoint, out, calib_file, "--layers", "5"), "the model has layers 0..1"),
-        ((hyb_checkpoint, out, calib_file, "--t-start", "0.05", "--t-end", "0.3"), "--t-end"),
+        ((hyb_checkpoint_dir, out, calib_file, "--steps", "2", "--lr", "1e-9"), "cannot move any"),
+        ((hyb_checkpoint_dir, out, calib_file, "--layers", "5"), "the model has layers 0..1"),
+        ((hyb_checkpoint_dir, out, calib_file, "--t-start", "0.05", "--t-end", "0.3"), "--t-end"),
     ]:
         result = subprocess.run(_qat_command(*args), capture_output=True, text=True, timeout=600)
         assert result.returncode == 2, result.stderr
@@ -202,15 +191,15 @@ def test_refuses_what_cannot_be_trained(hyb_checkpoint: Path, tiny_model_dir: Pa
         assert not out.exists() and not (tmp_path / ".never.partial").exists()
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(hyb_checkpoint: Path, calib_file: Path,
+def test_an_interrupted_run_resumes_to_the_same_result(hyb_checkpoint_dir: Path, calib_file: Path,
                                                        tmp_path: Path):
     options = ["--steps", "6", "--eval-every", "2", "--lr", str(LR)]
     straight = tmp_path / "straight"
-    subprocess.run(_qat_command(hyb_checkpoint, straight, calib_file, *options), check=True,
+    subprocess.run(_qat_command(hyb_checkpoint_dir, straight, calib_file, *options), check=True,
                    capture_output=True, timeout=600)
 
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen(_qat_command(hyb_checkpoint, resumed, calib_file, *options),
+    process = subprocess.Popen(_qat_command(hyb_checkpoint_dir, resumed, calib_file, *options),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     record = tmp_path / ".resumed.partial" / "record.jsonl"
     deadline = time.time() + 300
@@ -221,7 +210,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(hyb_checkpoint: Path, cal
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not resumed.exists()
-    result = subprocess.run(_qat_command(hyb_checkpoint, resumed, calib_file, *options),
+    result = subprocess.run(_qat_command(hyb_checkpoint_dir, resumed, calib_file, *options),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout
