@@ -97,6 +97,12 @@ def _trace_kernel(back_ptr, last_ptr, path_ptr, steps, batch_size, batch_stride,
         tl.store(path_ptr + batch * steps + t, state, mask=ok)
 
 
+def supports(state_bits: int, step_bits: int) -> bool:
+    """Whether the kernel runs a trellis of L state bits and K*V step bits: callers with a fallback
+    ask this instead of catching viterbi_paths' ValueError."""
+    return 1 <= step_bits < state_bits <= MAX_STATE_BITS and step_bits <= MAX_FAN_BITS
+
+
 def viterbi_paths(x: torch.Tensor, values: torch.Tensor, state_bits: int, bits: int, vec: int,
                   overlap: torch.Tensor | None = None, block_b: int = 32) -> torch.Tensor:
     """Minimum-error state paths (B, T/V) int64 for sequences x (B, T) and state values (2^L, V).
@@ -106,7 +112,7 @@ def viterbi_paths(x: torch.Tensor, values: torch.Tensor, state_bits: int, bits: 
     2^L x B float32 and (T/V - 1) x 2^(L-KV) x B bytes of back-pointers.
     """
     L, kv = state_bits, bits * vec
-    if not 1 <= kv < L <= MAX_STATE_BITS or kv > MAX_FAN_BITS:
+    if not supports(L, kv):
         raise ValueError(f"viterbi kernel: need 1 <= K*V < L <= {MAX_STATE_BITS} and K*V <= "
                          f"{MAX_FAN_BITS}, got L={L} K={bits} V={vec}")
     if values.shape != (1 << L, vec):
@@ -142,9 +148,9 @@ def viterbi_paths(x: torch.Tensor, values: torch.Tensor, state_bits: int, bits: 
                                 STATE_BITS=L, FAN_BITS=kv, VEC=vec, BLOCK_H=block_h,
                                 BLOCK_B=block_b)
         cost, following = following, cost
-    if constrained:  # the last state's low L-KV bits are the overlap
+    if constrained:  # the last state's low L-KV bits are the overlap (in place: no third array)
         low = torch.arange(states, device=device) & (groups - 1)
-        cost = cost.masked_fill(low[:, None] != overlap[None, :], float("inf"))
+        cost.masked_fill_(low[:, None] != overlap[None, :], float("inf"))
     last = cost.argmin(dim=0)
     _trace_kernel[(triton.cdiv(batch, block_b),)](back, last, path, steps, batch, batch,
                                                   STATE_BITS=L, FAN_BITS=kv, BLOCK_B=block_b)

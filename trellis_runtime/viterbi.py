@@ -16,12 +16,17 @@ Back-pointers are not stored. We keep each step's group minima and, when tracing
 2^KV candidate costs of the one predecessor group on the path with the same float operations, so the
 argmin is the one the forward pass implied. Branch costs drop the constant |x_t|^2, leaving
 |c_s|^2 - 2<c_s, x_t>.
+
+On CUDA `encode` runs the path searches in the Triton kernel (kernels/viterbi.py, several times
+faster there), which returns the same paths; `viterbi` itself stays the torch reference that the
+kernel is tested and benchmarked against.
 """
 
 from __future__ import annotations
 
 import torch
 
+from trellis_runtime.kernel_linear import kernels_available
 from trellis_runtime.trellis import TrellisSpec
 
 # Stored group minima dominate memory: steps x tiles x groups floats. Chunks of tiles keep them under
@@ -111,15 +116,22 @@ class _Layout:
 
 
 def viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
-            overlap: torch.Tensor | None = None, history: torch.Tensor | None = None
-            ) -> torch.Tensor:
+            overlap: torch.Tensor | None = None, history: torch.Tensor | None = None,
+            kernel: bool = False) -> torch.Tensor:
     """Best state path (B, T/V) int64 for sequences x (B, T) against state values (2^L, V).
 
     Without `overlap` the path's start and end are free. With `overlap` (B,) the path is forced to
     be tail-biting through those L-KV bits: the first state's top bits and the last state's low bits
     both equal it. Processes all B sequences at once; see `encode` for chunking. `history`, a
     reusable buffer of at least (T/V - 1) * 2^(L-KV) * B floats, saves re-allocating it per call.
+    With `kernel` the Triton kernel finds the paths instead (it needs no `history`). Both break
+    ties alike (the lowest last state, then the lowest predecessor), but a near-tie may fall either
+    way by float rounding, as the two sum their costs differently.
     """
+    if kernel:
+        from kernels.viterbi import viterbi_paths  # imports triton
+
+        return viterbi_paths(x, values, spec.state_bits, spec.bits, spec.vec, overlap=overlap)
     B, T = x.shape
     kv, L = spec.step_bits, spec.state_bits
     steps, groups, fan = T // spec.vec, spec.num_groups, 1 << kv
@@ -148,7 +160,9 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
     if overlap is not None:
         cost.masked_fill_((last_states & (groups - 1)).unsqueeze(1) != overlap, inf)
     path = torch.empty(steps, B, dtype=torch.int64, device=x.device)
-    state = last_states[cost.argmin(dim=0)]
+    # Rows in state order: of equal final costs the lowest state wins (the kernel's rule), not the
+    # first one in this step's rotated layout.
+    state = cost[last_states.argsort()].argmin(dim=0)
     path[-1] = state
     top = (torch.arange(fan, device=x.device) << (L - kv)).unsqueeze(1)
     for t in range(steps - 1, 0, -1):
@@ -164,19 +178,22 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
 
 
 def tail_biting_viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
-                        history: torch.Tensor | None = None) -> torch.Tensor:
+                        history: torch.Tensor | None = None, kernel: bool = False
+                        ) -> torch.Tensor:
     """QTIP's two-pass tail-biting: guess the wrap-around bits, then encode under that constraint.
 
     Pass 1 encodes the sequence rotated by half its length with free ends; the middle of a path is
     insensitive to its boundaries, so the state it picks at the seam (original step 0) gives a good
     guess of the L-KV bits shared by the last and first states. Pass 2 is exact given that guess.
+    Both passes run in the Triton kernel when `kernel` (see `viterbi`).
     """
     B, T = x.shape
     steps = T // spec.vec
     half = steps // 2
     rotated = torch.roll(x.reshape(B, steps, spec.vec), shifts=-half, dims=1).reshape(B, T)
-    seam_state = viterbi(rotated, values, spec, history=history)[:, steps - half]
-    return viterbi(x, values, spec, overlap=seam_state >> spec.step_bits, history=history)
+    seam_state = viterbi(rotated, values, spec, history=history, kernel=kernel)[:, steps - half]
+    return viterbi(x, values, spec, overlap=seam_state >> spec.step_bits, history=history,
+                   kernel=kernel)
 
 
 def exact_tail_biting_viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec
@@ -204,13 +221,33 @@ def path_error(x: torch.Tensor, path: torch.Tensor, values: torch.Tensor) -> tor
     return (recon - x).pow(2).sum(dim=1)
 
 
-def encode(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec) -> torch.Tensor:
-    """Tail-biting paths (B, T/V) for sequences x (B, T), in memory-bounded chunks."""
+def kernel_encodes(spec: TrellisSpec, device: torch.device, triton_available: bool) -> bool:
+    """Whether `encode` runs the Triton kernel: only on CUDA, where it pays (on CPU Triton has only
+    its interpreter), with Triton installed, and for a spec within the kernel's limits."""
+    if device.type != "cuda" or not triton_available:
+        return False
+    from kernels.viterbi import supports  # imports triton
+
+    return supports(spec.state_bits, spec.step_bits)
+
+
+def encode(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
+           kernel: bool | None = None) -> torch.Tensor:
+    """Tail-biting paths (B, T/V) for sequences x (B, T), in memory-bounded chunks.
+
+    `kernel` runs the path searches in the Triton kernel; None leaves it to `kernel_encodes`.
+    """
+    if kernel is None:
+        kernel = kernel_encodes(spec, x.device, kernels_available())
     steps = x.shape[1] // spec.vec
+    # The torch path's chunks bound the kernel too: per tile it stores one byte per group and step
+    # where the history holds a float, and its two 2^L cost arrays replace the torch path's cost
+    # and start penalty.
     size = chunk_size(spec, steps, x.device)
     values = values.to(x.device)
-    history = torch.empty((steps - 1) * spec.num_groups * min(size, x.shape[0]), device=x.device)
-    parts = [tail_biting_viterbi(x[i:i + size], values, spec, history)
+    history = None if kernel else torch.empty(
+        (steps - 1) * spec.num_groups * min(size, x.shape[0]), device=x.device)
+    parts = [tail_biting_viterbi(x[i:i + size], values, spec, history, kernel)
              for i in range(0, x.shape[0], size)]
     if not parts:
         return torch.empty(0, steps, dtype=torch.int64, device=x.device)
