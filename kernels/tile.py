@@ -186,6 +186,18 @@ def table_index(state, CODE: tl.constexpr, HYB_INDEX_BITS: tl.constexpr):
     return index, sign
 
 
+@triton.jit
+def signed_table_index(state, CODE: tl.constexpr, HYB_INDEX_BITS: tl.constexpr):
+    """Table rows of uint32 states for a table that holds HYB's rows twice, the second copy
+    (rows 2^HYB_INDEX_BITS and up) with value 0 negated: HYB's sign bit 15 sits right above its
+    index bits, so one shift yields both. LUT states index their table directly."""
+    if CODE == 2:
+        index = ((state * (state + 1)) & 0xFFFF) >> (15 - HYB_INDEX_BITS)
+    else:
+        index = state
+    return index
+
+
 def _uint32(name: str, value: int, code: str) -> int:
     if not 0 <= value < 1 << 32:
         raise ValueError(f"{code} constant {name}={value} is not a uint32")

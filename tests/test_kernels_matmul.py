@@ -30,6 +30,23 @@ def test_bfloat16_dot_matches_reference_on_gpu(case) -> None:
     assert case.run("cuda") <= case.tolerance
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_tables_read_from_global_memory_give_the_same_products(rows, monkeypatch) -> None:
+    """With no table small enough for shared memory, HYB's lookups go to global memory (the path
+    large LUTs take); the products must not change."""
+    from kernels import matmul
+
+    weight = random_weight(TrellisSpec(16, 2, 2, "hyb"), 48, 80, seed=6, scale=1.0)
+    x = torch.randn(rows, 80).to(torch.float32 if rows == 1 else torch.float16)
+    blocks = dict(splits=2, block_rows=32, block_tiles=2)
+    shared = gemv_partials(x, weight.codes, trellis_code(weight), **blocks)
+    monkeypatch.setattr(matmul, "SHARED_TABLE_ROWS", 0)
+    launch, _ = matmul.gemv_launch(x, weight.codes, trellis_code(weight), **blocks)
+    assert launch.constexprs["TABLE_ROWS"] == 0
+    torch.testing.assert_close(gemv_partials(x, weight.codes, trellis_code(weight), **blocks),
+                               shared, rtol=0, atol=0)
+
+
 def test_gemv_splits_cover_the_input_and_write_every_partial() -> None:
     """5 tile columns in blocks of 2 over 3 splits: splits of 2, 2 and 1 tiles (the last ragged).
     A poisoned preallocated buffer fixes the split count and must come back fully written."""

@@ -211,7 +211,9 @@ def _cases() -> list[Case]:
         cases.append(Case("decode", f"{spec} {shape[0]}x{shape[1]} float32", 0.0,
                           lambda dev, s=spec, sh=shape, i=i: _decode_case(s, sh, i, dev)))
     # (spec, shape, rows, dtype, blocks): one row runs the float32 FMA path, 2-16 rows tl.dot.
-    # Shapes alternate between whole blocks everywhere (no masks) and ragged edges.
+    # Shapes alternate between whole blocks everywhere (no masks) and ragged edges. Tables up to
+    # kernels.matmul.SHARED_TABLE_ROWS are looked up in shared memory (HYB, LUT up to L=10),
+    # larger ones (11,1,1,lut) from global memory.
     gemv = [
         ("16,2,2,hyb", (48, 80), 1, torch.float32, dict(splits=2, block_rows=32, block_tiles=2)),
         ("16,2,2,hyb", (64, 128), 1, torch.bfloat16, dict(splits=2, block_rows=32, block_tiles=2)),
@@ -219,6 +221,8 @@ def _cases() -> list[Case]:
         ("16,3,1,3inst", (64, 128), 1, torch.float16, dict(splits=2, block_rows=64, block_tiles=4)),
         ("11,1,1,lut", (32, 80), 1, torch.float32, dict(splits=1, block_rows=64, block_tiles=8)),
         ("8,3,2,hyb", (48, 80), 1, torch.float32, dict(splits=2, block_rows=32, block_tiles=2)),
+        ("10,2,2,lut", (64, 128), 1, torch.float32, dict(splits=2, block_rows=32, block_tiles=2)),
+        ("9,1,1,lut", (48, 80), 1, torch.float16, dict(splits=2, block_rows=32, block_tiles=2)),
         ("10,2,2,lut", (48, 80), 5, torch.float16, dict(splits=2, block_rows=32, block_tiles=2)),
         ("16,2,2,hyb", (64, 128), 16, torch.float16, dict(splits=2, block_rows=32, block_tiles=4)),
         ("16,3,1,3inst", (48, 80), 3, torch.float16, dict(splits=1, block_rows=64, block_tiles=8)),
