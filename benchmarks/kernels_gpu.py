@@ -47,9 +47,11 @@ def environment(device: torch.device) -> dict:
 
 
 def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
-    """The GEMV kernel alone over a few block shapes, K=2, to tune the defaults on this GPU."""
+    """The GEMV kernel alone over a few block shapes, K=2, to tune the defaults on this GPU; and,
+    at the default shape, the same kernel with its table lookups sent to global memory (the
+    earlier design), to measure what shared-memory lookups buy."""
+    from kernels import matmul
     from kernels.hadamard import rotate_rows
-    from kernels.matmul import gemv_partials
     from trellis_runtime.kernel_bench import _weights
     from trellis_runtime.trellis import TrellisSpec
 
@@ -57,20 +59,29 @@ def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
     for shape in ((4096, 4096), (14336, 4096)):
         backends = _weights(TrellisSpec(16, 2, 2, "hyb"), shape, device, seed=2)
         packed = backends[0].codes.numel() * 4
-        for batch, configs in ((1, [(64, 4, 4), (128, 2, 4), (256, 1, 4), (64, 8, 4),
-                                    (128, 4, 8), (256, 2, 8)]),
-                               (16, [(64, 4, 4), (32, 8, 4), (128, 2, 4), (64, 4, 8)])):
+        for batch, configs in ((1, [None, (128, 4, 8), (256, 4, 8), (512, 2, 8), (64, 8, 4),
+                                    (128, 4, 4), (32, 16, 8)]),
+                               (16, [None, (64, 4, 4), (32, 8, 4), (128, 4, 4), (64, 8, 4)])):
             x = torch.randn(batch, shape[1], device=device)
             rotated = rotate_rows(x, backends[0].input_signs, backends[0].small_in,
                                   torch.float32 if batch == 1 else torch.float16)
-            for block_rows, block_tiles, warps in configs:
-                seconds = timer(lambda i: gemv_partials(
-                    rotated, backends[i].codes, backends[i].code, block_rows=block_rows,
-                    block_tiles=block_tiles, num_warps=warps), len(backends))
+            default = matmul.GEMV_BLOCKS["fma" if batch == 1 else "dot"]
+            variants = [(blocks or default, "shared" if blocks is None else None)
+                        for blocks in configs] + [(default, "global")]
+            for (block_rows, block_tiles, warps), table in variants:
+                shared_rows = matmul.SHARED_TABLE_ROWS
+                matmul.SHARED_TABLE_ROWS = 0 if table == "global" else shared_rows
+                try:
+                    seconds = timer(lambda i: matmul.gemv_partials(
+                        rotated, backends[i].codes, backends[i].code, block_rows=block_rows,
+                        block_tiles=block_tiles, num_warps=warps), len(backends))
+                finally:
+                    matmul.SHARED_TABLE_ROWS = shared_rows
+                label = f" table={table}" if table else ""
                 rows.append({"kernel": "gemv_config",
                              "case": f"{shape[0]}x{shape[1]} K=2 rows={batch} "
                                      f"block_rows={block_rows} block_tiles={block_tiles} "
-                                     f"warps={warps}",
+                                     f"warps={warps}{label}",
                              "kernel_us": seconds * 1e6,
                              "copy_fraction": packed / seconds / bandwidth})
     return rows

@@ -1,0 +1,163 @@
+"""Static cost of the fused GEMV: its sm_90 machine code, counted without a GPU.
+
+    python benchmarks/kernels_sass.py [--out FILE]
+
+Compiles kernels/matmul.py's kernel ahead of time for an H100/H200 (sm_90), with the installed
+Triton and the ptxas/cuobjdump it bundles, built by `gemv_launch` exactly as `gemv_partials` would
+launch it on an H200-sized matrix (4096 x 4096, 132 SMs). It finds the main loop in the SASS (the
+longest backward branch) and counts its instructions by opcode. Dividing by the weights one
+thread decodes per iteration gives instructions per weight, which bounds a decode-bound GEMV;
+LDG (global loads), LDS (shared loads) and BAR (barriers) show where table lookups go; registers
+and shared memory per program bound how many programs an SM holds.
+
+A proxy, not a timing: it sees neither stalls nor bank conflicts nor cache misses
+(benchmarks/kernels_gpu.py times the kernels on a GPU). Results: benchmarks/results/kernels_sass.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
+
+RESULTS = Path(__file__).resolve().parent / "results" / "kernels_sass.json"
+ARCH = 90
+MULTIPROCESSORS = 132  # an H200's, for the split of the input dimension
+SHAPE = (4096, 4096)
+# ((L, K, V, code), rows): the runtime's HYB at 2 and 4 bits, the computed codes, 16 rows.
+CASES = [((16, 2, 2, "hyb"), 1), ((16, 4, 2, "hyb"), 1), ((16, 2, 1, "3inst"), 1),
+         ((16, 2, 1, "1mad"), 1), ((16, 2, 2, "hyb"), 16)]
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+         torch.int32: "i32"}
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;")
+BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?\.?\w*?(0x[0-9a-f]+)")
+
+
+def _bundled_tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _signature(launch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a MatmulLaunch as Triton's launcher would specialize it:
+    pointers and integers divisible by 16 carry that divisibility."""
+    names = launch.kernel.arg_names
+    signature, attrs = {}, {}
+    for index, (name, value) in enumerate(zip(names, launch.args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    for name in launch.constexprs:
+        signature[name] = "constexpr"
+    return signature, dict(launch.constexprs), attrs
+
+
+def compile_sass(launch) -> tuple[str, dict]:
+    """The SASS text of a launch compiled for sm_90, and its resource use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = _signature(launch)
+    source = ASTSource(launch.kernel, signature, constexprs, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32),
+                              options={"num_warps": launch.num_warps,
+                                       "num_stages": launch.num_stages})
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_bundled_tool("cuobjdump"), "-sass", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([_bundled_tool("cuobjdump"), "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    return sass, {"registers": registers, "shared_bytes": compiled.metadata.shared}
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcode counts of the longest loop: the instructions between a backward branch's target
+    and the branch."""
+    loops = [(int(m.group(2), 16), int(m.group(1), 16)) for m in BRANCH.finditer(sass)
+             if int(m.group(2), 16) < int(m.group(1), 16)]
+    if not loops:
+        raise RuntimeError("no loop found in the kernel's SASS")
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    counts = collections.Counter()
+    for m in INSTRUCTION.finditer(sass):
+        if start <= int(m.group(1), 16) <= end:
+            counts[m.group(2)] += 1
+    return counts
+
+
+def measure(spec: tuple, rows: int) -> dict:
+    from kernels.matmul import GEMV_BLOCKS, gemv_launch, splits_for
+    from trellis_runtime.kernel_linear import trellis_code
+    from trellis_runtime.kernel_suite import random_weight
+    from trellis_runtime.trellis import TrellisSpec
+
+    weight = random_weight(TrellisSpec(*spec), 16 * 16, 16 * 16, seed=0, scale=1.0)
+    code = trellis_code(weight)
+    codes = torch.zeros(SHAPE[0] // 16, SHAPE[1] // 16, 8 * spec[1], dtype=torch.int32)
+    x = torch.zeros(rows, SHAPE[1], dtype=torch.float32 if rows == 1 else torch.float16)
+    block_rows, block_tiles, _ = GEMV_BLOCKS["fma" if rows == 1 else "dot"]
+    splits = splits_for(SHAPE[0], SHAPE[1] // 16, block_rows, block_tiles, MULTIPROCESSORS)
+    launch, _ = gemv_launch(x, codes, code, splits=splits)
+    sass, resources = compile_sass(launch)
+    counts = main_loop(sass)
+    c = launch.constexprs
+    threads = launch.num_warps * 32
+    weights = 2 * c["BLOCK_G"] * c["BLOCK_T"] * 16 / threads  # per thread and iteration
+    total = sum(counts.values())
+    L, K, V, name = spec
+    return {"case": f"{SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} rows={rows}",
+            "loop_instructions": total, "weights_per_thread": weights,
+            "instructions_per_weight": round(total / weights, 2),
+            "global_loads": counts["LDG"], "shared_loads": counts["LDS"],
+            "barriers": counts["BAR"], "fma": counts["FFMA"], "mma": counts["HMMA"],
+            **resources, "warps": launch.num_warps,
+            "opcodes": dict(counts.most_common())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    import triton
+
+    rows = []
+    for spec, batch in CASES:
+        row = measure(spec, batch)
+        rows.append(row)
+        print(f"{row['case']:<40} {row['instructions_per_weight']:5.2f} instr/weight  "
+              f"LDG {row['global_loads']:3d}  LDS {row['shared_loads']:3d}  "
+              f"BAR {row['barriers']}  regs {row['registers']}", flush=True)
+    result = {"environment": {"date": datetime.datetime.now(datetime.timezone.utc)
+                              .isoformat(timespec="seconds"),
+                              "triton": triton.__version__, "arch": f"sm_{ARCH}"},
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.out.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result, indent=1) + "\n")
+    temporary.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
