@@ -146,16 +146,6 @@ def _pair_values(words, FLOAT_PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _x_at(x_base, COLUMN: tl.constexpr, x_cols_ok, EVEN: tl.constexpr):
-    """x at column COLUMN of every tile, float32 (1, tiles)."""
-    if EVEN:
-        x = tl.load(x_base + COLUMN)
-    else:
-        x = tl.load(x_base + COLUMN, mask=x_cols_ok, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
 def _x_pair(x_base, COLUMN: tl.constexpr, x_cols_ok, EVEN: tl.constexpr):
     """x at the even column COLUMN and the next one of every tile, float32 (1, tiles) each,
     read as one word of twice x's width: half the loads of reading them one by one."""
@@ -192,16 +182,16 @@ def _fma(acc0, acc1, values, x, POSITION: tl.constexpr):
 def _fma_tree(codes, acc0, acc1, x_base, x_cols_ok, FIRST: tl.constexpr, COUNT: tl.constexpr,
               VEC: tl.constexpr, EVEN: tl.constexpr, FLOAT_PAIRS: tl.constexpr):
     """One row: accumulate steps FIRST..FIRST+COUNT-1 of a tree from _codes_of, splitting off
-    its last dim (the highest step bit) until single steps remain."""
-    if COUNT == 1:
+    its last dim (the highest step bit) until the steps of two adjacent positions remain (one
+    V=2 step, or two V=1 steps), whose inputs are read in one load."""
+    if COUNT * VEC == 2:
         if VEC == 1:
-            x = _x_at(x_base, FIRST % 16, x_cols_ok, EVEN)
-            acc0, acc1 = _fma(acc0, acc1, codes, x, FIRST)
+            first, second = tl.split(codes)
         else:
             first, second = _pair_values(codes, FLOAT_PAIRS)
-            x0, x1 = _x_pair(x_base, (2 * FIRST) % 16, x_cols_ok, EVEN)
-            acc0, acc1 = _fma(acc0, acc1, first, x0, 2 * FIRST)
-            acc0, acc1 = _fma(acc0, acc1, second, x1, 2 * FIRST + 1)
+        x0, x1 = _x_pair(x_base, (VEC * FIRST) % 16, x_cols_ok, EVEN)
+        acc0, acc1 = _fma(acc0, acc1, first, x0, VEC * FIRST)
+        acc0, acc1 = _fma(acc0, acc1, second, x1, VEC * FIRST + 1)
     else:
         HALF: tl.constexpr = COUNT // 2
         low, high = tl.split(codes)
