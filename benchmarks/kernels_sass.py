@@ -37,8 +37,6 @@ SHAPE = (4096, 4096)
 # ((L, K, V, code), rows): the runtime's HYB at 2 and 4 bits, the computed codes, 16 rows.
 CASES = [((16, 2, 2, "hyb"), 1), ((16, 4, 2, "hyb"), 1), ((16, 2, 1, "3inst"), 1),
          ((16, 2, 1, "1mad"), 1), ((16, 2, 2, "hyb"), 16)]
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-         torch.int32: "i32"}
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;")
 BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?\.?\w*?(0x[0-9a-f]+)")
 
@@ -49,37 +47,14 @@ def _bundled_tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _signature(launch) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) of a MatmulLaunch as Triton's launcher would specialize it:
-    pointers and integers divisible by 16 carry that divisibility."""
-    names = launch.kernel.arg_names
-    signature, attrs = {}, {}
-    for index, (name, value) in enumerate(zip(names, launch.args)):
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + TYPES[value.dtype]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    for name in launch.constexprs:
-        signature[name] = "constexpr"
-    return signature, dict(launch.constexprs), attrs
-
-
 def compile_sass(launch) -> tuple[str, dict]:
-    """The SASS text of a launch compiled for sm_90, and its resource use."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """The SASS text of a MatmulLaunch compiled for sm_90, and its resource use."""
+    from trellis_runtime.kernel_aot import compile_launch, describe_launch
 
-    signature, constexprs, attrs = _signature(launch)
-    source = ASTSource(launch.kernel, signature, constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32),
-                              options={"num_warps": launch.num_warps,
-                                       "num_stages": launch.num_stages})
+    arguments = dict(zip(launch.kernel.arg_names, launch.args), **launch.constexprs)
+    described = describe_launch(launch.kernel, arguments, {"num_warps": launch.num_warps,
+                                                           "num_stages": launch.num_stages})
+    compiled = compile_launch(described, ARCH)
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
