@@ -1,14 +1,19 @@
-"""Static cost of the fused GEMV: its sm_90 machine code, counted without a GPU.
+"""Static cost of the GEMV and the rotations: their sm_90 machine code, counted without a GPU.
 
     python benchmarks/kernels_sass.py [--out FILE]
 
-Compiles kernels/matmul.py's kernel ahead of time for an H100/H200 (sm_90), with the installed
-Triton and the ptxas/cuobjdump it bundles, built by `gemv_launch` exactly as `gemv_partials` would
-launch it on an H200-sized matrix (4096 x 4096, 132 SMs). It finds the main loop in the SASS (the
-longest backward branch) and counts its instructions by opcode. Dividing by the weights one
-thread decodes per iteration gives instructions per weight, which bounds a decode-bound GEMV;
-LDG (global loads), LDS (shared loads) and BAR (barriers) show where table lookups go; registers
-and shared memory per program bound how many programs an SM holds.
+Compiles the kernels ahead of time for an H100/H200 (sm_90), with the installed Triton and the
+ptxas/cuobjdump it bundles, each launch built exactly as the runtime would build it for a
+Llama-3-8B-sized matrix on an H200 (132 SMs).
+
+- GEMV (kernels/matmul.py, 4096 x 4096): the main loop in the SASS (the longest backward branch),
+  counted by opcode. Dividing by the weights one thread decodes per iteration gives instructions
+  per weight, which bounds a decode-bound GEMV; LDG (global loads), LDS (shared loads) and BAR
+  (barriers) show where table lookups go; registers and shared memory per program bound how many
+  programs an SM holds.
+- Rotation (kernels/hadamard.py, one row of 4096 and of 14336, in and out): one program per row
+  and no loop worth the name, so the whole kernel's instructions per thread, its tensor-core
+  instructions and barriers: a latency-bound kernel's critical path grows with them.
 
 A proxy, not a timing: it sees neither stalls nor bank conflicts nor cache misses
 (benchmarks/kernels_gpu.py times the kernels on a GPU). Results: benchmarks/results/kernels_sass.json.
@@ -48,13 +53,11 @@ def _bundled_tool(name: str) -> str:
 
 
 def compile_sass(launch) -> tuple[str, dict]:
-    """The SASS text of a MatmulLaunch compiled for sm_90, and its resource use."""
+    """The SASS text of a kernels.launch.Launch compiled for sm_90, and its resource use."""
     from trellis_runtime.kernel_aot import compile_launch, describe_launch
 
-    arguments = dict(zip(launch.kernel.arg_names, launch.args), **launch.constexprs)
-    described = describe_launch(launch.kernel, arguments, {"num_warps": launch.num_warps,
-                                                           "num_stages": launch.num_stages})
-    compiled = compile_launch(described, ARCH)
+    compiled = compile_launch(describe_launch(launch.kernel, launch.arguments(), launch.options),
+                              ARCH)
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -66,6 +69,15 @@ def compile_sass(launch) -> tuple[str, dict]:
     return sass, {"registers": registers, "shared_bytes": compiled.metadata.shared}
 
 
+def opcodes(sass: str, start: int = 0, end: int | None = None) -> collections.Counter:
+    """Opcode counts of the instructions at addresses start..end (all by default)."""
+    counts = collections.Counter()
+    for m in INSTRUCTION.finditer(sass):
+        if start <= int(m.group(1), 16) and (end is None or int(m.group(1), 16) <= end):
+            counts[m.group(2)] += 1
+    return counts
+
+
 def main_loop(sass: str) -> collections.Counter:
     """Opcode counts of the longest loop: the instructions between a backward branch's target
     and the branch."""
@@ -74,11 +86,7 @@ def main_loop(sass: str) -> collections.Counter:
     if not loops:
         raise RuntimeError("no loop found in the kernel's SASS")
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    counts = collections.Counter()
-    for m in INSTRUCTION.finditer(sass):
-        if start <= int(m.group(1), 16) <= end:
-            counts[m.group(2)] += 1
-    return counts
+    return opcodes(sass, start, end)
 
 
 def measure(spec: tuple, rows: int) -> dict:
@@ -97,7 +105,7 @@ def measure(spec: tuple, rows: int) -> dict:
     sass, resources = compile_sass(launch)
     counts = main_loop(sass)
     c = launch.constexprs
-    threads = launch.num_warps * 32
+    threads = launch.options["num_warps"] * 32
     weights = 2 * c["BLOCK_G"] * c["BLOCK_T"] * 16 / threads  # per thread and iteration
     total = sum(counts.values())
     L, K, V, name = spec
@@ -106,8 +114,37 @@ def measure(spec: tuple, rows: int) -> dict:
             "instructions_per_weight": round(total / weights, 2),
             "global_loads": counts["LDG"], "shared_loads": counts["LDS"],
             "barriers": counts["BAR"], "fma": counts["FFMA"], "mma": counts["HMMA"],
-            **resources, "warps": launch.num_warps,
+            **resources, "warps": launch.options["num_warps"],
             "opcodes": dict(counts.most_common())}
+
+
+def measure_rotation(n: int, direction: str) -> dict:
+    """The rotation kernel for one row of n: in (rotate) or out (unrotate, summing the partials
+    of a 4096-input GEMV at its default split)."""
+    from kernels.hadamard import rotation_launch
+    from kernels.matmul import GEMV_BLOCKS, splits_for, split_tiles
+    from trellis_runtime.hadamard import hadamard_factors, random_signs, small_hadamard
+
+    r, _ = hadamard_factors(n)
+    small = None if r == 1 else small_hadamard(r).float()
+    signs = random_signs(n, 0)
+    if direction == "in":
+        x, scale, out = torch.zeros(1, n), None, torch.empty(1, n)
+    else:
+        block_rows, block_tiles, _ = GEMV_BLOCKS["fma"]
+        col_tiles = SHAPE[1] // 16
+        splits = splits_for(n, col_tiles, block_rows, block_tiles, MULTIPROCESSORS)
+        parts = -(-col_tiles // split_tiles(col_tiles, splits, block_tiles))
+        x, scale = torch.zeros(parts, 1, n), torch.ones(1)
+        out = torch.empty(1, n, dtype=torch.bfloat16)
+    launch = rotation_launch(x, signs, small, scale, out, signs_first=direction == "in")
+    sass, resources = compile_sass(launch)
+    counts = opcodes(sass)
+    return {"case": f"n={n} rows=1 {direction}" + (f" ({x.shape[0]} partials)"
+                                                    if direction == "out" else ""),
+            "instructions": sum(counts.values()),
+            "tensor_core": counts["HGMMA"] + counts["HMMA"], "barriers": counts["BAR"],
+            **resources, "warps": launch.options["num_warps"]}
 
 
 def main() -> int:
@@ -116,17 +153,25 @@ def main() -> int:
     args = parser.parse_args()
     import triton
 
-    rows = []
+    gemv = []
     for spec, batch in CASES:
         row = measure(spec, batch)
-        rows.append(row)
+        gemv.append(row)
         print(f"{row['case']:<40} {row['instructions_per_weight']:5.2f} instr/weight  "
               f"LDG {row['global_loads']:3d}  LDS {row['shared_loads']:3d}  "
               f"BAR {row['barriers']}  regs {row['registers']}", flush=True)
+    rotation = []
+    for n in (4096, 14336):
+        for direction in ("in", "out"):
+            row = measure_rotation(n, direction)
+            rotation.append(row)
+            print(f"rotation {row['case']:<31} {row['instructions']:5d} instructions per thread"
+                  f"  tensor-core {row['tensor_core']:3d}  BAR {row['barriers']:2d}  "
+                  f"warps {row['warps']}", flush=True)
     result = {"environment": {"date": datetime.datetime.now(datetime.timezone.utc)
                               .isoformat(timespec="seconds"),
                               "triton": triton.__version__, "arch": f"sm_{ARCH}"},
-              "rows": rows}
+              "gemv": gemv, "rotation": rotation}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     temporary = args.out.with_suffix(".tmp")
     temporary.write_text(json.dumps(result, indent=1) + "\n")

@@ -24,11 +24,38 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Launch
+
 MAX_SMALL_ORDER = 64  # H_r padded to at most 64 x 64
 MAX_FACTOR = 128  # each Sylvester factor at most 128 x 128
 MAX_ELEMENTS = 1 << 15  # one row (padded) held by one program
 DOT_MIN = 16
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _split_tf32(a):
+    """a as head + tail: head a rounded to tf32 (10 mantissa bits), tail the exact remainder."""
+    head = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return head, a - head
+
+
+@triton.jit
+def _sign_dot(a, b, SPLIT_A: tl.constexpr):
+    """a @ b on the tensor cores, float32-accurate, when the operand not split (SPLIT_A says
+    which is) holds only +-1 and 0, exact in tf32: the split operand's tf32 head and its
+    remainder are multiplied in tf32 each. tf32x3 would take three products and split both
+    operands; this takes two (half the instructions of the rotation, counted in its sm_90 code).
+    The tensor cores truncate the remainder to tf32, which loses at most 2^-21 of the value."""
+    if SPLIT_A:
+        head, tail = _split_tf32(a)
+        out = tl.dot(head, b, input_precision="tf32")
+        out = tl.dot(tail, b, out, input_precision="tf32")
+    else:
+        head, tail = _split_tf32(b)
+        out = tl.dot(a, head, input_precision="tf32")
+        out = tl.dot(a, tail, out, input_precision="tf32")
+    return out
 
 
 @triton.jit
@@ -57,20 +84,20 @@ def _hadamard_kernel(
     if SIGNS_FIRST:
         x = x * signs
     # x (D0, A, B) -> x (H_A kron H_B) on each of the D0 slices: first over B, then over A.
-    # tf32x3 splits x in three tf32 parts; H's +-1 entries are exact, so this is float32 accurate.
+    # Each factor is a _sign_dot: H's +-1 entries are exact in tf32, x is split in two tf32 parts.
     h_b = tl.load(sylvester_b_ptr + tl.arange(0, B)[:, None] * B + tl.arange(0, B)[None, :])
-    x = tl.dot(tl.reshape(x, (D0 * A, B)), h_b, input_precision="tf32x3")
+    x = _sign_dot(tl.reshape(x, (D0 * A, B)), h_b, True)
     if A > 1:
         h_a = tl.load(sylvester_a_ptr + tl.arange(0, A)[:, None] * A + tl.arange(0, A)[None, :])
         x = tl.permute(tl.reshape(x, (D0, A, B)), (0, 2, 1))
-        x = tl.dot(tl.reshape(x, (D0 * B, A)), h_a, input_precision="tf32x3")
+        x = _sign_dot(tl.reshape(x, (D0 * B, A)), h_a, True)
         x = tl.permute(tl.reshape(x, (D0, B, A)), (0, 2, 1))
     if R > 1:  # H_r on the left: zero-padded rows and columns past R
         i = tl.arange(0, D0)
         small_ok = (i[:, None] < R) & (i[None, :] < R)
         small = tl.load(small_ptr + i[:, None] * small_stride0 + i[None, :] * small_stride1,
                         mask=small_ok, other=0.0)
-        x = tl.dot(small, tl.reshape(x, (D0, A * B)), input_precision="tf32x3")  # H_r: +-1, 0
+        x = _sign_dot(small, tl.reshape(x, (D0, A * B)), False)  # H_r: +-1, 0
     x = tl.reshape(x, (D0, A, B)) * inv_sqrt_n
     if SCALED:
         x = x * tl.load(scale_ptr)
@@ -118,9 +145,11 @@ def check_size(n: int, r: int) -> tuple[int, int, int]:
     return a, b, d0
 
 
-def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
-            scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool,
-            num_warps: int | None) -> torch.Tensor:
+def rotation_launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
+                    scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool,
+                    num_warps: int | None = None) -> Launch | None:
+    """The checked launch that writes `out` (None when it has no rows): rotate_rows and
+    unrotate_rows run it."""
     n = x.shape[-1]
     r = 1 if small is None else small.shape[0]
     if small is not None and (small.dim() != 2 or small.shape[1] != r):
@@ -132,18 +161,25 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
         raise ValueError("hadamard: rows must have unit stride and out be float32/16/bfloat16")
     rows = out.shape[-2]
     if rows == 0:
-        return out
+        return None
     splits = x.shape[0] if x.dim() == 3 else 1
     small_t = small if small is not None else signs
     grid = (triton.cdiv(rows, d0) if r == 1 else rows,)
-    _hadamard_kernel[grid](
-        x, signs, small_t, sylvester(a, x.device), sylvester(b, x.device),
-        scale if scale is not None else signs, out,
-        rows, splits, x.stride(0) if x.dim() == 3 else 0, x.stride(-2), out.stride(-2),
-        small_t.stride(0), small_t.stride(-1), 1.0 / math.sqrt(n),
-        R=r, D0=d0, A=a, B=b, SIGNS_FIRST=signs_first, SCALED=scale is not None,
-        num_warps=num_warps or (16 if d0 * a * b >= 16384 else 8 if d0 * a * b >= 4096 else 4),
-    )
+    args = (x, signs, small_t, sylvester(a, x.device), sylvester(b, x.device),
+            scale if scale is not None else signs, out,
+            rows, splits, x.stride(0) if x.dim() == 3 else 0, x.stride(-2), out.stride(-2),
+            small_t.stride(0), small_t.stride(-1), 1.0 / math.sqrt(n))
+    constexprs = dict(R=r, D0=d0, A=a, B=b, SIGNS_FIRST=signs_first, SCALED=scale is not None)
+    warps = num_warps or (16 if d0 * a * b >= 16384 else 8 if d0 * a * b >= 4096 else 4)
+    return Launch(_hadamard_kernel, grid, args, constexprs, {"num_warps": warps})
+
+
+def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
+            scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool,
+            num_warps: int | None) -> torch.Tensor:
+    launch = rotation_launch(x, signs, small, scale, out, signs_first, num_warps)
+    if launch is not None:
+        launch.run()
     return out
 
 

@@ -33,12 +33,12 @@ compiled code):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Launch
 from kernels.tile import (TILE_COLS, TILE_DIM, TrellisCode, check_power_of_two, computed_value,
                           group_state, group_words, signed_table_index, table_index)
 
@@ -312,26 +312,9 @@ def _check(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, dtypes: tupl
         raise ValueError(f"x is on {x.device} but codes are on {codes.device}")
 
 
-@dataclass(frozen=True)
-class MatmulLaunch:
-    """One launch of the matmul kernel, built before it runs so that a tool can also compile it
-    ahead of time exactly as it would run (benchmarks/kernels_sass.py)."""
-
-    grid: tuple[int, int, int]
-    args: tuple
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-    kernel = _matmul_kernel
-
-    def run(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
-                               num_stages=self.num_stages)
-
-
 def _launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, out: torch.Tensor,
             grid: tuple[int, int, int], tiles_per_split: int, block_m: int, block_g: int,
-            block_t: int, use_dot: bool, num_warps: int, num_stages: int) -> MatmulLaunch:
+            block_t: int, use_dot: bool, num_warps: int, num_stages: int) -> Launch:
     col_tiles = codes.shape[1]
     even = (codes.shape[0] * 16) % (2 * block_g) == 0 and col_tiles % tiles_per_split == 0 \
         and tiles_per_split % block_t == 0
@@ -344,7 +327,8 @@ def _launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, out: torch.
             code.fconst())
     constexprs = dict(code.constexprs(), TABLE_ROWS=shared_rows, BLOCK_M=block_m,
                       BLOCK_G=block_g, BLOCK_T=block_t, USE_DOT=use_dot, EVEN=even)
-    return MatmulLaunch(grid, args, constexprs, num_warps, num_stages)
+    return Launch(_matmul_kernel, grid, args, constexprs,
+                  {"num_warps": num_warps, "num_stages": num_stages})
 
 
 def _packed_table(code: TrellisCode, placeholder: torch.Tensor) -> torch.Tensor:
@@ -414,7 +398,7 @@ def gemv_launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
                 splits: int | None = None, block_rows: int | None = None,
                 block_tiles: int | None = None, num_warps: int | None = None,
                 num_stages: int = 2, out: torch.Tensor | None = None
-                ) -> tuple[MatmulLaunch, torch.Tensor]:
+                ) -> tuple[Launch, torch.Tensor]:
     """gemv_partials' launch and output buffer, checked and built but not run."""
     rows = x.shape[0] if x.dim() == 2 else -1
     use_dot = rows > 1

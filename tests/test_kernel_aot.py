@@ -48,8 +48,7 @@ def test_every_suite_launch_compiles_for_sm90() -> None:
 def test_a_launch_that_cannot_compile_is_named_and_fails(tmp_path) -> None:
     weight = random_weight(TrellisSpec(16, 2, 2, "hyb"), 32, 64, seed=0, scale=1.0)
     launch, _ = gemv_launch(torch.zeros(1, 64), weight.codes, trellis_code(weight))
-    arguments = dict(zip(launch.kernel.arg_names, launch.args), **launch.constexprs)
-    good = describe_launch(launch.kernel, arguments, {"num_warps": 4})
+    good = describe_launch(launch.kernel, launch.arguments(), launch.options)
     bad = json.loads(json.dumps(good))
     bad["arguments"]["BLOCK_G"] = {"constexpr": 3}  # tl.arange needs a power of two
     path = tmp_path / "launches.json"

@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from kernels.hadamard import rotate_rows, unrotate_rows
+from kernels.hadamard import _split_tf32, rotate_rows, unrotate_rows
 from trellis_runtime.hadamard import random_signs, rotate, small_hadamard, unrotate
 from trellis_runtime.kernel_suite import CASES
 
 HADAMARD_CASES = [c for c in CASES if c.kernel == "hadamard"]
+
+
+@triton.jit
+def _split_kernel(x_ptr, head_ptr, tail_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    head, tail = _split_tf32(tl.load(x_ptr + offsets))
+    tl.store(head_ptr + offsets, head)
+    tl.store(tail_ptr + offsets, tail)
 
 
 @pytest.mark.parametrize("case", HADAMARD_CASES, ids=lambda c: c.name)
@@ -48,3 +58,21 @@ def test_unrotate_inverts_rotate() -> None:
 def test_unsupported_sizes_are_refused(n: int, small, signs: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         rotate_rows(torch.zeros(1, n), random_signs(signs, 0), small)
+
+
+def test_tf32_split_keeps_float32_accuracy_through_truncation() -> None:
+    """The rotation's products split x into a tf32 head and a remainder (kernels/hadamard.py
+    _split_tf32). The interpreter multiplies in full float32, so the tensor cores' truncation of
+    each operand to tf32 is applied here: head is already tf32, and what survives of the
+    remainder must leave at most 2^-21 of |x|."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-30, 30, (4096,),
+                                                                    generator=gen))
+    head, tail = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, head, tail, x.numel())
+    low_bits = 0x1FFF  # the 13 mantissa bits tf32 drops
+    assert not (head.view(torch.int32) & low_bits).any()
+    assert torch.equal(head + tail, x)  # the remainder is exact
+    truncated = (tail.view(torch.int32) & ~low_bits).view(torch.float32)
+    error = (x.double() - head.double() - truncated.double()).abs()
+    assert (error <= x.double().abs() * 2.0**-21).all()
