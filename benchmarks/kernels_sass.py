@@ -11,9 +11,10 @@ Llama-3-8B-sized matrix on an H200 (132 SMs).
   per weight, which bounds a decode-bound GEMV; LDG (global loads), LDS (shared loads) and BAR
   (barriers) show where table lookups go; registers and shared memory per program bound how many
   programs an SM holds.
-- Rotation (kernels/hadamard.py, one row of 4096 and of 14336, in and out): one program per row
-  and no loop worth the name, so the whole kernel's instructions per thread, its tensor-core
-  instructions and barriers: a latency-bound kernel's critical path grows with them.
+- Rotation (kernels/hadamard.py, one row of 4096 and of 14336, in and out): one program per row,
+  so the instructions one thread runs (the code once, its loop over the GEMV's partial sums as
+  often as it turns), its tensor-core instructions and barriers: a latency-bound kernel's
+  critical path grows with them.
 
 A proxy, not a timing: it sees neither stalls nor bank conflicts nor cache misses
 (benchmarks/kernels_gpu.py times the kernels on a GPU). Results: benchmarks/results/kernels_sass.json.
@@ -121,7 +122,7 @@ def measure(spec: tuple, rows: int) -> dict:
 def measure_rotation(n: int, direction: str) -> dict:
     """The rotation kernel for one row of n: in (rotate) or out (unrotate, summing the partials
     of a 4096-input GEMV at its default split)."""
-    from kernels.hadamard import rotation_launch
+    from kernels.hadamard import SPLITS_AT_ONCE, rotation_launch
     from kernels.matmul import GEMV_BLOCKS, splits_for, split_tiles
     from trellis_runtime.hadamard import hadamard_factors, random_signs, small_hadamard
 
@@ -140,9 +141,13 @@ def measure_rotation(n: int, direction: str) -> dict:
     launch = rotation_launch(x, signs, small, scale, out, signs_first=direction == "in")
     sass, resources = compile_sass(launch)
     counts = opcodes(sass)
+    # The loop over the partials runs once per SPLITS_AT_ONCE of them after the first.
+    loop = sum(main_loop(sass).values())
+    iterations = -(-(len(x) - 1) // SPLITS_AT_ONCE.value) if x.dim() == 3 else 0
     return {"case": f"n={n} rows=1 {direction}" + (f" ({x.shape[0]} partials)"
                                                     if direction == "out" else ""),
             "instructions": sum(counts.values()),
+            "executed": sum(counts.values()) + loop * (iterations - 1),
             "tensor_core": counts["HGMMA"] + counts["HMMA"], "barriers": counts["BAR"],
             **resources, "warps": launch.options["num_warps"]}
 
@@ -165,9 +170,10 @@ def main() -> int:
         for direction in ("in", "out"):
             row = measure_rotation(n, direction)
             rotation.append(row)
-            print(f"rotation {row['case']:<31} {row['instructions']:5d} instructions per thread"
-                  f"  tensor-core {row['tensor_core']:3d}  BAR {row['barriers']:2d}  "
-                  f"warps {row['warps']}", flush=True)
+            print(f"rotation {row['case']:<31} {row['executed']:5d} instructions run per "
+                  f"thread ({row['instructions']} in the code)  tensor-core "
+                  f"{row['tensor_core']:3d}  BAR {row['barriers']:2d}  warps {row['warps']}",
+                  flush=True)
     result = {"environment": {"date": datetime.datetime.now(datetime.timezone.utc)
                               .isoformat(timespec="seconds"),
                               "triton": triton.__version__, "arch": f"sm_{ARCH}"},

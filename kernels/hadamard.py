@@ -30,6 +30,7 @@ MAX_SMALL_ORDER = 64  # H_r padded to at most 64 x 64
 MAX_FACTOR = 128  # each Sylvester factor at most 128 x 128
 MAX_ELEMENTS = 1 << 15  # one row (padded) held by one program
 DOT_MIN = 16
+SPLITS_AT_ONCE = tl.constexpr(4)  # partial sums loaded per iteration by the output rotation
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -78,8 +79,12 @@ def _hadamard_kernel(
         col = d * (A * B) + col_ab
         ok = (d < R) & (col_ab >= 0)
     x = tl.load(x_ptr + row * x_stride + col, mask=ok, other=0.0).to(tl.float32)
-    for k in range(1, splits):
-        x += tl.load(x_ptr + k * x_split_stride + row * x_stride + col, mask=ok, other=0.0)
+    # The split-K partials, SPLITS_AT_ONCE per iteration: their loads are issued together, so
+    # the sum waits for memory once per group instead of once per partial.
+    for k in range(1, splits, SPLITS_AT_ONCE):
+        for j in tl.static_range(SPLITS_AT_ONCE):
+            x += tl.load(x_ptr + (k + j) * x_split_stride + row * x_stride + col,
+                         mask=ok & (k + j < splits), other=0.0)
     signs = tl.load(signs_ptr + col, mask=ok, other=0).to(tl.float32)
     if SIGNS_FIRST:
         x = x * signs
