@@ -11,6 +11,8 @@ Llama-3-8B-sized matrix on an H200 (132 SMs).
   per weight, which bounds a decode-bound GEMV; LDG (global loads), LDS (shared loads) and BAR
   (barriers) show where table lookups go; registers and shared memory per program bound how many
   programs an SM holds.
+- Decode (kernels/decode.py, the same matrix to float16, the dense path of large batches): the
+  same count for its loop.
 - Rotation (kernels/hadamard.py, one row of 4096 and of 14336, in and out): one program per row,
   so the instructions one thread runs (the code once, its loop over the GEMV's partial sums as
   often as it turns), its tensor-core instructions and barriers: a latency-bound kernel's
@@ -119,6 +121,32 @@ def measure(spec: tuple, rows: int) -> dict:
             "opcodes": dict(counts.most_common())}
 
 
+def measure_decode(spec: tuple) -> dict:
+    """The decode kernel (the dense path of large batches) for the same matrix, to float16."""
+    from kernels.decode import decode_launch
+    from kernels.matmul import splits_for
+    from trellis_runtime.kernel_linear import trellis_code
+    from trellis_runtime.kernel_suite import random_weight
+    from trellis_runtime.trellis import TrellisSpec
+
+    code = trellis_code(random_weight(TrellisSpec(*spec), 16 * 16, 16 * 16, seed=0, scale=1.0))
+    codes = torch.zeros(SHAPE[0] // 16, SHAPE[1] // 16, 8 * spec[1], dtype=torch.int32)
+    probe, _ = decode_launch(codes, code, 1.0, dtype=torch.float16)
+    c = probe.constexprs
+    splits = splits_for(SHAPE[0], SHAPE[1] // 16, 2 * c["BLOCK_G"], c["BLOCK_T"],
+                        MULTIPROCESSORS)
+    launch, _ = decode_launch(codes, code, 1.0, dtype=torch.float16, splits=splits)
+    sass, resources = compile_sass(launch)
+    counts = main_loop(sass)
+    weights = 2 * c["BLOCK_G"] * c["BLOCK_T"] * 16 / (launch.options["num_warps"] * 32)
+    L, K, V, name = spec
+    return {"case": f"decode {SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} to float16",
+            "loop_instructions": sum(counts.values()), "weights_per_thread": weights,
+            "instructions_per_weight": round(sum(counts.values()) / weights, 2),
+            "global_loads": counts["LDG"], "shared_loads": counts["LDS"],
+            "stores": counts["STG"], **resources, "warps": launch.options["num_warps"]}
+
+
 def measure_rotation(n: int, direction: str) -> dict:
     """The rotation kernel for one row of n: in (rotate) or out (unrotate, summing the partials
     of a 4096-input GEMV at its default split)."""
@@ -165,6 +193,10 @@ def main() -> int:
         print(f"{row['case']:<40} {row['instructions_per_weight']:5.2f} instr/weight  "
               f"LDG {row['global_loads']:3d}  LDS {row['shared_loads']:3d}  "
               f"BAR {row['barriers']}  regs {row['registers']}", flush=True)
+    decode = measure_decode((16, 2, 2, "hyb"))
+    print(f"{decode['case']:<40} {decode['instructions_per_weight']:5.2f} instr/weight  "
+          f"LDG {decode['global_loads']:3d}  LDS {decode['shared_loads']:3d}  "
+          f"STG {decode['stores']:3d}  regs {decode['registers']}", flush=True)
     rotation = []
     for n in (4096, 14336):
         for direction in ("in", "out"):
@@ -177,7 +209,7 @@ def main() -> int:
     result = {"environment": {"date": datetime.datetime.now(datetime.timezone.utc)
                               .isoformat(timespec="seconds"),
                               "triton": triton.__version__, "arch": f"sm_{ARCH}"},
-              "gemv": gemv, "rotation": rotation}
+              "gemv": gemv, "decode": decode, "rotation": rotation}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     temporary = args.out.with_suffix(".tmp")
     temporary.write_text(json.dumps(result, indent=1) + "\n")

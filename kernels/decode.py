@@ -1,55 +1,49 @@
-"""Trellis decode kernel: packed tile bitstreams -> the rotated, scaled weight matrix.
+"""Trellis decode: packed tile bitstreams -> the rotated, scaled weight matrix.
 
-Used where a dense weight is wanted: the decode-then-cuBLAS path for large batches, and tests. The
-code math lives in kernels/tile.py (shared with the fused matmul kernels). Its torch reference is
-trellis_runtime.quantized.QuantizedWeight.decode_rotated; in float32 the kernel agrees with it bit
-for bit.
+Used where a dense weight is wanted: the decode-then-cuBLAS path for large batches, and tests.
+It runs the fused matmul's kernel (kernels/matmul.py) in its DECODE mode: the same lanes, words
+loaded a block ahead and shared-memory table lookups, storing each decoded block times the
+scale instead of multiplying it. Its torch reference is
+trellis_runtime.quantized.QuantizedWeight.decode_rotated; in float32 the kernel agrees with it
+bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
-from kernels.tile import (TILE_COLS, TILE_DIM, TILE_ROWS, TrellisCode, check_power_of_two,
-                          decode_block, scale_tensor)
+from kernels.launch import Launch
+from kernels.matmul import DECODE, default_splits, kernel_launch, split_tiles
+from kernels.tile import TILE_COLS, TILE_ROWS, TrellisCode, check_power_of_two, scale_tensor
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
-def _decode_kernel(
-    codes_ptr, table_ptr, scale_ptr, out_ptr,
-    out_rows, col_tiles, out_stride, table_stride, fconst,
-    STATE_BITS: tl.constexpr, BITS: tl.constexpr, VEC: tl.constexpr, CODE: tl.constexpr,
-    MUL: tl.constexpr, ADD: tl.constexpr, AND_MASK: tl.constexpr, XOR_MASK: tl.constexpr,
-    MEAN: tl.constexpr, HYB_INDEX_BITS: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    tile_col0 = tl.program_id(1) * (BLOCK_I // TILE_DIM)
-    row_ok = rows < out_rows
-    values = decode_block(codes_ptr, rows, row_ok, tile_col0, col_tiles, col_tiles,
-                          table_ptr, table_stride, fconst, BLOCK_I, STATE_BITS, BITS, VEC, CODE,
-                          MUL, ADD, AND_MASK, XOR_MASK, MEAN, HYB_INDEX_BITS)
-    values = values * tl.load(scale_ptr)
-    cols = tile_col0 * TILE_DIM + tl.arange(0, BLOCK_I)
-    mask = row_ok[:, None] & (cols < col_tiles * TILE_DIM)[None, :]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * out_stride + cols[None, :],
-             values.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def decode_matrix(codes: torch.Tensor, code: TrellisCode, scale: float | torch.Tensor,
                   out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                  block_rows: int = 32, block_cols: int = 64, num_warps: int = 4
-                  ) -> torch.Tensor:
+                  block_rows: int = 128, block_cols: int = 64, num_warps: int = 8,
+                  splits: int | None = None) -> torch.Tensor:
     """Decode packed tiles `codes` (rt, ct, 8K) int32 into the scaled (rt*16, ct*16) matrix.
 
     `out`, if given, must be a (rt*16, ct*16) tensor of one of OUT_DTYPES with unit column stride;
     otherwise one of `dtype` is allocated. float32 output is bit-exact with the torch reference;
-    float16/bfloat16 output is that value rounded once.
+    float16/bfloat16 output is that value rounded once. A program decodes block_rows rows over
+    one of `splits` slices of the columns, block_cols at a time (default: enough slices to give
+    every SM a few programs, 1 off the GPU).
     """
+    launch, out = decode_launch(codes, code, scale, out, dtype, block_rows, block_cols,
+                                num_warps, splits)
+    if launch is not None:
+        launch.run()
+    return out
+
+
+def decode_launch(codes: torch.Tensor, code: TrellisCode, scale: float | torch.Tensor,
+                  out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                  block_rows: int = 128, block_cols: int = 64, num_warps: int = 8,
+                  splits: int | None = None) -> tuple[Launch | None, torch.Tensor]:
+    """decode_matrix's launch (None for an empty matrix) and output, checked but not run."""
     code.check_codes(codes)
     for name, value in (("block_rows", block_rows), ("block_cols", block_cols)):
         check_power_of_two(name, value)
@@ -65,13 +59,12 @@ def decode_matrix(codes: torch.Tensor, code: TrellisCode, scale: float | torch.T
         raise ValueError(f"decode output must be {shape} float32/float16/bfloat16 with unit "
                          f"column stride, got {tuple(out.shape)} {out.dtype}")
     scale_t = scale_tensor(scale, codes.device)
-    table, table_stride = code.table_args(codes.device, scale_t)
     if row_tiles * col_tiles == 0:
-        return out
-    grid = (triton.cdiv(shape[0], block_rows), triton.cdiv(shape[1], block_cols))
-    _decode_kernel[grid](
-        codes, table, scale_t, out, shape[0], col_tiles, out.stride(0), table_stride,
-        code.fconst(), **code.constexprs(), BLOCK_O=block_rows, BLOCK_I=block_cols,
-        num_warps=num_warps,
-    )
-    return out
+        return None, out
+    block_tiles = block_cols // TILE_COLS
+    if splits is None:
+        splits = default_splits(shape[0], col_tiles, block_rows, block_tiles, codes.device)
+    tiles_per_split = split_tiles(col_tiles, splits, block_tiles)
+    grid = (triton.cdiv(shape[0], block_rows), triton.cdiv(col_tiles, tiles_per_split), 1)
+    return kernel_launch(None, codes, code, out, grid, tiles_per_split, 1, block_rows // 2,
+                         block_tiles, DECODE, num_warps, 2, scale=scale_t), out

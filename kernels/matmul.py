@@ -43,6 +43,11 @@ from kernels.tile import (TILE_COLS, TILE_DIM, TrellisCode, check_power_of_two, 
                           group_state, group_words, signed_table_index, table_index)
 
 GEMV_MAX_ROWS = 16
+# What the shared kernel does with the decoded block: multiply one row with FMAs, multiply rows
+# on the tensor cores, or store it (kernels/decode.py).
+FMA = tl.constexpr(0)
+DOT = tl.constexpr(1)
+DECODE = tl.constexpr(2)
 DOT_MIN = 16  # tl.dot needs every dimension of a block to be at least 16
 DOT_DTYPES = (torch.float16, torch.bfloat16)
 FMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -219,13 +224,13 @@ def _dot_operand(codes, VEC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.co
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr, codes_ptr, table_ptr, out_ptr,
+    x_ptr, codes_ptr, table_ptr, scale_ptr, out_ptr,
     rows, out_features, col_tiles, tiles_per_split,
     x_stride, out_split_stride, out_stride, fconst,
     STATE_BITS: tl.constexpr, BITS: tl.constexpr, VEC: tl.constexpr, CODE: tl.constexpr,
     MUL: tl.constexpr, ADD: tl.constexpr, AND_MASK: tl.constexpr, XOR_MASK: tl.constexpr,
     MEAN: tl.constexpr, HYB_INDEX_BITS: tl.constexpr, TABLE_ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
     EVEN: tl.constexpr,
 ):
     # A program owns BLOCK_G row pairs (a pair is one tile's group g: rows 2g, 2g+1 of the tile,
@@ -233,6 +238,7 @@ def _matmul_kernel(
     # the K+1 words of its groups once, one block ahead of their use so that the next block's
     # loads are in flight while this one decodes, and decodes their 32 positions with constant
     # shifts. TABLE_ROWS > 0 holds the code table in registers for shared-memory lookups.
+    # MODE: FMA (one row), DOT (tensor cores) or DECODE (store C times the scale, no x).
     split = tl.program_id(1)
     pair = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     pair_ok = pair < out_features // 2
@@ -243,17 +249,20 @@ def _matmul_kernel(
     first_tile = split * tiles_per_split
     end_tile = tl.minimum(first_tile + tiles_per_split, col_tiles)
     TABLE_SHARED: tl.constexpr = TABLE_ROWS > 0
-    FLOAT_PAIRS: tl.constexpr = TABLE_SHARED and VEC == 2 and not USE_DOT
+    FLOAT_PAIRS: tl.constexpr = TABLE_SHARED and VEC == 2 and MODE == FMA
     if TABLE_SHARED:
         table = _shared_table(table_ptr, TABLE_ROWS, CODE, FLOAT_PAIRS)
     else:
         table = table_ptr  # unused
     STEPS: tl.constexpr = 32 // VEC
-    if USE_DOT:
+    if MODE == DOT:
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_G), tl.float32)
-    else:  # one row: per-lane partial products, summed over tiles once at the end
+    elif MODE == FMA:  # one row: per-lane partial products, summed over tiles once at the end
         acc0 = tl.zeros((BLOCK_G, BLOCK_T), tl.float32)
         acc1 = tl.zeros((BLOCK_G, BLOCK_T), tl.float32)
+    else:
+        scale = tl.load(scale_ptr)
+        outs = tl.program_id(0) * 2 * BLOCK_G + tl.arange(0, 2 * BLOCK_G)
     # Without EVEN, masked loads read zero words past the split's end (finite garbage values,
     # cancelled by zero inputs); with EVEN every block is whole and the loop has no masks, and
     # the prefetch after the last block rereads the last block instead of leaving the matrix.
@@ -276,7 +285,17 @@ def _matmul_kernel(
         states = _state_tree(w0, w1, w2, w3, wn, 0, STEPS, STATE_BITS, BITS, VEC)
         codes = _codes_of(states, table, table_ptr, fconst, VEC, CODE, MUL, ADD, AND_MASK,
                           XOR_MASK, MEAN, HYB_INDEX_BITS, TABLE_SHARED, FLOAT_PAIRS)
-        if USE_DOT:
+        if MODE == DECODE:  # C^T block scaled, stored transposed; garbage past the ends masked
+            values = _dot_operand(codes, VEC, BLOCK_T, BLOCK_G).to(tl.float32) * scale
+            cols = tile_col0 * TILE_DIM + tl.arange(0, BLOCK_T * TILE_DIM)
+            ptr = out_ptr + outs[None, :].to(tl.int64) * out_stride + cols[:, None]
+            if EVEN:
+                tl.store(ptr, values.to(out_ptr.dtype.element_ty))
+            else:
+                tl.store(ptr, values.to(out_ptr.dtype.element_ty),
+                         mask=(cols < end_tile * TILE_DIM)[:, None]
+                         & (outs < out_features)[None, :])
+        elif MODE == DOT:
             values = _dot_operand(codes, VEC, BLOCK_T, BLOCK_G)
             cols = tile_col0 * TILE_DIM + tl.arange(0, BLOCK_T * TILE_DIM)
             if EVEN:
@@ -291,11 +310,11 @@ def _matmul_kernel(
                                    FLOAT_PAIRS)
         w0, w1, w2, w3, wn = n0, n1, n2, n3, nn
     out = out_ptr + split * out_split_stride
-    if USE_DOT:
+    if MODE == DOT:
         outs = tl.program_id(0) * 2 * BLOCK_G + tl.arange(0, 2 * BLOCK_G)
         tl.store(out + row[:, None] * out_stride + outs[None, :], acc,
                  mask=row_ok[:, None] & (outs < out_features)[None, :])
-    else:
+    elif MODE == FMA:
         ptr = out + row * out_stride + 2 * pair
         tl.store(ptr, tl.sum(acc0, axis=1), mask=pair_ok)
         tl.store(ptr + 1, tl.sum(acc1, axis=1), mask=pair_ok)
@@ -312,32 +331,34 @@ def _check(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, dtypes: tupl
         raise ValueError(f"x is on {x.device} but codes are on {codes.device}")
 
 
-def _launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, out: torch.Tensor,
-            grid: tuple[int, int, int], tiles_per_split: int, block_m: int, block_g: int,
-            block_t: int, use_dot: bool, num_warps: int, num_stages: int) -> Launch:
+def kernel_launch(x: torch.Tensor | None, codes: torch.Tensor, code: TrellisCode,
+                  out: torch.Tensor, grid: tuple[int, int, int], tiles_per_split: int,
+                  block_m: int, block_g: int, block_t: int, mode: tl.constexpr, num_warps: int,
+                  num_stages: int, scale: torch.Tensor | None = None) -> Launch:
+    """The shared kernel's launch: x (rows, in) for FMA and DOT, the (1,) float32 scale for
+    DECODE (out is then the decoded matrix). Arguments are checked by the callers."""
     col_tiles = codes.shape[1]
     even = (codes.shape[0] * 16) % (2 * block_g) == 0 and col_tiles % tiles_per_split == 0 \
         and tiles_per_split % block_t == 0
     table = _packed_table(code, codes)
-    copies = 2 if code.code == "hyb" and not use_dot else 1  # see _shared_table
+    copies = 2 if code.code == "hyb" and mode.value == FMA.value else 1  # see _shared_table
     shared_rows = table.shape[0] if table is not codes \
         and copies * table.shape[0] <= SHARED_TABLE_ROWS else 0
-    args = (x, codes, table, out, x.shape[0], codes.shape[0] * 16, codes.shape[1],
-            tiles_per_split, x.stride(0), out.stride(0) if out.dim() == 3 else 0, out.stride(-2),
-            code.fconst())
+    rows, x_stride = (x.shape[0], x.stride(0)) if x is not None else (0, 0)
+    args = (codes if x is None else x, codes, table, codes if scale is None else scale, out,
+            rows, codes.shape[0] * 16, codes.shape[1], tiles_per_split, x_stride,
+            out.stride(0) if out.dim() == 3 else 0, out.stride(-2), code.fconst())
     constexprs = dict(code.constexprs(), TABLE_ROWS=shared_rows, BLOCK_M=block_m,
-                      BLOCK_G=block_g, BLOCK_T=block_t, USE_DOT=use_dot, EVEN=even)
+                      BLOCK_G=block_g, BLOCK_T=block_t, MODE=mode.value, EVEN=even)
     return Launch(_matmul_kernel, grid, args, constexprs,
                   {"num_warps": num_warps, "num_stages": num_stages})
 
 
 def _packed_table(code: TrellisCode, placeholder: torch.Tensor) -> torch.Tensor:
-    """The table as the matmul kernel reads it: float16 entries, a V=2 row as one int32 word."""
+    """The table as the kernel reads it: float16 entries (TrellisCode checked them), a V=2 row as
+    one int32 word."""
     if code.table is None or code.code not in ("hyb", "lut"):
         return placeholder
-    if code.table.dtype != torch.float16 or not code.table.is_contiguous():
-        raise ValueError(f"the fused matmul reads a contiguous float16 {code.code} table, got "
-                         f"{code.table.dtype}")
     table = code.table.to(placeholder.device)
     return table.view(torch.int32) if code.vec == 2 else table
 
@@ -425,8 +446,9 @@ def gemv_launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
         raise ValueError(f"gemv out must be a contiguous float32 {shape}, got "
                          f"{tuple(out.shape)} {out.dtype}")
     grid = (triton.cdiv(out_features, block_rows), shape[0], 1 if use_dot else rows)
-    return _launch(x, codes, code, out, grid, tiles_per_split, DOT_MIN if use_dot else 1,
-                   block_rows // 2, block_tiles, use_dot, num_warps, num_stages), out
+    return kernel_launch(x, codes, code, out, grid, tiles_per_split, DOT_MIN if use_dot else 1,
+                         block_rows // 2, block_tiles, DOT if use_dot else FMA, num_warps,
+                         num_stages), out
 
 
 def split_tiles(col_tiles: int, splits: int, block_tiles: int) -> int:
@@ -457,6 +479,6 @@ def gemm(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, block_m: int =
     if rows == 0:
         return out
     grid = (triton.cdiv(out_features, block_rows), 1, triton.cdiv(rows, block_m))
-    _launch(x, codes, code, out, grid, max(col_tiles, 1), block_m, block_rows // 2, block_tiles,
-            True, num_warps, num_stages).run()
+    kernel_launch(x, codes, code, out, grid, max(col_tiles, 1), block_m, block_rows // 2,
+                  block_tiles, DOT, num_warps, num_stages).run()
     return out

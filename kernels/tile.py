@@ -6,8 +6,10 @@ from the project, so every layout and code fact arrives as an argument or conste
 - codes (rt, ct, 8K) int32: tile (r, c) of the (rt*16, ct*16) matrix holds a 256*K-bit stream in
   8K words, most significant bit first, tiles row-major.
 - Tile position p (= 16*row + col inside the tile) is slot p % V of step t = p // V. The state of
-  step t is the L-bit window starting at bit t*K*V, circular within the tile: it is read from word
-  j = start // 32 and word (j + 1) % 8K with unsigned 32-bit shifts.
+  step t is the L-bit window starting at bit t*K*V, circular within the tile. A kernel lane owns
+  one group of a tile (rows 2g and 2g+1: exactly K words) and reads every window of the group
+  from those words and the next group's first word with constant shifts (group_words,
+  group_state).
 - The code maps the state to V float32 values (formulas and constants in trellis_runtime/codes.py,
   passed here through `constants`).
 
@@ -41,26 +43,9 @@ REQUIRED_CONSTANTS = {
 }
 MAX_STATE_BITS = 16  # a window then spans at most two words (offset + L <= 31 + 16 < 64)
 MAX_BITS = 4
-TABLE_DTYPES = (torch.float16, torch.float32)
+TABLE_DTYPES = (torch.float16,)  # checkpoints store float16 tables
 # Offsets into codes are int32 inside the kernels.
 MAX_CODE_WORDS = 2**31 - 1
-
-
-@triton.jit
-def window_state(tile_ptr, step, mask, STATE_BITS: tl.constexpr, BITS: tl.constexpr,
-                 VEC: tl.constexpr):
-    """The L-bit state (uint32) of trellis step `step` in the tiles whose word 0 is at tile_ptr."""
-    WORDS: tl.constexpr = 8 * BITS
-    start = step * (BITS * VEC)
-    first = start // 32
-    nxt = (first + 1) % WORDS
-    offset = (start % 32).to(tl.uint32)
-    w0 = tl.load(tile_ptr + first, mask=mask).to(tl.uint32, bitcast=True)
-    w1 = tl.load(tile_ptr + nxt, mask=mask).to(tl.uint32, bitcast=True)
-    # The 32 bits starting `offset` bits into w0; (w1 >> 1) >> (31 - offset) keeps every shift
-    # below 32, so offset 0 (which takes nothing from w1) needs no special case.
-    window = (w0 << offset) | ((w1 >> 1) >> (31 - offset))
-    return window >> (32 - STATE_BITS)
 
 
 @triton.jit
@@ -77,43 +62,6 @@ def computed_value(state, fconst, CODE: tl.constexpr, MUL: tl.constexpr, ADD: tl
         lo = (r & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         value = (hi + lo) * fconst
     return value
-
-
-@triton.jit
-def decode_block(codes_ptr, rows, row_ok, tile_col0, col_end, col_tiles,
-                 table_ptr, table_stride, fconst,
-                 BLOCK_I: tl.constexpr, STATE_BITS: tl.constexpr, BITS: tl.constexpr,
-                 VEC: tl.constexpr, CODE: tl.constexpr, MUL: tl.constexpr, ADD: tl.constexpr,
-                 AND_MASK: tl.constexpr, XOR_MASK: tl.constexpr, MEAN: tl.constexpr,
-                 HYB_INDEX_BITS: tl.constexpr):
-    """Unscaled code values, float32 (len(rows), BLOCK_I), of matrix rows `rows` and the BLOCK_I
-    columns starting at tile column tile_col0.
-
-    Entries whose row is not row_ok or whose tile column is >= col_end are finite garbage (their
-    words read as zero): callers mask them out of stores or multiply them by zeros. With V=2 one
-    state is read per pair of columns and both of its values come from one table row.
-    """
-    WORDS: tl.constexpr = 8 * BITS
-    STEPS: tl.constexpr = BLOCK_I // VEC
-    col = tl.arange(0, STEPS) * VEC  # first column of each step in the block
-    tile_col = tile_col0 + col // TILE_DIM
-    pos = (rows % TILE_DIM)[:, None] * TILE_DIM + (col % TILE_DIM)[None, :]
-    mask = row_ok[:, None] & (tile_col < col_end)[None, :]
-    tile_ptr = codes_ptr + ((rows // TILE_DIM)[:, None] * col_tiles + tile_col[None, :]) * WORDS
-    state = window_state(tile_ptr, pos // VEC, mask, STATE_BITS, BITS, VEC)
-    if CODE <= 1:
-        values = computed_value(state, fconst, CODE, MUL, ADD, AND_MASK, XOR_MASK, MEAN)
-    else:
-        index, sign = table_index(state, CODE, HYB_INDEX_BITS)
-        row_ptr = table_ptr + index * table_stride
-        first = tl.load(row_ptr).to(tl.float32)  # every state indexes a valid row
-        first = tl.where(sign != 0, -first, first)
-        if VEC == 1:
-            values = first
-        else:
-            second = tl.load(row_ptr + 1).to(tl.float32)
-            values = tl.reshape(tl.join(first, second), (rows.shape[0], BLOCK_I))
-    return values
 
 
 @triton.jit
@@ -248,8 +196,8 @@ class TrellisCode:
                 expected = (1 << L, V)
             if tuple(table.shape) != expected:
                 raise ValueError(f"{code} table must be {expected}, got {tuple(table.shape)}")
-            if table.dtype not in TABLE_DTYPES or table.stride(1) != 1:
-                raise ValueError(f"{code} table must be row-contiguous float16/float32, got "
+            if table.dtype not in TABLE_DTYPES or not table.is_contiguous():
+                raise ValueError(f"{code} table must be a contiguous float16 tensor, got "
                                  f"{table.dtype} strides {table.stride()}")
 
     @property
@@ -268,7 +216,7 @@ class TrellisCode:
             raise ValueError("codes must be contiguous")
 
     def constexprs(self) -> dict[str, int]:
-        """The compile-time arguments every kernel built on decode_block takes."""
+        """The compile-time arguments of the code, as the kernels take them."""
         c = self.constants
         mul = add = and_mask = xor_mask = mean = 0
         index_bits = 1
@@ -293,14 +241,6 @@ class TrellisCode:
         if self.code == "3inst":
             return 1.0 / float(self.constants["inst_rms"])  # rounded to float32 once, as codes.py
         return 1.0
-
-    def table_args(self, device: torch.device, placeholder: torch.Tensor
-                   ) -> tuple[torch.Tensor, int]:
-        """(table tensor, row stride) for a launch; table-less codes get an unused placeholder."""
-        if self.table is None or self.code not in ("hyb", "lut"):
-            return placeholder, 0
-        table = self.table.to(device)
-        return table, table.stride(0)
 
 
 def scale_tensor(scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -22,7 +22,7 @@ from trellis_runtime.kernel_suite import random_weight
 from trellis_runtime.trellis import TrellisSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ("_matmul_kernel", "_decode_kernel", "_hadamard_kernel", "_start_kernel",
+KERNELS = ("_matmul_kernel", "_hadamard_kernel", "_start_kernel",
            "_step_kernel", "_trace_kernel", "_alpha_kernel", "_beta_forward_kernel",
            "_beta_backward_kernel")
 
@@ -43,6 +43,8 @@ def test_every_suite_launch_compiles_for_sm90() -> None:
     assert compiled == total >= 50
     for kernel in KERNELS:
         assert f"ok   {kernel} [" in result.stdout, kernel
+    for mode in (0, 1, 2):  # the shared kernel's FMA, DOT and DECODE modes
+        assert f"MODE={mode}," in result.stdout, mode
 
 
 def test_a_launch_that_cannot_compile_is_named_and_fails(tmp_path) -> None:

@@ -88,7 +88,7 @@ HYB = TrellisSpec(16, 2, 2, "hyb")
     (lambda w, c: gemm(torch.randn(20, 32), w.codes, c), "x must be one of"),
     (lambda w, c: gemv_partials(torch.randn(1, 32), w.codes,
                                 TrellisCode(16, 2, 2, "hyb", w.table.float(), kernel_constants())),
-     "float16 hyb table"),
+     "hyb table must be a contiguous float16"),
 ])
 def test_bad_arguments_are_refused(call, match: str) -> None:
     weight = random_weight(HYB, 16, 32, seed=6)

@@ -68,8 +68,6 @@ def kernel_support_error(weight: QuantizedWeight) -> str | None:
             check_size(n, r)
     except (ValueError, UnsupportedSpecError) as err:
         return str(err)
-    if weight.table is not None and weight.table.dtype != torch.float16:
-        return f"the fused matmul reads float16 tables, not {weight.table.dtype}"
     return None
 
 
