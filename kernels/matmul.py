@@ -4,8 +4,8 @@ C is the matrix of unscaled code values of a quantized weight (its rotated weigh
 scale): the caller applies the scale and the output rotation afterwards, in the Hadamard kernel.
 The torch reference is `x.double() @ (QuantizedWeight.decode_rotated() / scale).double().T`.
 
-One kernel body serves both shapes of work, decoding each (BLOCK_O x BLOCK_I) block of C in
-registers with kernels/tile.py and multiplying it at once:
+One kernel body serves three kinds of work (its MODE), decoding each (BLOCK_O x BLOCK_I) block
+of C in registers with kernels/tile.py and using it at once:
 
 - GEMV, 1-16 rows (decode steps). The bytes of C dominate, so each program streams a strip of
   BLOCK_O output rows over one slice of the input dimension ("split-K") and every packed word is
@@ -15,6 +15,8 @@ registers with kernels/tile.py and multiplying it at once:
   2-16 rows use the tensor cores (`tl.dot`) with the rows padded to 16.
 - GEMM, more rows (prefill, large batches): programs tile (rows x outputs) and run over the whole
   input dimension with `tl.dot`, decoding each block of C once per block of BLOCK_M rows.
+- DECODE: no x; each block is stored, times the scale, into the dense matrix (kernels/decode.py,
+  for the decode-then-cuBLAS path of the largest batches).
 
 Decoding is the cost (a GEMV reads 8x fewer bytes than float16 and must not spend more time), so
 the loop is built for few instructions per weight (benchmarks/kernels_sass.py counts them in the
