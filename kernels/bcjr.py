@@ -345,6 +345,31 @@ def _load_step(ptr, row, t, V: tl.constexpr, mask=True):
 
 
 @triton.jit
+def _step_gradient(grad_ptr, out_ptr, b, emitted, t, start, V: tl.constexpr):
+    """(active, g0, g1, centre) at step t: the output gradient and <grad_t, out_t>, all zero
+    outside the emitted steps."""
+    k = t - start
+    active = (k >= 0) & (k < emitted)
+    g0, g1 = _load_step(grad_ptr, b * emitted, k, V, active)
+    o0, o1 = _load_step(out_ptr, b * emitted, k, V, active)
+    return active, g0, g1, g0 * o0 + g1 * o1
+
+
+@triton.jit
+def _successor_block(coef_ptr, bias_ptr, g_ptr, cur, h, member, x0, x1, shift, floor,
+                     STEP_BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+    """One block of groups h of the beta recursion: the successors s = h*F + member of each h,
+    their group-normalised terms e = exp(y - top) for y = l_t(s) + g_{t+1}(s mod G) - shift, and
+    the sums of e; g_t[h] = top + log(total)."""
+    s = h[:, None] * (1 << STEP_BITS) + member  # (BLOCK_G, F)
+    low = s & (G - 1)
+    y = _costs(coef_ptr, bias_ptr, s, x0, x1, V) + tl.load(g_ptr + cur + low) - shift
+    top = tl.max(y, axis=1)
+    e = tl.exp(tl.maximum(y - top[:, None], floor))
+    return s, low, top, e, tl.sum(e, axis=1)
+
+
+@triton.jit
 def _alpha_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, phi_ptr, grad_ptr, out_ptr,
                   chains, steps, stop, start, emitted, floor,
                   STATE_BITS: tl.constexpr, STEP_BITS: tl.constexpr, V: tl.constexpr,
@@ -358,11 +383,7 @@ def _alpha_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, phi_ptr, grad_pt
     shift = 0.0
     for t in range(0, stop - 1):
         x0, x1 = _load_step(x_ptr, b * steps, t, V)
-        k = t - start
-        active = (k >= 0) & (k < emitted)
-        g0, g1 = _load_step(grad_ptr, b * emitted, k, V, active)
-        o0, o1 = _load_step(out_ptr, b * emitted, k, V, active)
-        centre = g0 * o0 + g1 * o1
+        active, g0, g1, centre = _step_gradient(grad_ptr, out_ptr, b, emitted, t, start, V)
         here = (t * chains + b) * G
         there = here + chains * G
         new_shift = -float("inf")
@@ -410,12 +431,9 @@ def _beta_forward_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, g_ptr, ou
         o1 = 0.0
         for h0 in range(0, G, BLOCK_G):
             h = h0 + lane
-            s = h[:, None] * F + member  # (BLOCK_G, F): the successor group of each h
-            y = _costs(coef_ptr, bias_ptr, s, x0, x1, V) - shift
-            y += tl.load(g_ptr + cur + (s & (G - 1)))
-            top = tl.max(y, axis=1)
-            e = tl.exp(tl.maximum(y - top[:, None], floor))
-            g_next = top + tl.log(tl.sum(e, axis=1))
+            s, _, top, e, total = _successor_block(coef_ptr, bias_ptr, g_ptr, cur, h, member, x0,
+                                                   x1, shift, floor, STEP_BITS, G, V)
+            g_next = top + tl.log(total)
             tl.store(g_ptr + nxt + h, g_next)
             new_shift = tl.maximum(new_shift, tl.max(g_next, axis=0))
             if t < stop:  # P_t(s) = e(s) exp(top + m_t - Lambda_t), streamed over blocks
@@ -457,11 +475,7 @@ def _beta_backward_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, phi_ptr,
     for i in range(0, steps):
         t = steps - 1 - i
         x0, x1 = _load_step(x_ptr, b * steps, t, V)
-        k = t - start
-        active = (k >= 0) & (k < emitted)
-        g0, g1 = _load_step(grad_ptr, b * emitted, k, V, active)
-        c0, c1 = _load_step(out_ptr, b * emitted, k, V, active)
-        centre = g0 * c0 + g1 * c1
+        active, g0, g1, centre = _step_gradient(grad_ptr, out_ptr, b, emitted, t, start, V)
         cur = ((i % 2) * chains + b) * G
         nxt = (((i + 1) % 2) * chains + b) * G
         m_row = (t * chains + b) * G
@@ -475,12 +489,8 @@ def _beta_backward_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, phi_ptr,
         a1 = 0.0
         for h0 in range(0, G, BLOCK_G):
             h = h0 + lane
-            s = h[:, None] * F + member
-            low = s & (G - 1)
-            y = _costs(coef_ptr, bias_ptr, s, x0, x1, V) + tl.load(g_ptr + cur + low) - shift
-            top = tl.max(y, axis=1)
-            e = tl.exp(tl.maximum(y - top[:, None], floor))
-            total = tl.sum(e, axis=1)
+            s, low, top, e, total = _successor_block(coef_ptr, bias_ptr, g_ptr, cur, h, member,
+                                                     x0, x1, shift, floor, STEP_BITS, G, V)
             g_next = top + tl.log(total)
             tl.store(g_ptr + nxt + h, g_next)
             new_shift = tl.maximum(new_shift, tl.max(g_next, axis=0))
@@ -511,11 +521,8 @@ def _beta_backward_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, phi_ptr,
             log_norm = run_max + tl.log(z)
             for h0 in range(0, G, BLOCK_G):
                 h = h0 + lane
-                s = h[:, None] * F + member
-                low = s & (G - 1)
-                y = _costs(coef_ptr, bias_ptr, s, x0, x1, V) + tl.load(g_ptr + cur + low) - shift
-                top = tl.max(y, axis=1)
-                e = tl.exp(tl.maximum(y - top[:, None], floor))
+                s, low, top, e, _ = _successor_block(coef_ptr, bias_ptr, g_ptr, cur, h, member,
+                                                     x0, x1, shift, floor, STEP_BITS, G, V)
                 factor = tl.exp(tl.load(m_ptr + m_row + h) + top - log_norm)[:, None]
                 w = _scores(values_ptr, s, g0, g1, centre, V) * active.to(tl.float32)
                 hw = w + tl.load(psi_ptr + cur + low) + tl.load(phi_ptr + m_row + h)[:, None]
