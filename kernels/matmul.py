@@ -426,6 +426,9 @@ def gemv_launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
     rows = x.shape[0] if x.dim() == 2 else -1
     use_dot = rows > 1
     _check(x, codes, code, DOT_DTYPES if use_dot else FMA_DTYPES)
+    if not use_dot and (x.data_ptr() % (2 * x.element_size()) or x.stride(0) % 2):
+        raise ValueError("a one-row x must start at an even element with an even row stride "
+                         "(the kernel reads its inputs two at a time)")
     default_rows, default_tiles, default_warps = GEMV_BLOCKS["dot" if use_dot else "fma"]
     block_rows = block_rows or default_rows
     block_tiles = block_tiles or default_tiles

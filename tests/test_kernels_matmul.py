@@ -84,6 +84,7 @@ HYB = TrellisSpec(16, 2, 2, "hyb")
     (lambda w, c: gemv_partials(torch.randn(1, 48), w.codes, c), "x must be"),
     (lambda w, c: gemv_partials(torch.randn(1, 32), w.codes, c, block_tiles=3), "power of two"),
     (lambda w, c: gemv_partials(torch.randn(1, 32), w.codes, c, splits=0), "splits"),
+    (lambda w, c: gemv_partials(torch.randn(1, 33)[:, 1:], w.codes, c), "even element"),
     (lambda w, c: gemm(torch.randn(20, 32).half(), w.codes, c, block_m=8), "at least 16"),
     (lambda w, c: gemm(torch.randn(20, 32), w.codes, c), "x must be one of"),
     (lambda w, c: gemv_partials(torch.randn(1, 32), w.codes,
