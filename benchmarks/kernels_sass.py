@@ -92,59 +92,59 @@ def main_loop(sass: str) -> collections.Counter:
     return opcodes(sass, start, end)
 
 
-def measure(spec: tuple, rows: int) -> dict:
-    from kernels.matmul import GEMV_BLOCKS, gemv_launch, splits_for
-    from trellis_runtime.kernel_linear import trellis_code
-    from trellis_runtime.kernel_suite import random_weight
-    from trellis_runtime.trellis import TrellisSpec
-
-    weight = random_weight(TrellisSpec(*spec), 16 * 16, 16 * 16, seed=0, scale=1.0)
-    code = trellis_code(weight)
-    codes = torch.zeros(SHAPE[0] // 16, SHAPE[1] // 16, 8 * spec[1], dtype=torch.int32)
-    x = torch.zeros(rows, SHAPE[1], dtype=torch.float32 if rows == 1 else torch.float16)
-    block_rows, block_tiles, _ = GEMV_BLOCKS["fma" if rows == 1 else "dot"]
-    splits = splits_for(SHAPE[0], SHAPE[1] // 16, block_rows, block_tiles, MULTIPROCESSORS)
-    launch, _ = gemv_launch(x, codes, code, splits=splits)
-    sass, resources = compile_sass(launch)
-    counts = main_loop(sass)
-    c = launch.constexprs
-    threads = launch.options["num_warps"] * 32
-    weights = 2 * c["BLOCK_G"] * c["BLOCK_T"] * 16 / threads  # per thread and iteration
-    total = sum(counts.values())
-    L, K, V, name = spec
-    return {"case": f"{SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} rows={rows}",
-            "loop_instructions": total, "weights_per_thread": weights,
-            "instructions_per_weight": round(total / weights, 2),
-            "global_loads": counts["LDG"], "shared_loads": counts["LDS"],
-            "barriers": counts["BAR"], "fma": counts["FFMA"], "mma": counts["HMMA"],
-            **resources, "warps": launch.options["num_warps"],
-            "opcodes": dict(counts.most_common())}
-
-
-def measure_decode(spec: tuple) -> dict:
-    """The decode kernel (the dense path of large batches) for the same matrix, to float16."""
-    from kernels.decode import decode_launch
-    from kernels.matmul import splits_for
+def _code_and_codes(spec: tuple):
+    """The TrellisCode of (L, K, V, code) and zero packed codes of a SHAPE matrix: compiling needs
+    the shapes and the code's constants, not the weights."""
     from trellis_runtime.kernel_linear import trellis_code
     from trellis_runtime.kernel_suite import random_weight
     from trellis_runtime.trellis import TrellisSpec
 
     code = trellis_code(random_weight(TrellisSpec(*spec), 16 * 16, 16 * 16, seed=0, scale=1.0))
     codes = torch.zeros(SHAPE[0] // 16, SHAPE[1] // 16, 8 * spec[1], dtype=torch.int32)
-    probe, _ = decode_launch(codes, code, 1.0, dtype=torch.float16)
-    c = probe.constexprs
-    splits = splits_for(SHAPE[0], SHAPE[1] // 16, 2 * c["BLOCK_G"], c["BLOCK_T"],
-                        MULTIPROCESSORS)
-    launch, _ = decode_launch(codes, code, 1.0, dtype=torch.float16, splits=splits)
+    return code, codes
+
+
+def _loop_counts(case: str, launch) -> dict:
+    """Compile a launch of the matmul kernel and count its main loop per weight a thread decodes
+    in one iteration."""
     sass, resources = compile_sass(launch)
     counts = main_loop(sass)
+    c = launch.constexprs
     weights = 2 * c["BLOCK_G"] * c["BLOCK_T"] * 16 / (launch.options["num_warps"] * 32)
-    L, K, V, name = spec
-    return {"case": f"decode {SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} to float16",
-            "loop_instructions": sum(counts.values()), "weights_per_thread": weights,
-            "instructions_per_weight": round(sum(counts.values()) / weights, 2),
+    total = sum(counts.values())
+    return {"case": case, "loop_instructions": total, "weights_per_thread": weights,
+            "instructions_per_weight": round(total / weights, 2),
             "global_loads": counts["LDG"], "shared_loads": counts["LDS"],
-            "stores": counts["STG"], **resources, "warps": launch.options["num_warps"]}
+            "stores": counts["STG"], "barriers": counts["BAR"], "fma": counts["FFMA"],
+            "mma": counts["HMMA"], **resources, "warps": launch.options["num_warps"],
+            "opcodes": dict(counts.most_common())}
+
+
+def measure(spec: tuple, rows: int) -> dict:
+    """The GEMV for `rows` rows of a SHAPE matrix, at the split an H200 gets."""
+    from kernels.matmul import GEMV_BLOCKS, gemv_launch, splits_for
+
+    code, codes = _code_and_codes(spec)
+    x = torch.zeros(rows, SHAPE[1], dtype=torch.float32 if rows == 1 else torch.float16)
+    block_rows, block_tiles, _ = GEMV_BLOCKS["fma" if rows == 1 else "dot"]
+    splits = splits_for(SHAPE[0], SHAPE[1] // 16, block_rows, block_tiles, MULTIPROCESSORS)
+    launch, _ = gemv_launch(x, codes, code, splits=splits)
+    L, K, V, name = spec
+    return _loop_counts(f"{SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} rows={rows}", launch)
+
+
+def measure_decode(spec: tuple) -> dict:
+    """The decode kernel (the dense path of large batches) for the same matrix, to float16."""
+    from kernels.decode import DECODE_BLOCKS, decode_launch
+    from kernels.matmul import splits_for
+
+    code, codes = _code_and_codes(spec)
+    block_rows, block_cols, _ = DECODE_BLOCKS
+    splits = splits_for(SHAPE[0], SHAPE[1] // 16, block_rows, block_cols // 16, MULTIPROCESSORS)
+    launch, _ = decode_launch(codes, code, 1.0, dtype=torch.float16, splits=splits)
+    L, K, V, name = spec
+    return _loop_counts(f"decode {SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} to float16",
+                        launch)
 
 
 def measure_rotation(n: int, direction: str) -> dict:

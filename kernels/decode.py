@@ -18,12 +18,14 @@ from kernels.matmul import DECODE, default_splits, kernel_launch, split_tiles
 from kernels.tile import TILE_COLS, TILE_ROWS, TrellisCode, check_power_of_two, scale_tensor
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Default (block_rows, block_cols, num_warps): 64 row pairs x 4 tiles, one lane per thread.
+DECODE_BLOCKS = (128, 64, 8)
 
 
 def decode_matrix(codes: torch.Tensor, code: TrellisCode, scale: float | torch.Tensor,
                   out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                  block_rows: int = 128, block_cols: int = 64, num_warps: int = 8,
-                  splits: int | None = None) -> torch.Tensor:
+                  block_rows: int = DECODE_BLOCKS[0], block_cols: int = DECODE_BLOCKS[1],
+                  num_warps: int = DECODE_BLOCKS[2], splits: int | None = None) -> torch.Tensor:
     """Decode packed tiles `codes` (rt, ct, 8K) int32 into the scaled (rt*16, ct*16) matrix.
 
     `out`, if given, must be a (rt*16, ct*16) tensor of one of OUT_DTYPES with unit column stride;
@@ -41,8 +43,9 @@ def decode_matrix(codes: torch.Tensor, code: TrellisCode, scale: float | torch.T
 
 def decode_launch(codes: torch.Tensor, code: TrellisCode, scale: float | torch.Tensor,
                   out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                  block_rows: int = 128, block_cols: int = 64, num_warps: int = 8,
-                  splits: int | None = None) -> tuple[Launch | None, torch.Tensor]:
+                  block_rows: int = DECODE_BLOCKS[0], block_cols: int = DECODE_BLOCKS[1],
+                  num_warps: int = DECODE_BLOCKS[2], splits: int | None = None
+                  ) -> tuple[Launch | None, torch.Tensor]:
     """decode_matrix's launch (None for an empty matrix) and output, checked but not run."""
     code.check_codes(codes)
     for name, value in (("block_rows", block_rows), ("block_cols", block_cols)):
