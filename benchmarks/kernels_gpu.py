@@ -69,14 +69,10 @@ def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
             variants = [(blocks or default, "shared" if blocks is None else None)
                         for blocks in configs] + [(default, "global")]
             for (block_rows, block_tiles, warps), table in variants:
-                shared_rows = matmul.SHARED_TABLE_ROWS
-                matmul.SHARED_TABLE_ROWS = 0 if table == "global" else shared_rows
-                try:
-                    seconds = timer(lambda i: matmul.gemv_partials(
-                        rotated, backends[i].codes, backends[i].code, block_rows=block_rows,
-                        block_tiles=block_tiles, num_warps=warps), len(backends))
-                finally:
-                    matmul.SHARED_TABLE_ROWS = shared_rows
+                seconds = timer(lambda i: matmul.gemv_partials(
+                    rotated, backends[i].codes, backends[i].code, block_rows=block_rows,
+                    block_tiles=block_tiles, num_warps=warps, shared_tables=table != "global"),
+                    len(backends))
                 label = f" table={table}" if table else ""
                 rows.append({"kernel": "gemv_config",
                              "case": f"{shape[0]}x{shape[1]} K=2 rows={batch} "

@@ -336,15 +336,17 @@ def _check(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, dtypes: tupl
 def kernel_launch(x: torch.Tensor | None, codes: torch.Tensor, code: TrellisCode,
                   out: torch.Tensor, grid: tuple[int, int, int], tiles_per_split: int,
                   block_m: int, block_g: int, block_t: int, mode: tl.constexpr, num_warps: int,
-                  num_stages: int, scale: torch.Tensor | None = None) -> Launch:
+                  num_stages: int, scale: torch.Tensor | None = None,
+                  shared_tables: bool = True) -> Launch:
     """The shared kernel's launch: x (rows, in) for FMA and DOT, the (1,) float32 scale for
-    DECODE (out is then the decoded matrix). Arguments are checked by the callers."""
+    DECODE (out is then the decoded matrix). Arguments are checked by the callers. Tables of up
+    to SHARED_TABLE_ROWS are looked up in shared memory unless `shared_tables` is False."""
     col_tiles = codes.shape[1]
     even = (codes.shape[0] * 16) % (2 * block_g) == 0 and col_tiles % tiles_per_split == 0 \
         and tiles_per_split % block_t == 0
     table = _packed_table(code, codes)
     copies = 2 if code.code == "hyb" and mode.value == FMA.value else 1  # see _shared_table
-    shared_rows = table.shape[0] if table is not codes \
+    shared_rows = table.shape[0] if shared_tables and table is not codes \
         and copies * table.shape[0] <= SHARED_TABLE_ROWS else 0
     rows, x_stride = (x.shape[0], x.stride(0)) if x is not None else (0, 0)
     args = (codes if x is None else x, codes, table, codes if scale is None else scale, out,
@@ -401,7 +403,8 @@ GEMV_BLOCKS = {"fma": (256, 2, 8), "dot": (128, 2, 4)}
 def gemv_partials(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
                   splits: int | None = None, block_rows: int | None = None,
                   block_tiles: int | None = None, num_warps: int | None = None,
-                  num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+                  num_stages: int = 2, out: torch.Tensor | None = None,
+                  shared_tables: bool = True) -> torch.Tensor:
     """Split-K partial products (splits, rows, out) float32 of x (rows <= 16, in) with C^T.
 
     Their sum over the first dimension is x @ C^T. A program covers `block_rows` output rows and
@@ -409,10 +412,10 @@ def gemv_partials(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
     row multiplies in float32 (x may be float32/float16/bfloat16); more rows use tl.dot (x
     float16/bfloat16, rows padded to 16, block_rows at least 16). `out` may be a preallocated
     contiguous (splits, rows, out) float32 buffer (CUDA graphs keep it static); `splits` is then
-    fixed by it.
+    fixed by it. `shared_tables=False` reads tables from global memory (to compare the two).
     """
     launch, out = gemv_launch(x, codes, code, splits, block_rows, block_tiles, num_warps,
-                              num_stages, out)
+                              num_stages, out, shared_tables)
     launch.run()
     return out
 
@@ -420,8 +423,8 @@ def gemv_partials(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
 def gemv_launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
                 splits: int | None = None, block_rows: int | None = None,
                 block_tiles: int | None = None, num_warps: int | None = None,
-                num_stages: int = 2, out: torch.Tensor | None = None
-                ) -> tuple[Launch, torch.Tensor]:
+                num_stages: int = 2, out: torch.Tensor | None = None,
+                shared_tables: bool = True) -> tuple[Launch, torch.Tensor]:
     """gemv_partials' launch and output buffer, checked and built but not run."""
     rows = x.shape[0] if x.dim() == 2 else -1
     use_dot = rows > 1
@@ -453,7 +456,7 @@ def gemv_launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
     grid = (triton.cdiv(out_features, block_rows), shape[0], 1 if use_dot else rows)
     return kernel_launch(x, codes, code, out, grid, tiles_per_split, DOT_MIN if use_dot else 1,
                          block_rows // 2, block_tiles, DOT if use_dot else FMA, num_warps,
-                         num_stages), out
+                         num_stages, shared_tables=shared_tables), out
 
 
 def split_tiles(col_tiles: int, splits: int, block_tiles: int) -> int:

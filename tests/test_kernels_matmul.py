@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.matmul import gemm, gemv_partials
+from kernels.matmul import gemm, gemv_launch, gemv_partials
 from kernels.tile import TrellisCode
 from trellis_runtime.codes import kernel_constants
 from trellis_runtime.kernel_linear import trellis_code
@@ -31,19 +31,17 @@ def test_bfloat16_dot_matches_reference_on_gpu(case) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_tables_read_from_global_memory_give_the_same_products(rows, monkeypatch) -> None:
-    """With no table small enough for shared memory, HYB's lookups go to global memory (the path
-    large LUTs take); the products must not change."""
-    from kernels import matmul
-
+def test_tables_read_from_global_memory_give_the_same_products(rows) -> None:
+    """With shared tables off, HYB's lookups go to global memory (the path large LUTs take); the
+    products must not change."""
     weight = random_weight(TrellisSpec(16, 2, 2, "hyb"), 48, 80, seed=6, scale=1.0)
     x = torch.randn(rows, 80).to(torch.float32 if rows == 1 else torch.float16)
     blocks = dict(splits=2, block_rows=32, block_tiles=2)
     shared = gemv_partials(x, weight.codes, trellis_code(weight), **blocks)
-    monkeypatch.setattr(matmul, "SHARED_TABLE_ROWS", 0)
-    launch, _ = matmul.gemv_launch(x, weight.codes, trellis_code(weight), **blocks)
+    launch, _ = gemv_launch(x, weight.codes, trellis_code(weight), shared_tables=False, **blocks)
     assert launch.constexprs["TABLE_ROWS"] == 0
-    torch.testing.assert_close(gemv_partials(x, weight.codes, trellis_code(weight), **blocks),
+    torch.testing.assert_close(gemv_partials(x, weight.codes, trellis_code(weight),
+                                             shared_tables=False, **blocks),
                                shared, rtol=0, atol=0)
 
 
