@@ -356,6 +356,15 @@ def _step_gradient(grad_ptr, out_ptr, b, emitted, t, start, V: tl.constexpr):
 
 
 @triton.jit
+def _beta_rows(i, t, chains, b, G: tl.constexpr):
+    """Offsets of chain b's rows at backward step i (step t): the ping-pong rows of g (read cur,
+    write nxt) and its forward messages m_t."""
+    cur = ((i % 2) * chains + b) * G
+    nxt = (((i + 1) % 2) * chains + b) * G
+    return cur, nxt, (t * chains + b) * G
+
+
+@triton.jit
 def _successor_block(coef_ptr, bias_ptr, g_ptr, cur, h, member, x0, x1, shift, floor,
                      STEP_BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
     """One block of groups h of the beta recursion: the successors s = h*F + member of each h,
@@ -421,9 +430,7 @@ def _beta_forward_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, g_ptr, ou
     for i in range(0, steps - start):
         t = steps - 1 - i
         x0, x1 = _load_step(x_ptr, b * steps, t, V)
-        cur = ((i % 2) * chains + b) * G
-        nxt = (((i + 1) % 2) * chains + b) * G
-        m_row = (t * chains + b) * G
+        cur, nxt, m_row = _beta_rows(i, t, chains, b, G)
         new_shift = -float("inf")
         run_max = -float("inf")
         z = 0.0
@@ -476,9 +483,7 @@ def _beta_backward_kernel(x_ptr, coef_ptr, bias_ptr, values_ptr, m_ptr, phi_ptr,
         t = steps - 1 - i
         x0, x1 = _load_step(x_ptr, b * steps, t, V)
         active, g0, g1, centre = _step_gradient(grad_ptr, out_ptr, b, emitted, t, start, V)
-        cur = ((i % 2) * chains + b) * G
-        nxt = (((i + 1) % 2) * chains + b) * G
-        m_row = (t * chains + b) * G
+        cur, nxt, m_row = _beta_rows(i, t, chains, b, G)
         new_shift = -float("inf")
         run_max = -float("inf")
         z = 0.0
