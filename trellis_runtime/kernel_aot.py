@@ -102,10 +102,10 @@ def record(workload: Callable[[], None], execute: bool = True) -> list[dict]:
     run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
-        parameters = inspect.signature(self.fn).parameters
-        bound = inspect.signature(self.fn).bind(
-            *args, **{k: v for k, v in kwargs.items() if k in parameters})
-        options = {k: v for k, v in kwargs.items() if k not in parameters}
+        signature = inspect.signature(self.fn)
+        bound = signature.bind(*args, **{k: v for k, v in kwargs.items()
+                                         if k in signature.parameters})
+        options = {k: v for k, v in kwargs.items() if k not in signature.parameters}
         launch = describe_launch(self, dict(bound.arguments), options)
         launches.setdefault(json.dumps(launch, sort_keys=True), launch)
         if execute:
