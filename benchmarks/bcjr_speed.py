@@ -23,6 +23,7 @@ import torch
 
 from qat.soft_trellis import soft_reconstruct
 from trellis_runtime.codes import state_values
+from trellis_runtime.kernel_suite import max_rel_err
 from trellis_runtime.trellis import TrellisSpec
 
 RESULTS = Path(__file__).parent / "results" / "bcjr_speed.json"
@@ -81,10 +82,6 @@ def measure(spec, tiles, device, boundary, backend, rounds):
     return {"forward_s": fwd, "backward_s": bwd, "step_s": fwd + bwd}, runs[-1][2:]
 
 
-def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((got.double() - reference.double()).abs().max() / reference.double().abs().max())
-
-
 def cpu_section(tiles: int, rounds: int) -> dict:
     spec = TrellisSpec(state_bits=12, bits=2, vec=2, code="hyb")
     rows = {}
@@ -106,7 +103,7 @@ def cuda_section(tiles: int, rounds: int) -> dict:
     result = {
         "spec": str(spec), "tiles": tiles, "gpu": torch.cuda.get_device_name(),
         "fused": fused, "eager": eager, "speedup": eager["step_s"] / fused["step_s"],
-        "parity_out": relative_error(out_f, out_e), "parity_dx": relative_error(dx_f, dx_e),
+        "parity_out": max_rel_err(out_f, out_e), "parity_dx": max_rel_err(dx_f, dx_e),
     }
     print(f"cuda L=16 tail_biting {tiles} tiles on {result['gpu']}: fused {fused['step_s']:.3f} s "
           f"(fwd {fused['forward_s']:.3f}), eager {eager['step_s']:.3f} s: "
