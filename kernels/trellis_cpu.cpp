@@ -104,9 +104,8 @@ class GroupDecoder {
 
   GroupDecoder(const int32_t* lut, int64_t state_bits, int64_t bits)
       : lut_(lut), plan_(window_plan(bits, kVec)), words(8 * bits),
-        low_mask_(words >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << words) - 1)),
-        high_mask_(words <= 16 ? 0
-                               : static_cast<__mmask16>(words >= 32 ? 0xFFFF : (1u << (words - 16)) - 1)),
+        low_mask_(first_lanes(words)),
+        high_mask_(first_lanes(words - 16)),
         state_shift_(_mm_cvtsi32_si128(static_cast<int>(32 - state_bits))) {
     // The state table is read at random: ask for all of it at once rather than miss line by line.
     for (int64_t i = 0; i < (int64_t{1} << state_bits); i += 16) {
@@ -378,7 +377,6 @@ at::Tensor trellis_linear(const at::Tensor& x, const at::Tensor& codes, const at
                           const at::Tensor& input_hadamard, const at::Tensor& output_hadamard,
                           double factor, int64_t state_bits, int64_t bits, int64_t vec) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "trellis_linear: x must be float32 (tokens, in)");
-  TORCH_CHECK(x.size(0) <= kMaxTokens, "trellis_linear: at most ", kMaxTokens, " tokens per call");
   const TrellisMatrix matrix(codes, lut, input_signs, output_signs, input_hadamard, output_hadamard,
                              factor, state_bits, bits, vec);
   TORCH_CHECK(x.size(1) == matrix.in_features(), "trellis_linear: x has ", x.size(1),
@@ -409,7 +407,7 @@ void dense_rows(const Weight* w, const float* x, float* y, int64_t in, int64_t o
   }
   const bool prefetch = row + kRows + kPrefetchRows <= out;
   for (int64_t k = 0; k < in; k += 16) {
-    const __mmask16 lanes = in - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (in - k)) - 1);
+    const __mmask16 lanes = first_lanes(in - k);
     __m512 wv[kRows];
     for (int64_t r = 0; r < kRows; ++r) {
       const Weight* wr = w + (row + r) * in + k;
@@ -535,7 +533,7 @@ __m512 dot16(const float* query, const float* keys, int64_t dim, int64_t count) 
     sums[j] = _mm512_setzero_ps();
     if (j >= count) continue;
     for (int64_t d = 0; d < dim; d += 16) {
-      const __mmask16 lanes = dim - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (dim - d)) - 1);
+      const __mmask16 lanes = first_lanes(dim - d);
       sums[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, query + d),
                                 _mm512_maskz_loadu_ps(lanes, keys + j * dim + d), sums[j]);
     }
@@ -555,7 +553,7 @@ __m512 dot16(const float* query, const float* keys, int64_t dim, int64_t count) 
   }
   const __m512 dots = _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0b10001000),
                                     _mm512_shuffle_f32x4(halves[0], halves[1], 0b11011101));
-  const __mmask16 valid = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+  const __mmask16 valid = first_lanes(count);
   return _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), dots);
 }
 
@@ -571,15 +569,13 @@ void weighted_sum(const float* weights, float inverse, const float* values, int6
       const __m512 weight = _mm512_set1_ps(weights[j]);
       const float* row = values + j * dim + d0;
       for (int64_t c = 0; c < 8 && c * 16 < width; ++c) {
-        const __mmask16 lanes =
-            width - c * 16 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - c * 16)) - 1);
-        acc[c] = _mm512_fmadd_ps(weight, _mm512_maskz_loadu_ps(lanes, row + c * 16), acc[c]);
+        acc[c] = _mm512_fmadd_ps(weight, _mm512_maskz_loadu_ps(first_lanes(width - c * 16),
+                                                               row + c * 16), acc[c]);
       }
     }
     for (int64_t c = 0; c < 8 && c * 16 < width; ++c) {
-      const __mmask16 lanes =
-          width - c * 16 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - c * 16)) - 1);
-      _mm512_mask_storeu_ps(out + d0 + c * 16, lanes, _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
+      _mm512_mask_storeu_ps(out + d0 + c * 16, first_lanes(width - c * 16),
+                            _mm512_mul_ps(acc[c], _mm512_set1_ps(inverse)));
     }
   }
 }

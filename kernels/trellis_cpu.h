@@ -15,6 +15,12 @@ namespace trellis_cpu {
 constexpr int64_t kTile = 16;       // tile rows and columns
 constexpr int64_t kMaxTokens = 16;  // rows of x handled per call: a decode batch, not a prefill
 
+// The mask of the first n of 16 lanes (none for n <= 0): the tail of a row that is not a multiple
+// of 16 long.
+inline __mmask16 first_lanes(int64_t n) {
+  return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // One quantized linear, W = diag(s_out) H_out^T (scale * T) H_in diag(s_in), as the product kernel
 // reads it: the packed codes of T, the state -> value table, the signs, the small Hadamard factors and
 // factor = scale / sqrt(in * out). The constructor checks every tensor once.

@@ -1,5 +1,5 @@
 // A whole Llama decoder layer for a decode step (one new token per sequence, a few sequences) in one
-// call: the per-op path costs ~13 Python-level calls and 7 starts of the threads per layer, which at
+// call: the per-op path costs ~13 Python-level calls and 8 starts of the threads per layer, which at
 // ~1 ms of products per layer is a fifth of a decode step on two cores. The arithmetic is the same
 // kernels' (trellis_cpu.cpp), in the same order as trellis_runtime/model.py's DecoderLayer.
 
@@ -21,7 +21,7 @@ constexpr int64_t kLinears = 7;           // q, k, v, o, gate, up, down
 void silu_times(float* gate, const float* up, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 lanes = first_lanes(n - i);
     const __m512 g = _mm512_maskz_loadu_ps(lanes, gate + i);
     const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
     _mm512_mask_storeu_ps(gate + i, lanes, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(lanes, up + i)));

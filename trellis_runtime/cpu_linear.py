@@ -1,4 +1,5 @@
-"""The CPU kernel backend of TrellisLinear: decode steps multiply straight from the packed codes.
+"""The CPU kernel backend of TrellisLinear: decode steps of 1-2 sequences multiply straight from
+the packed codes.
 
 A decode step on CPU is bound by the bytes its weights occupy: float32 copies of SmolLM2-135M's linears
 are 424 MB, read at about 19 GB/s on the 2-core development machine (its last-level cache holds about
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cpu import MAX_TOKENS
 from trellis_runtime.codes import state_values
 from trellis_runtime.hadamard import hadamard_factors, small_hadamard
 from trellis_runtime.paths import cache_dir
@@ -38,7 +40,7 @@ logger = logging.getLogger("trellis_runtime")
 # its decode does not shrink); the dense kernel 38.1 against F.linear's 51.1 at 8 rows, 58.8 / 62.4
 # at 16. For the bf16 head the dense kernel takes 11.9 ms at 16 rows, F.linear on a widened copy 59.5.
 KERNEL_MAX_ROWS = 2
-DENSE_KERNEL_MAX_ROWS = 16  # kernels.cpu.MAX_TOKENS
+DENSE_KERNEL_MAX_ROWS = MAX_TOKENS  # the most rows one call of the C++ dense kernel takes
 DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use the dense float32 product everywhere
 
 
@@ -79,7 +81,8 @@ def _small_factor(n: int) -> torch.Tensor:
 
 
 class CpuKernelBackend(nn.Module):
-    """Multiply 1-2 rows from the codes, more from a dense float32 copy (see the module docstring).
+    """Multiply up to `max_rows` rows (default 2) from the codes, more from a dense float32 copy
+    (see the module docstring).
 
     CPU only. The kernel's arguments are kept as one plain tuple, not as registered buffers: a decode
     step makes 210 of these calls, and nn.Module's attribute lookup for ten buffers per call would
@@ -119,8 +122,9 @@ class CpuKernelBackend(nn.Module):
 def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post_norm: torch.Tensor,
                         eps: float) -> torch.ScriptObject | None:
     """The C++ decoder layer for decode steps (kernels/trellis_cpu_layer.cpp) over the backends of q, k,
-    v, o, gate, up and down, or None unless all seven are CpuKernelBackends."""
-    if not all(isinstance(linear, CpuKernelBackend) for linear in linears):
+    v, o, gate, up and down, or None unless all seven are CpuKernelBackends with one row limit."""
+    if not all(isinstance(linear, CpuKernelBackend) for linear in linears) \
+            or len({linear.max_rows for linear in linears}) != 1:
         return None
     tensors, factors, specs = [], [], []
     for linear in linears:
@@ -129,8 +133,8 @@ def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post
         factors.append(factor)
         specs += [state_bits, bits, vec]
     return torch.classes.trellis_cpu.DecoderLayer(
-        tensors, factors, specs, [linear.dense for linear in linears], KERNEL_MAX_ROWS, input_norm,
-        post_norm, eps)
+        tensors, factors, specs, [linear.dense for linear in linears], linears[0].max_rows,
+        input_norm, post_norm, eps)
 
 
 def dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
