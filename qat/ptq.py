@@ -29,7 +29,7 @@ from qat.hessian import collect_hessians, damp, hessian_key
 from qat.ldlq import LdlqJob, block_feedback, run_ldlq
 from qat.sources import load_float_model, resolve_source, source_shape
 from qat.text import calibration_text
-from qat.workdir import atomic_save, work_dir
+from qat.workdir import atomic_save, prepare, work_dir
 from trellis_runtime.architecture import INPUT_GROUPS, LlamaShape
 from trellis_runtime.bitstream import pack_states
 from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, load_checkpoint, save_checkpoint
@@ -66,29 +66,6 @@ class QuantizeOptions:
 
 def _seed(base: int, name: str) -> int:
     return zlib.crc32(f"{base}:{name}".encode())
-
-
-def _prepare_work_dir(out: Path, options: QuantizeOptions) -> Path:
-    """Create or reuse the work directory; a different set of arguments starts over."""
-    work = work_dir(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work.mkdir(exist_ok=True)
-        probe = work / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise TrellisError(f"cannot write the output {out}: {err.strerror or err}") from None
-    args_file = work / "args.json"
-    wanted = json.dumps(options.to_json(), sort_keys=True)
-    if args_file.is_file() and args_file.read_text() != wanted:
-        print(f"note: {work} holds a run with other arguments; starting over")
-        shutil.rmtree(work)
-        work.mkdir()
-    elif args_file.is_file():
-        print(f"resuming from {work}")
-    args_file.write_text(wanted)
-    return work
 
 
 def _check_shapes(shape: LlamaShape) -> None:
@@ -230,7 +207,9 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
         raise TrellisError(f"{out} already exists and is not a checkpoint; choose another --out")
     shape = source_shape(source)
     _check_shapes(shape)
-    work = _prepare_work_dir(out, options)
+    if prepare(out, json.dumps(options.to_json(), sort_keys=True)):
+        print(f"resuming from {work_dir(out)}")
+    work = work_dir(out)
     model, tokenizer = load_float_model(source, options.device)
     hessians = _load_or_collect_hessians(work, model, tokenizer, options) if options.hessian else None
     quantizer = _GroupQuantizer(model, options, hessians)

@@ -33,7 +33,7 @@ from qat.perplexity import perplexity
 from qat.record import Record, plot
 from qat.soft_linear import SoftTrellisLinear
 from qat.text import calibration_text
-from qat.workdir import atomic_save, work_dir
+from qat.workdir import atomic_save, prepare, read_metadata, work_dir
 from trellis_runtime.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Checkpoint, is_checkpoint,
                                         load_checkpoint, save_checkpoint)
 from trellis_runtime.errors import TrellisError
@@ -105,13 +105,6 @@ def parse_layers(text: str, count: int, device: str) -> list[int] | None:
     return layers
 
 
-def _read_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads(handle.metadata()["json"])
-
-
 @dataclass
 class _Run:
     """The mutable state a snapshot holds."""
@@ -147,21 +140,9 @@ class Trainer:
         """Create or reuse the work directory; True when resuming."""
         if self.out.exists():
             raise TrellisError(f"{self.out} already exists; remove it or choose another --out")
-        wanted = json.dumps({"checkpoint": str(self.checkpoint_dir.resolve()),
-                             "options": asdict(self.options)}, sort_keys=True)
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.work.mkdir(exist_ok=True)
-        except OSError as err:
-            raise TrellisError(f"cannot write the output {self.out}: {err.strerror or err}") from None
-        args = self.work / "args.json"
-        if args.is_file() and args.read_text() != wanted:
-            print(f"note: {self.work} holds a run with other arguments; starting over")
-            shutil.rmtree(self.work)
-            self.work.mkdir()
-        resuming = (self.work / "snapshot.safetensors").is_file()
-        args.write_text(wanted)
-        return resuming
+        prepare(self.out, json.dumps({"checkpoint": str(self.checkpoint_dir.resolve()),
+                                      "options": asdict(self.options)}, sort_keys=True))
+        return (self.work / "snapshot.safetensors").is_file()
 
     # -- snapshots ------------------------------------------------------------------------------
 
@@ -227,7 +208,7 @@ class Trainer:
         soft = make_soft(student, checkpoint, layers, options.train_table, options.train_scale,
                          options.device)
         if resuming:
-            run = _Run(**_read_metadata(self.work / "snapshot.safetensors"))
+            run = _Run(**read_metadata(self.work / "snapshot.safetensors"))
             optimizer = self._optimizer(soft, run.lr)
             self._load_snapshot(soft, optimizer)
             self.record.truncate_after(run.step)

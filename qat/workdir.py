@@ -5,14 +5,48 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from trellis_runtime.errors import TrellisError
+
 
 def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
+
+
+def prepare(out: Path, arguments: str) -> bool:
+    """Create or reuse `out`'s work directory for a job with these arguments (canonical JSON):
+    True when it already held a run with the same arguments, which the job resumes; a run with
+    other arguments is thrown away. A clear TrellisError if the output cannot be written."""
+    work = work_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir(exist_ok=True)
+        probe = work / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrellisError(f"cannot write the output {out}: {err.strerror or err}") from None
+    args_file = work / "args.json"
+    same = args_file.is_file() and args_file.read_text() == arguments
+    if args_file.is_file() and not same:
+        print(f"note: {work} holds a run with other arguments; starting over")
+        shutil.rmtree(work)
+        work.mkdir()
+    args_file.write_text(arguments)
+    return same
+
+
+def read_metadata(path: Path) -> dict:
+    """The JSON metadata atomic_save wrote into a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()["json"])
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
