@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from trellis_runtime.code_bench import SCALE_RATIOS, bench_codes
+from trellis_cli.code_bench import SCALE_RATIOS, bench_codes
 from trellis_runtime.trellis import spec_for
 
 RESULTS = Path(__file__).parent / "results" / "codes.json"

@@ -4,7 +4,7 @@
 
 Run from the repository root on a CUDA machine (about 5 minutes on an H200, most of it compiling
 kernels and building an 8B-shaped model). Sections run in order: the correctness suite compiled
-for the GPU, then the timings of trellis_runtime/kernel_bench.py (copy bandwidth, GEMV on
+for the GPU, then the timings of trellis_cli/kernel_bench.py (copy bandwidth, GEMV on
 Llama-3-8B shapes at K=2,3,4 against float16, large batches, Hadamard, Viterbi, end-to-end decode).
 Each section is timed and guarded: a failure is recorded with its error and the next one runs, and
 the results file is rewritten after every section, so a run cut short still leaves what it
@@ -52,12 +52,12 @@ def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
     earlier design), to measure what shared-memory lookups buy."""
     from kernels import matmul
     from kernels.hadamard import rotate_rows
-    from trellis_runtime.kernel_bench import _weights
+    from trellis_cli.kernel_bench import weight_copies
     from trellis_runtime.trellis import TrellisSpec
 
     rows = []
     for shape in ((4096, 4096), (14336, 4096)):
-        backends = _weights(TrellisSpec(16, 2, 2, "hyb"), shape, device, seed=2)
+        backends = weight_copies(TrellisSpec(16, 2, 2, "hyb"), shape, device, seed=2)
         packed = backends[0].codes.numel() * 4
         for batch, configs in ((1, [None, (128, 4, 8), (256, 4, 8), (512, 2, 8), (64, 8, 4),
                                     (128, 4, 4), (32, 16, 8)]),
@@ -108,8 +108,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("kernels_gpu: error: needs a CUDA device", file=sys.stderr)
         return 2
-    from trellis_runtime import kernel_bench as bench
-    from trellis_runtime.kernel_suite import run_suite
+    from trellis_cli import kernel_bench as bench
+    from trellis_cli.kernel_suite import run_suite
 
     device = torch.device("cuda")
     timer = bench.GraphTimer()

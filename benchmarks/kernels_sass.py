@@ -57,7 +57,7 @@ def _bundled_tool(name: str) -> str:
 
 def compile_sass(launch) -> tuple[str, dict]:
     """The SASS text of a kernels.launch.Launch compiled for sm_90, and its resource use."""
-    from trellis_runtime.kernel_aot import compile_launch, describe_launch
+    from trellis_cli.kernel_aot import compile_launch, describe_launch
 
     compiled = compile_launch(describe_launch(launch.kernel, launch.arguments(), launch.options),
                               ARCH)
@@ -96,7 +96,7 @@ def _code_and_codes(spec: tuple):
     """The TrellisCode of (L, K, V, code) and zero packed codes of a SHAPE matrix: compiling needs
     the shapes and the code's constants, not the weights."""
     from trellis_runtime.kernel_linear import trellis_code
-    from trellis_runtime.kernel_suite import random_weight
+    from trellis_cli.kernel_suite import random_weight
     from trellis_runtime.trellis import TrellisSpec
 
     code = trellis_code(random_weight(TrellisSpec(*spec), 16 * 16, 16 * 16, seed=0, scale=1.0))

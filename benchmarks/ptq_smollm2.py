@@ -37,7 +37,7 @@ def evaluate(model, tokenizer, text: str, max_tokens: int) -> float:
 
 def quantize(out: Path, extra: list[str]) -> float:
     started = time.time()
-    subprocess.run([sys.executable, "-m", "trellis_runtime.cli", "quantize", "smollm2-135m",
+    subprocess.run([sys.executable, "-m", "trellis_cli", "quantize", "smollm2-135m",
                     "--out", str(out), *extra], check=True)
     return time.time() - started
 

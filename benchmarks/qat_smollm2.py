@@ -46,14 +46,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     args, extra = parser.parse_known_args()  # anything else is passed to `trellis qat`
     if args.checkpoint is None:
-        from trellis_runtime.cli import _checkpoint_for
+        from trellis_cli.cli import checkpoint_for
 
-        args.checkpoint = str(_checkpoint_for(None, "cpu"))
+        args.checkpoint = str(checkpoint_for(None, "cpu"))
     ptq = Path(args.checkpoint)
     out = Path(args.work or tempfile.mkdtemp(prefix="qat-smollm2-")) / "qat"
 
     started = time.time()
-    subprocess.run([sys.executable, "-m", "trellis_runtime.cli", "qat", str(ptq), "--out", str(out),
+    subprocess.run([sys.executable, "-m", "trellis_cli", "qat", str(ptq), "--out", str(out),
                     *extra], check=True)
     seconds = time.time() - started
 

@@ -32,7 +32,7 @@ from typing import Optional
 
 import httpx
 
-from server.launch import ServeProcess
+from trellis_cli.serve_process import ServeProcess
 
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
 SERVER_START_S = 1800  # a first start may quantize the model

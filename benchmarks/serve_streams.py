@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from server.launch import ServeProcess
+from trellis_cli.serve_process import ServeProcess
 
 RESULTS = Path(__file__).parent / "results" / "serve_streams.json"
 PROMPT = "The history of the river valley begins with"

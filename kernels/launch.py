@@ -1,5 +1,5 @@
 """A kernel launch as data: built before it runs, so that it can also be compiled ahead of time
-exactly as it would run (trellis_runtime/kernel_aot.py, benchmarks/kernels_sass.py)."""
+exactly as it would run (trellis_cli/kernel_aot.py, benchmarks/kernels_sass.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every Triton launch of the correctness suite compiles for sm_90 (trellis_runtime/kernel_aot.py).
+"""Every Triton launch of the correctness suite compiles for sm_90 (trellis_cli/kernel_aot.py).
 
 The tests themselves run the kernels in Triton's interpreter (conftest.py), which never invokes
 Triton's compiler; these tests run the compiler in a separate process, as a GPU launch would.
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from kernels.matmul import gemv_launch
-from trellis_runtime.kernel_aot import describe_launch
+from trellis_cli.kernel_aot import describe_launch
 from trellis_runtime.kernel_linear import trellis_code
-from trellis_runtime.kernel_suite import random_weight
+from trellis_cli.kernel_suite import random_weight
 from trellis_runtime.trellis import TrellisSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def run_aot(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-m", "trellis_runtime.kernel_aot", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "trellis_cli.kernel_aot", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from trellis_runtime import kernel_suite
-from trellis_runtime.cli import main
+from trellis_cli import kernel_suite
+from trellis_cli.cli import main
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.cpu_linear import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuKernelBackend,
                                         cpu_kernels_loaded, dense_product, fused_decoder_layer,
                                         kernels_unavailable_reason, state_lut)
-from trellis_runtime.kernel_suite import random_weight
+from trellis_cli.kernel_suite import random_weight
 from trellis_runtime.linear import DecodedBackend, select_backend
 from trellis_runtime.model import (AttentionLayout, RotaryEmbedding, TrellisLlama, apply_rotary,
                                    rope_frequencies)

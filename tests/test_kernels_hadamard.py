@@ -1,6 +1,6 @@
 """The Hadamard rotation kernel against trellis_runtime.hadamard.rotate/unrotate in float64.
 
-Parity cases are shared with `trellis bench kernels` (trellis_runtime/kernel_suite.py).
+Parity cases are shared with `trellis bench kernels` (trellis_cli/kernel_suite.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import triton.language as tl
 
 from kernels.hadamard import _split_tf32, rotate_rows, unrotate_rows
 from trellis_runtime.hadamard import random_signs, rotate, small_hadamard, unrotate
-from trellis_runtime.kernel_suite import CASES
+from trellis_cli.kernel_suite import CASES
 
 HADAMARD_CASES = [c for c in CASES if c.kernel == "hadamard"]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trellis_runtime.kernel_linear import KernelBackend, kernel_support_error
-from trellis_runtime.kernel_suite import CASES, random_weight
+from trellis_cli.kernel_suite import CASES, random_weight
 from trellis_runtime.linear import DecodedBackend, select_backend
 from trellis_runtime.trellis import TrellisSpec
 

@@ -1,6 +1,6 @@
 """The fused decode+GEMV/GEMM kernel against x @ C^T in float64 (C: the decoded code values).
 
-The cases live in trellis_runtime/kernel_suite.py, shared with `trellis bench kernels`; without a GPU
+The cases live in trellis_cli/kernel_suite.py, shared with `trellis bench kernels`; without a GPU
 they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
 
@@ -13,7 +13,7 @@ from kernels.matmul import gemm, gemv_launch, gemv_partials
 from kernels.tile import TrellisCode
 from trellis_runtime.codes import kernel_constants
 from trellis_runtime.kernel_linear import trellis_code
-from trellis_runtime.kernel_suite import CASES, GPU_CASES, random_weight
+from trellis_cli.kernel_suite import CASES, GPU_CASES, random_weight
 from trellis_runtime.trellis import TrellisSpec
 
 MATMUL_CASES = [c for c in CASES if c.kernel in ("gemv", "gemm")]

@@ -28,7 +28,7 @@ FAST = ["--state-bits", "8", "--calib-windows", "4"]
 
 
 def trellis(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trellis_runtime.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "trellis_cli", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir: Path, calib_file:
                                                packed: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     work = tmp_path / ".resumed.partial"
-    command = [sys.executable, "-m", "trellis_runtime.cli", "quantize", str(tiny_model_dir),
+    command = [sys.executable, "-m", "trellis_cli", "quantize", str(tiny_model_dir),
                "--out", str(out), "--calib-text", str(calib_file), "--layers-per-group", "1", *FAST]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "TQDM_DISABLE": "1"})

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import httpx
 
-from server.launch import ServeProcess
+from trellis_cli.serve_process import ServeProcess
 
 
 def test_generate_prints_a_greedy_completion(tiny_checkpoint_dir: Path) -> None:
-    command = [sys.executable, "-m", "trellis_runtime.cli", "generate", str(tiny_checkpoint_dir),
+    command = [sys.executable, "-m", "trellis_cli", "generate", str(tiny_checkpoint_dir),
                "--prompt", "Once upon a time", "--max-tokens", "8"]
     first = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -23,7 +23,7 @@ def test_generate_prints_a_greedy_completion(tiny_checkpoint_dir: Path) -> None:
 
 def test_generate_rejects_bad_temperature(tiny_checkpoint_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "trellis_runtime.cli", "generate", str(tiny_checkpoint_dir),
+        [sys.executable, "-m", "trellis_cli", "generate", str(tiny_checkpoint_dir),
          "--prompt", "x", "--temperature", "-1"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

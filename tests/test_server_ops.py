@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from live_server import live_server
-from server.launch import ServeProcess
+from trellis_cli.serve_process import ServeProcess
 
 MODEL = "tiny-ops"
 
@@ -308,7 +308,7 @@ def test_settings_flags_over_environment_over_defaults(monkeypatch: pytest.Monke
 
 
 def test_serve_rejects_a_bad_setting_in_one_line() -> None:
-    result = subprocess.run([sys.executable, "-m", "trellis_runtime.cli", "serve"],
+    result = subprocess.run([sys.executable, "-m", "trellis_cli", "serve"],
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "TRELLIS_MAX_WAITING": "lots"})
     assert result.returncode == 2

@@ -40,7 +40,7 @@ def test_builtin_float_model_perplexity() -> None:
     """The dequantized-GGUF float model on the first 2048 evaluation tokens: the reference is about
     23 (environment notes: 22.8 with another cleaner of the same text)."""
     result = subprocess.run(
-        [sys.executable, "-m", "trellis_runtime.cli", "eval", "ppl", "smollm2-135m",
+        [sys.executable, "-m", "trellis_cli", "eval", "ppl", "smollm2-135m",
          "--max-tokens", "2048", "--json"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])

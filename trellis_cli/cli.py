@@ -77,7 +77,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 def cmd_bench_codes(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    from trellis_runtime.code_bench import bench_codes
+    from trellis_cli.code_bench import bench_codes
 
     state_bits = 16 if args.state_bits is None else args.state_bits
     spec = spec_for(args.code, bits=args.bits, state_bits=state_bits, vec=args.vec)
@@ -92,7 +92,7 @@ def cmd_bench_codes(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from trellis_runtime.kernel_bench import bench_kernels
+    from trellis_cli.kernel_bench import bench_kernels
 
     return bench_kernels(json_output=args.json)
 
@@ -120,7 +120,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
 BUILTIN_MODEL = "smollm2-135m"
 
 
-def _checkpoint_for(model: str | None, device: str) -> Path:
+def checkpoint_for(model: str | None, device: str) -> Path:
     """A packed checkpoint for MODEL: MODEL itself if it is one; otherwise the float model is
     quantized to 2 bits with the device's defaults once, into the cache, and reused after that."""
     import hashlib
@@ -154,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise TrellisError(str(err)) from None
     device = _device(settings.device)
-    path = _checkpoint_for(settings.model, device)
+    path = checkpoint_for(settings.model, device)
     from server.serve import serve
     from trellis_runtime.engine import Engine
     from trellis_runtime.model import load_model
@@ -169,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    path = _checkpoint_for(args.model, device)
+    path = checkpoint_for(args.model, device)
     from trellis_runtime.engine import Engine
     from trellis_runtime.model import load_model
     from trellis_runtime.sampling import SamplingParams
@@ -291,7 +291,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trellis: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`python -m trellis_runtime.cli serve *args --port P`, started and waited for.
+    """`python -m trellis_cli serve *args --port P`, started and waited for.
 
     The constructor returns when GET `probe` answers 200 and raises RuntimeError if the process exits
     or `timeout_s` passes first (it is stopped then). `stop()` sends SIGTERM, which drains in-flight
@@ -33,7 +33,7 @@ class ServeProcess:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trellis_runtime.cli", "serve", *args, "--port", str(port)],
+            [sys.executable, "-m", "trellis_cli", "serve", *args, "--port", str(port)],
             stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         deadline = time.monotonic() + timeout_s
         while not self._answers(probe):

@@ -1,6 +1,6 @@
 """`trellis bench kernels`: correctness off the GPU, speed on it.
 
-Without CUDA the correctness suite (trellis_runtime/kernel_suite.py) runs in Triton's interpreter
+Without CUDA the correctness suite (trellis_cli/kernel_suite.py) runs in Triton's interpreter
 and reports each case's max relative error. On a GPU the same suite runs compiled, then the timings:
 
 - the fused GEMV (and the whole quantized linear: rotate, GEMV, unrotate) on Llama-3-8B-shaped
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from trellis_runtime.kernel_linear import KernelBackend
-from trellis_runtime.kernel_suite import random_checkpoint, random_weight
+from trellis_cli.kernel_suite import random_checkpoint, random_weight
 from trellis_runtime.trellis import TrellisSpec
 
 # Llama-3-8B's linear shapes (out, in): q/o, k/v, gate/up, down.
@@ -80,7 +80,7 @@ def copy_bandwidth(device: torch.device, timer: GraphTimer, nbytes: int = 2 << 3
     return 2 * nbytes / seconds
 
 
-def _weights(spec: TrellisSpec, shape: tuple[int, int], device: torch.device, seed: int
+def weight_copies(spec: TrellisSpec, shape: tuple[int, int], device: torch.device, seed: int
              ) -> list:
     """Kernel backends over enough copies of one random weight to exceed the L2 cache."""
     weight = random_weight(spec, *shape, seed=seed, device=device)
@@ -104,7 +104,7 @@ def gemv_rows(device: torch.device, timer: GraphTimer, copy_bytes_per_s: float,
                  for _ in range(copies_for(shape[0] * shape[1] * 2, device))]
         for k in bits:
             spec = TrellisSpec(16, k, 2, "hyb")
-            backends = _weights(spec, shape, device, seed=k)
+            backends = weight_copies(spec, shape, device, seed=k)
             packed = backends[0].codes.numel() * 4
             for batch in batches:
                 x = torch.randn(batch, shape[1], device=device, dtype=torch.bfloat16)
@@ -134,7 +134,7 @@ def large_batch_rows(device: torch.device, timer: GraphTimer, shape=(4096, 4096)
     from kernels.matmul import gemm
 
     spec = TrellisSpec(16, 2, 2, "hyb")
-    backends = _weights(spec, shape, device, seed=7)
+    backends = weight_copies(spec, shape, device, seed=7)
     dense = [torch.randn(shape, device=device, dtype=torch.float16)
              for _ in range(copies_for(shape[0] * shape[1] * 2, device))]
     rows = []
@@ -315,7 +315,7 @@ def bench_kernels(json_output: bool) -> int:
     on_gpu = torch.cuda.is_available()
     if not on_gpu:  # Triton has no CPU backend; its interpreter must be chosen before kernels load
         os.environ["TRITON_INTERPRET"] = "1"
-    from trellis_runtime.kernel_suite import run_suite
+    from trellis_cli.kernel_suite import run_suite
 
     device = torch.device("cuda" if on_gpu else "cpu")
     rows = run_suite(device)

@@ -7,9 +7,9 @@ interpreter (kernel, argument types, divisibility, constexprs, warps, stages), p
 kernels at a full-size trellis, and compiles each ahead of time for sm_90 with the installed Triton
 and the ptxas it bundles, as the launch would compile on the GPU.
 
-    python -m trellis_runtime.kernel_aot                  # record, then compile; exit 1 on a failure
-    python -m trellis_runtime.kernel_aot --record FILE    # (interpreter) write the launches as JSON
-    python -m trellis_runtime.kernel_aot --compile FILE   # compile the launches in FILE
+    python -m trellis_cli.kernel_aot                  # record, then compile; exit 1 on a failure
+    python -m trellis_cli.kernel_aot --record FILE    # (interpreter) write the launches as JSON
+    python -m trellis_cli.kernel_aot --compile FILE   # compile the launches in FILE
 
 Recording and compiling need separate processes: Triton decides when a kernel is defined whether
 it is interpreted, so the default command runs the recording in a child process.
@@ -121,7 +121,7 @@ def record(workload: Callable[[], None], execute: bool = True) -> list[dict]:
 
 
 def _suite() -> None:
-    from trellis_runtime.kernel_suite import CASES
+    from trellis_cli.kernel_suite import CASES
 
     for case in CASES:
         case.run("cpu")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "launches.json"
             env = dict(os.environ, TRITON_INTERPRET="1")
-            recording = subprocess.run([sys.executable, "-m", "trellis_runtime.kernel_aot",
+            recording = subprocess.run([sys.executable, "-m", "trellis_cli.kernel_aot",
                                         "--record", str(path)], env=env)
             if recording.returncode:
                 print(f"kernel_aot: error: recording the suite's launches failed (exit "
