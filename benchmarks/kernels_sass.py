@@ -6,14 +6,14 @@ Compiles the kernels ahead of time for an H100/H200 (sm_90), with the installed 
 ptxas/cuobjdump it bundles, each launch built exactly as the runtime would build it for a
 Llama-3-8B-sized matrix on an H200 (132 SMs).
 
-- GEMV (kernels/matmul.py, 4096 x 4096): the main loop in the SASS (the longest backward branch),
+- GEMV (trellis_kernels/matmul.py, 4096 x 4096): the main loop in the SASS (the longest backward branch),
   counted by opcode. Dividing by the weights one thread decodes per iteration gives instructions
   per weight, which bounds a decode-bound GEMV; LDG (global loads), LDS (shared loads) and BAR
   (barriers) show where table lookups go; registers and shared memory per program bound how many
   programs an SM holds.
-- Decode (kernels/decode.py, the same matrix to float16, the dense path of large batches): the
+- Decode (trellis_kernels/decode.py, the same matrix to float16, the dense path of large batches): the
   same count for its loop.
-- Rotation (kernels/hadamard.py, one row of 4096 and of 14336, in and out): one program per row,
+- Rotation (trellis_kernels/hadamard.py, one row of 4096 and of 14336, in and out): one program per row,
   so the instructions one thread runs (the code once, its loop over the GEMV's partial sums as
   often as it turns), its tensor-core instructions and barriers: a latency-bound kernel's
   critical path grows with them.
@@ -56,7 +56,7 @@ def _bundled_tool(name: str) -> str:
 
 
 def compile_sass(launch) -> tuple[str, dict]:
-    """The SASS text of a kernels.launch.Launch compiled for sm_90, and its resource use."""
+    """The SASS text of a trellis_kernels.launch.Launch compiled for sm_90, and its resource use."""
     from trellis_cli.kernel_aot import compile_launch, describe_launch
 
     compiled = compile_launch(describe_launch(launch.kernel, launch.arguments(), launch.options),
@@ -122,7 +122,7 @@ def _loop_counts(case: str, launch) -> dict:
 
 def measure(spec: tuple, rows: int) -> dict:
     """The GEMV for `rows` rows of a SHAPE matrix, at the split an H200 gets."""
-    from kernels.matmul import GEMV_BLOCKS, gemv_launch, splits_for
+    from trellis_kernels.matmul import GEMV_BLOCKS, gemv_launch, splits_for
 
     code, codes = _code_and_codes(spec)
     x = torch.zeros(rows, SHAPE[1], dtype=torch.float32 if rows == 1 else torch.float16)
@@ -135,8 +135,8 @@ def measure(spec: tuple, rows: int) -> dict:
 
 def measure_decode(spec: tuple) -> dict:
     """The decode kernel (the dense path of large batches) for the same matrix, to float16."""
-    from kernels.decode import DECODE_BLOCKS, decode_launch
-    from kernels.matmul import splits_for
+    from trellis_kernels.decode import DECODE_BLOCKS, decode_launch
+    from trellis_kernels.matmul import splits_for
 
     code, codes = _code_and_codes(spec)
     block_rows, block_cols, _ = DECODE_BLOCKS
@@ -150,8 +150,8 @@ def measure_decode(spec: tuple) -> dict:
 def measure_rotation(n: int, direction: str) -> dict:
     """The rotation kernel for one row of n: in (rotate) or out (unrotate, summing the partials
     of a 4096-input GEMV at its default split)."""
-    from kernels.hadamard import SPLITS_AT_ONCE, rotation_launch
-    from kernels.matmul import GEMV_BLOCKS, splits_for, split_tiles
+    from trellis_kernels.hadamard import SPLITS_AT_ONCE, rotation_launch
+    from trellis_kernels.matmul import GEMV_BLOCKS, splits_for, split_tiles
     from trellis_runtime.hadamard import hadamard_factors, random_signs, small_hadamard
 
     r, _ = hadamard_factors(n)

@@ -25,7 +25,7 @@ Boundaries.
   backward N+2W (1.25x and 1.5x of free ends at V=2).
 
 Memory stays bounded: tiles run in chunks (chunk_tiles, or chosen from a budget), the forward keeps
-only the output, and the backward recomputes each chunk's messages (kernels/bcjr.py stores only
+only the output, and the backward recomputes each chunk's messages (trellis_kernels/bcjr.py stores only
 group-sized messages per step, never (tiles, steps, 2^L)). The per-chunk work runs either in plain
 torch (any device) or in the fused Triton kernels (CUDA).
 """
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import bcjr
+from trellis_kernels import bcjr
 from trellis_runtime.trellis import TrellisSpec
 
 BOUNDARIES = ("free", "tail_biting")

@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # package -> the project packages it may import (itself always allowed).
 ALLOWED = {
-    "kernels": set(),
-    "trellis_runtime": {"kernels"},
-    "qat": {"trellis_runtime", "kernels"},
+    "trellis_kernels": set(),
+    "trellis_runtime": {"trellis_kernels"},
+    "qat": {"trellis_runtime", "trellis_kernels"},
     "server": {"trellis_runtime"},
-    "trellis_cli": {"trellis_runtime", "kernels", "qat", "server"},
+    "trellis_cli": {"trellis_runtime", "trellis_kernels", "qat", "server"},
 }
 LAZY_ONLY = {"trellis_cli": {"qat", "server"}}  # imported inside functions, never at module level
 
@@ -77,3 +77,14 @@ def test_serving_loads_no_training_code() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_no_package_shadows_an_installed_one() -> None:
+    """A top-level name another distribution also installs would hide it from whoever imports it
+    (transformers imports Hugging Face's `kernels`, for one)."""
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    for package in ALLOWED:
+        others = set(owners.get(package, [])) - {"trellis-runtime", "trellis_runtime"}
+        assert not others, f"package {package} is also installed by {sorted(others)}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.matmul import gemv_launch
+from trellis_kernels.matmul import gemv_launch
 from trellis_cli.kernel_aot import describe_launch
 from trellis_runtime.kernel_linear import trellis_code
 from trellis_cli.kernel_suite import random_weight

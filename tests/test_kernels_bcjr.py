@@ -1,4 +1,4 @@
-"""The fused BCJR kernels (kernels/bcjr.py) against their torch reference in the same module.
+"""The fused BCJR kernels (trellis_kernels/bcjr.py) against their torch reference in the same module.
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported, so the kernels
 run in Triton's interpreter on small trellises. Parity is max |kernel - reference| / max |reference|
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import bcjr
-from kernels.bcjr import backward_reference, backward_triton, forward_reference, forward_triton
+from trellis_kernels import bcjr
+from trellis_kernels.bcjr import backward_reference, backward_triton, forward_reference, forward_triton
 from qat.soft_trellis import soft_reconstruct
 from trellis_runtime.codes import state_values
 from trellis_runtime.trellis import TrellisSpec

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu import KernelsUnavailable, MAX_TOKENS, dense_linear, library_path
+from trellis_kernels.cpu import KernelsUnavailable, MAX_TOKENS, dense_linear, library_path
 from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.cpu_linear import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuKernelBackend,
                                         cpu_kernels_loaded, dense_product, fused_decoder_layer,
@@ -109,7 +109,7 @@ def test_kernels_refuse_bad_inputs() -> None:
 
 
 def test_missing_compiler_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernels import cpu
+    from trellis_kernels import cpu
 
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(KernelsUnavailable, match="no C\\+\\+ compiler"):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.decode import decode_matrix
-from kernels.tile import TrellisCode
+from trellis_kernels.decode import decode_matrix
+from trellis_kernels.tile import TrellisCode
 from trellis_runtime.codes import kernel_constants, table_shape
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TrellisSpec

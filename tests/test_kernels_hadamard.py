@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.hadamard import _split_tf32, rotate_rows, unrotate_rows
+from trellis_kernels.hadamard import _split_tf32, rotate_rows, unrotate_rows
 from trellis_runtime.hadamard import random_signs, rotate, small_hadamard, unrotate
 from trellis_cli.kernel_suite import CASES
 
@@ -61,7 +61,7 @@ def test_unsupported_sizes_are_refused(n: int, small, signs: int, match: str) ->
 
 
 def test_tf32_split_keeps_float32_accuracy_through_truncation() -> None:
-    """The rotation's products split x into a tf32 head and a remainder (kernels/hadamard.py
+    """The rotation's products split x into a tf32 head and a remainder (trellis_kernels/hadamard.py
     _split_tf32). The interpreter multiplies in full float32, so the tensor cores' truncation of
     each operand to tf32 is applied here: head is already tf32, and what survives of the
     remainder must leave at most 2^-21 of |x|."""

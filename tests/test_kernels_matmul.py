@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.matmul import gemm, gemv_launch, gemv_partials
-from kernels.tile import TrellisCode
+from trellis_kernels.matmul import gemm, gemv_launch, gemv_partials
+from trellis_kernels.tile import TrellisCode
 from trellis_runtime.codes import kernel_constants
 from trellis_runtime.kernel_linear import trellis_code
 from trellis_cli.kernel_suite import CASES, GPU_CASES, random_weight

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.viterbi as kernel_module
-from kernels.viterbi import viterbi_paths
+import trellis_kernels.viterbi as kernel_module
+from trellis_kernels.viterbi import viterbi_paths
 from trellis_runtime import viterbi as viterbi_module
 from trellis_runtime.codes import state_values
 from trellis_cli.kernel_suite import CASES

@@ -1,4 +1,4 @@
-"""Tests for the soft trellis (qat/soft_trellis.py and the torch BCJR in kernels/bcjr.py).
+"""Tests for the soft trellis (qat/soft_trellis.py and the torch BCJR in trellis_kernels/bcjr.py).
 
 The oracles are independent of the implementation: enumeration of every path (free ends, or every
 circular bitstream for tail-biting) on trellises small enough to list, a dense transfer-matrix

@@ -129,7 +129,7 @@ def _suite() -> None:
 
 def _bcjr_full_size() -> None:
     """The BCJR kernels at the trellis QAT trains (L=12, K*V=4, V=2), forward and backward."""
-    from kernels.bcjr import backward_triton, forward_triton
+    from trellis_kernels.bcjr import backward_triton, forward_triton
 
     x, values = torch.randn(2, 64, 2), torch.randn(1 << 12, 2)
     out, _ = forward_triton(x, values, 12, 4, 0.1)

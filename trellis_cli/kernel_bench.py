@@ -95,8 +95,8 @@ def weight_copies(spec: TrellisSpec, shape: tuple[int, int], device: torch.devic
 def gemv_rows(device: torch.device, timer: GraphTimer, copy_bytes_per_s: float,
               shapes=LLAMA3_8B_SHAPES, bits=(2, 3, 4), batches=(1, 16)) -> list[dict]:
     """GEMV kernel and whole quantized linear against float16 F.linear, per shape, K and batch."""
-    from kernels.hadamard import rotate_rows
-    from kernels.matmul import gemv_partials
+    from trellis_kernels.hadamard import rotate_rows
+    from trellis_kernels.matmul import gemv_partials
 
     rows = []
     for shape in shapes:
@@ -130,8 +130,8 @@ def gemv_rows(device: torch.device, timer: GraphTimer, copy_bytes_per_s: float,
 def large_batch_rows(device: torch.device, timer: GraphTimer, shape=(4096, 4096),
                      batches=(32, 64, 128, 256, 512, 1024)) -> list[dict]:
     """Fused GEMM against decode + cuBLAS (and float16 F.linear) as the batch grows."""
-    from kernels.decode import decode_matrix
-    from kernels.matmul import gemm
+    from trellis_kernels.decode import decode_matrix
+    from trellis_kernels.matmul import gemm
 
     spec = TrellisSpec(16, 2, 2, "hyb")
     backends = weight_copies(spec, shape, device, seed=7)
@@ -154,7 +154,7 @@ def large_batch_rows(device: torch.device, timer: GraphTimer, shape=(4096, 4096)
 def hadamard_rows(device: torch.device, timer: GraphTimer, sizes=(4096, 14336),
                   batches=(1, 16)) -> list[dict]:
     """The rotation kernel against trellis_runtime.hadamard.rotate (torch), per size and batch."""
-    from kernels.hadamard import rotate_rows
+    from trellis_kernels.hadamard import rotate_rows
     from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, small_hadamard
 
     rows = []
@@ -190,7 +190,7 @@ def event_time(call: Callable[[], object], repeats: int = 3) -> float:
 def viterbi_rows(device: torch.device, batches=(512, 2048)) -> list[dict]:
     """Tiles per second of one Viterbi pass (tail-biting costs two) at the CUDA quantization default
     L=16 hyb K=2, kernel against trellis_runtime.viterbi.viterbi on the same GPU."""
-    from kernels.viterbi import viterbi_paths
+    from trellis_kernels.viterbi import viterbi_paths
     from trellis_runtime.codes import initial_table, state_values
     from trellis_runtime.viterbi import viterbi
 

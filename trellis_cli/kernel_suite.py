@@ -97,7 +97,7 @@ def _spec(text: str) -> TrellisSpec:
 
 
 def _decode_case(spec: str, shape: tuple[int, int], seed: int, device: torch.device) -> float:
-    from kernels.decode import decode_matrix
+    from trellis_kernels.decode import decode_matrix
 
     weight = random_weight(_spec(spec), *shape, seed=seed, device=device)
     out = torch.full(shape, float("nan"), device=device)
@@ -109,7 +109,7 @@ def _decode_case(spec: str, shape: tuple[int, int], seed: int, device: torch.dev
 def _matmul_case(kernel: str, spec: str, shape: tuple[int, int], rows: int, dtype: torch.dtype,
                  seed: int, device: torch.device, **blocks: int) -> float:
     """x @ C^T for C the weight's unscaled code values; x exact in `dtype`."""
-    from kernels.matmul import gemm, gemv_partials
+    from trellis_kernels.matmul import gemm, gemv_partials
 
     weight = random_weight(_spec(spec), *shape, seed=seed, scale=1.0, device=device)
     x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed))
@@ -125,7 +125,7 @@ def _matmul_case(kernel: str, spec: str, shape: tuple[int, int], rows: int, dtyp
 
 def _hadamard_case(direction: str, n: int, rows: int, seed: int, device: torch.device,
                    partials: int = 3) -> float:
-    from kernels.hadamard import rotate_rows, unrotate_rows
+    from trellis_kernels.hadamard import rotate_rows, unrotate_rows
 
     gen = torch.Generator().manual_seed(seed)
     r, _ = hadamard_factors(n)
@@ -155,7 +155,7 @@ def _viterbi_case(spec: str, length: int, constrained: bool, seed: int,
                   device: torch.device) -> float:
     """Error of the kernel's path relative to the torch encoder's (both optimal: they differ only by
     float rounding), or NaN if the kernel's path breaks the trellis or the overlap."""
-    from kernels.viterbi import viterbi_paths
+    from trellis_kernels.viterbi import viterbi_paths
 
     spec_ = _spec(spec)
     gen = torch.Generator().manual_seed(seed)
@@ -214,7 +214,7 @@ def _cases() -> list[Case]:
                           lambda dev, s=spec, sh=shape, i=i: _decode_case(s, sh, i, dev)))
     # (spec, shape, rows, dtype, blocks): one row runs the float32 FMA path, 2-16 rows tl.dot.
     # Shapes alternate between whole blocks everywhere (no masks) and ragged edges. Tables up to
-    # kernels.matmul.SHARED_TABLE_ROWS are looked up in shared memory (HYB, LUT up to L=10),
+    # trellis_kernels.matmul.SHARED_TABLE_ROWS are looked up in shared memory (HYB, LUT up to L=10),
     # larger ones (11,1,1,lut) from global memory.
     gemv = [
         ("16,2,2,hyb", (48, 80), 1, torch.float32, dict(splits=2, block_rows=32, block_tiles=2)),

@@ -4,7 +4,7 @@ the packed codes.
 A decode step on CPU is bound by the bytes its weights occupy: float32 copies of SmolLM2-135M's linears
 are 424 MB, read at about 19 GB/s on the 2-core development machine (its last-level cache holds about
 64 MB), so ~23 ms per token whatever the arithmetic. The 2-bit codes are 26.5 MB and stay in cache, so
-the C++ kernel (kernels/trellis_cpu.cpp) reads them instead: it rotates the input rows, multiplies by
+the C++ kernel (trellis_kernels/trellis_cpu.cpp) reads them instead: it rotates the input rows, multiplies by
 the code values looked up per trellis state, and rotates the result back. The values are the stored
 ones (float16 table entries, float32 computed codes) times the matrix's scale: no weight is rounded.
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu import MAX_TOKENS
+from trellis_kernels.cpu import MAX_TOKENS
 from trellis_runtime.codes import state_values
 from trellis_runtime.hadamard import hadamard_factors, small_hadamard
 from trellis_runtime.paths import cache_dir
@@ -49,7 +49,7 @@ def kernels_unavailable_reason() -> str | None:
     """None when the CPU kernels are loaded in this process, else why not (logged once)."""
     if os.environ.get(DISABLE_VARIABLE, "1") == "0":
         return f"disabled by {DISABLE_VARIABLE}=0"
-    from kernels.cpu import KernelsUnavailable, load
+    from trellis_kernels.cpu import KernelsUnavailable, load
 
     try:
         load(cache_dir() / "kernels")
@@ -121,7 +121,7 @@ class CpuKernelBackend(nn.Module):
 
 def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post_norm: torch.Tensor,
                         eps: float) -> torch.ScriptObject | None:
-    """The C++ decoder layer for decode steps (kernels/trellis_cpu_layer.cpp) over the backends of q, k,
+    """The C++ decoder layer for decode steps (trellis_kernels/trellis_cpu_layer.cpp) over the backends of q, k,
     v, o, gate, up and down, or None unless all seven are CpuKernelBackends with one row limit."""
     if not all(isinstance(linear, CpuKernelBackend) for linear in linears) \
             or len({linear.max_rows for linear in linears}) != 1:

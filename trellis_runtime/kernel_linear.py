@@ -1,9 +1,9 @@
 """The Triton kernel backend of TrellisLinear: multiply straight from the packed codes.
 
 y = x W^T with W = diag(s_out) H_out^T (scale * C) H_in diag(s_in) (see quantized.py), so a forward
-is three launches: rotate the input rows (kernels/hadamard.py), multiply by the code values C
-without materializing them (kernels/matmul.py), and rotate the result back while applying the
-scale and output signs (kernels/hadamard.py again, which also sums the GEMV's split-K partials).
+is three launches: rotate the input rows (trellis_kernels/hadamard.py), multiply by the code values C
+without materializing them (trellis_kernels/matmul.py), and rotate the result back while applying the
+scale and output signs (trellis_kernels/hadamard.py again, which also sums the GEMV's split-K partials).
 Linears that read the same input with the same signs (q/k/v, gate/up) rotate it once between them.
 Nothing but the packed codes is held in memory.
 
@@ -44,8 +44,8 @@ def kernels_available() -> bool:
 
 
 def trellis_code(weight: QuantizedWeight):
-    """The kernels' view of a weight's spec, table and code constants (a kernels.tile.TrellisCode)."""
-    from kernels.tile import TrellisCode
+    """The kernels' view of a weight's spec, table and code constants (a trellis_kernels.tile.TrellisCode)."""
+    from trellis_kernels.tile import TrellisCode
 
     spec = weight.spec
     return TrellisCode(spec.state_bits, spec.bits, spec.vec, spec.code, weight.table,
@@ -59,7 +59,7 @@ def _small_factor(n: int, device: torch.device) -> torch.Tensor | None:
 
 def kernel_support_error(weight: QuantizedWeight) -> str | None:
     """Why the kernels cannot run this weight, or None if they can."""
-    from kernels.hadamard import check_size
+    from trellis_kernels.hadamard import check_size
 
     try:
         trellis_code(weight)
@@ -86,7 +86,7 @@ class InputRotation:
         self._last: tuple | None = None
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        from kernels.hadamard import rotate_rows
+        from trellis_kernels.hadamard import rotate_rows
 
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version and last[2] == dtype:
@@ -142,9 +142,9 @@ class KernelBackend(nn.Module):
         return self.rotation.small
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.decode import decode_matrix
-        from kernels.hadamard import unrotate_rows
-        from kernels.matmul import gemm, gemv_partials
+        from trellis_kernels.decode import decode_matrix
+        from trellis_kernels.hadamard import unrotate_rows
+        from trellis_kernels.matmul import gemm, gemv_partials
 
         rows = x.reshape(-1, self.in_features)
         count = rows.shape[0]

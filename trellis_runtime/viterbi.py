@@ -17,7 +17,7 @@ Back-pointers are not stored. We keep each step's group minima and, when tracing
 argmin is the one the forward pass implied. Branch costs drop the constant |x_t|^2, leaving
 |c_s|^2 - 2<c_s, x_t>.
 
-On CUDA `encode` runs the path searches in the Triton kernel (kernels/viterbi.py, several times
+On CUDA `encode` runs the path searches in the Triton kernel (trellis_kernels/viterbi.py, several times
 faster there), which returns the same paths; `viterbi` itself stays the torch reference that the
 kernel is tested and benchmarked against.
 """
@@ -129,7 +129,7 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
     way by float rounding, as the two sum their costs differently.
     """
     if kernel:
-        from kernels.viterbi import viterbi_paths  # imports triton
+        from trellis_kernels.viterbi import viterbi_paths  # imports triton
 
         return viterbi_paths(x, values, spec.state_bits, spec.bits, spec.vec, overlap=overlap)
     B, T = x.shape
@@ -226,7 +226,7 @@ def kernel_encodes(spec: TrellisSpec, device: torch.device, triton_available: bo
     its interpreter), with Triton installed, and for a spec within the kernel's limits."""
     if device.type != "cuda" or not triton_available:
         return False
-    from kernels.viterbi import supports  # imports triton
+    from trellis_kernels.viterbi import supports  # imports triton
 
     return supports(spec.state_bits, spec.step_bits)
 

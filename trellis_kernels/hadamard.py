@@ -10,7 +10,7 @@ every dimension to be at least 16, so H_r is padded with zeros to 16 or more, an
 
 - rotate:   y = H_n (s * x)                          (the activations going in)
 - unrotate: y = s * (H_n^T sum_k x_k) * scale        (the outputs coming out; it also adds up the
-                                                     split-K partial products of kernels/matmul.py)
+                                                     split-K partial products of trellis_kernels/matmul.py)
 
 The torch references are trellis_runtime.hadamard.rotate and unrotate.
 """
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launch
+from trellis_kernels.launch import Launch
 
 MAX_SMALL_ORDER = 64  # H_r padded to at most 64 x 64
 MAX_FACTOR = 128  # each Sylvester factor at most 128 x 128

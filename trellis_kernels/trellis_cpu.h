@@ -1,6 +1,6 @@
 // What the CPU kernels' two sources share: the quantized matrix as the product kernel reads it, and
 // the pieces of a decode step that trellis_cpu_layer.cpp strings together. The layout is stated in
-// kernels/cpu.py.
+// trellis_kernels/cpu.py.
 
 #pragma once
 

@@ -1,7 +1,7 @@
 """Trellis decode: packed tile bitstreams -> the rotated, scaled weight matrix.
 
 Used where a dense weight is wanted: the decode-then-cuBLAS path for large batches, and tests.
-It runs the fused matmul's kernel (kernels/matmul.py) in its DECODE mode: the same lanes, words
+It runs the fused matmul's kernel (trellis_kernels/matmul.py) in its DECODE mode: the same lanes, words
 loaded a block ahead and shared-memory table lookups, storing each decoded block times the
 scale instead of multiplying it. Its torch reference is
 trellis_runtime.quantized.QuantizedWeight.decode_rotated; in float32 the kernel agrees with it
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.launch import Launch
-from kernels.matmul import DECODE, default_splits, kernel_launch, split_tiles
-from kernels.tile import TILE_COLS, TILE_ROWS, TrellisCode, check_power_of_two, scale_tensor
+from trellis_kernels.launch import Launch
+from trellis_kernels.matmul import DECODE, default_splits, kernel_launch, split_tiles
+from trellis_kernels.tile import TILE_COLS, TILE_ROWS, TrellisCode, check_power_of_two, scale_tensor
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Default (block_rows, block_cols, num_warps): 64 row pairs x 4 tiles, one lane per thread.

@@ -1,7 +1,7 @@
 // CPU kernels for small batches (decode steps): products with packed trellis weights, read straight
 // from the codes, and with dense bf16 or float32 weights, each read once for all rows of the batch.
 //
-// Built and loaded by kernels/cpu.py (which states the layout these functions assume) and tested
+// Built and loaded by trellis_kernels/cpu.py (which states the layout these functions assume) and tested
 // against the torch references in tests/test_kernels_cpu.py. Requires AVX-512 (F, BW, DQ, VL) and F16C.
 //
 // trellis_linear computes y = x W^T for W = diag(s_out) H_out^T (scale * T) H_in diag(s_in), where T

@@ -5,7 +5,7 @@ scale): the caller applies the scale and the output rotation afterwards, in the 
 The torch reference is `x.double() @ (QuantizedWeight.decode_rotated() / scale).double().T`.
 
 One kernel body serves three kinds of work (its MODE), decoding each (BLOCK_O x BLOCK_I) block
-of C in registers with kernels/tile.py and using it at once:
+of C in registers with trellis_kernels/tile.py and using it at once:
 
 - GEMV, 1-16 rows (decode steps). The bytes of C dominate, so each program streams a strip of
   BLOCK_O output rows over one slice of the input dimension ("split-K") and every packed word is
@@ -15,7 +15,7 @@ of C in registers with kernels/tile.py and using it at once:
   2-16 rows use the tensor cores (`tl.dot`) with the rows padded to 16.
 - GEMM, more rows (prefill, large batches): programs tile (rows x outputs) and run over the whole
   input dimension with `tl.dot`, decoding each block of C once per block of BLOCK_M rows.
-- DECODE: no x; each block is stored, times the scale, into the dense matrix (kernels/decode.py,
+- DECODE: no x; each block is stored, times the scale, into the dense matrix (trellis_kernels/decode.py,
   for the decode-then-cuBLAS path of the largest batches).
 
 Decoding is the cost (a GEMV reads 8x fewer bytes than float16 and must not spend more time), so
@@ -40,13 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launch
-from kernels.tile import (TILE_COLS, TILE_DIM, TrellisCode, check_power_of_two, computed_value,
+from trellis_kernels.launch import Launch
+from trellis_kernels.tile import (TILE_COLS, TILE_DIM, TrellisCode, check_power_of_two, computed_value,
                           group_state, group_words, signed_table_index, table_index)
 
 GEMV_MAX_ROWS = 16
 # What the shared kernel does with the decoded block: multiply one row with FMAs, multiply rows
-# on the tensor cores, or store it (kernels/decode.py).
+# on the tensor cores, or store it (trellis_kernels/decode.py).
 FMA = tl.constexpr(0)
 DOT = tl.constexpr(1)
 DECODE = tl.constexpr(2)
