@@ -40,6 +40,7 @@ from trellis_runtime.sampling import SamplingParams, sample
 
 logger = logging.getLogger("trellis_runtime")
 
+DEFAULT_MAX_BATCH = 8  # sequences decoded together: the KV-cache slots
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per step: long prompts share steps with running decodes
 
@@ -98,7 +99,7 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_seq_len: int | None = None,
+    def __init__(self, model, tokenizer, max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  eos_token_ids: Sequence[int] | None = None) -> None:
         """model: a TrellisLlama (or anything with its forward and new_cache); tokenizer: its HF tokenizer.
