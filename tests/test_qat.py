@@ -15,7 +15,8 @@ import torch
 
 from qat.distill import dense_student, kl_to_teacher, load_teacher, make_soft
 from qat.drift import budgets, escape_stats, suggested_lr, voronoi_radius
-from qat.train import QatOptions, parse_layers, train_qat
+from qat.train import QatOptions, train_qat
+from qat.train_setup import parse_layers
 from trellis_runtime.bitstream import unpack_states
 from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.errors import TrellisError
