@@ -14,8 +14,6 @@ started again with the same arguments continues where it stopped and gives the s
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -29,10 +27,10 @@ from qat.hessian import collect_hessians, damp, hessian_key
 from qat.ldlq import LdlqJob, block_feedback, run_ldlq
 from qat.sources import load_float_model, resolve_source, source_shape
 from qat.text import calibration_text
-from qat.workdir import atomic_save, prepare, work_dir
+from qat.workdir import atomic_save, prepare, publish, work_dir
 from trellis_runtime.architecture import INPUT_GROUPS, LlamaShape
 from trellis_runtime.bitstream import pack_states
-from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, load_checkpoint, save_checkpoint
+from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, save_checkpoint
 from trellis_runtime.codes import initial_table, state_values
 from trellis_runtime.errors import SourceError, TrellisError
 from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, rotate_weight
@@ -169,12 +167,9 @@ class _GroupQuantizer:
         return tensors
 
 
-def _finish(work: Path, out: Path, model, tokenizer, shape: LlamaShape, tensors: dict,
-            options: QuantizeOptions, source_name: str) -> None:
-    final = work / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    final.mkdir()
+def _write_checkpoint(final: Path, model, tokenizer, shape: LlamaShape, tensors: dict,
+                      options: QuantizeOptions, source_name: str) -> None:
+    """Write the quantized checkpoint, with the tokenizer's files, into the empty directory `final`."""
     quantized = {name: quantized_from_tensors(tensors, name, options.spec)
                  for name in shape.all_linear_shapes()}
     params = dict(model.named_parameters())
@@ -191,9 +186,6 @@ def _finish(work: Path, out: Path, model, tokenizer, shape: LlamaShape, tensors:
     missing = [name for name in TOKENIZER_FILES if not (final / name).is_file()]
     if missing:
         raise TrellisError(f"the tokenizer did not write {', '.join(missing)}")
-    load_checkpoint(final)  # never publish a checkpoint that does not load
-    os.replace(final, out)
-    shutil.rmtree(work)
 
 
 def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> None:
@@ -226,5 +218,6 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
             group_tensors = quantizer(layers, progress)
             atomic_save(group_tensors, path)
             tensors.update(group_tensors)
-    _finish(work, out, model, tokenizer, shape, tensors, options, source_name)
+    publish(out, lambda final: _write_checkpoint(final, model, tokenizer, shape, tensors, options,
+                                                 source_name))
     print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

@@ -20,7 +20,6 @@ optimizer and the steps), hardened_eval (scoring hardened snapshots, keeping the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -37,8 +36,8 @@ from qat.text import calibration_text
 from qat.train_loop import make_optimizer, train
 from qat.train_output import summarize, trained_weights, write_checkpoint
 from qat.train_setup import choose_layers, load_trainable, parse_layers, plan_run
-from qat.workdir import prepare, work_dir
-from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
+from qat.workdir import prepare, publish, work_dir
+from trellis_runtime.checkpoint import Checkpoint
 from trellis_runtime.errors import TrellisError
 
 
@@ -146,14 +145,8 @@ class Trainer:
         quantized = trained_weights(checkpoint, self.work / BEST_FILE)
         lines = self.record.lines()
         summary = summarize(run, self.options, lines, seconds)
-        final = self.work / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        final.mkdir()
-        write_checkpoint(final, checkpoint, self.checkpoint_dir, quantized, summary, lines)
-        load_checkpoint(final)  # never publish a checkpoint that does not load
-        os.replace(final, self.out)
-        shutil.rmtree(self.work)
+        publish(self.out, lambda final: write_checkpoint(final, checkpoint, self.checkpoint_dir,
+                                                         quantized, summary, lines))
         return summary
 
 

@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
+from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.errors import TrellisError
 
 
@@ -56,3 +58,19 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | N
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(temporary),
               metadata=None if metadata is None else {"json": json.dumps(metadata)})
     os.replace(temporary, path)
+
+
+def publish(out: Path, write: Callable[[Path], None]) -> None:
+    """Put a finished job's checkpoint at `out` in one step: `write` fills an empty `final` directory
+    inside the work directory, which must load as a checkpoint before it is renamed to `out`; then
+    the work directory goes. A reader never sees a half-written checkpoint, and a job killed before
+    the rename resumes and writes it again."""
+    work = work_dir(out)
+    final = work / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir()
+    write(final)
+    load_checkpoint(final)  # never publish a checkpoint that does not load
+    os.replace(final, out)
+    shutil.rmtree(work)
