@@ -191,19 +191,26 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print_result(result)
 
+
+def print_result(result: dict) -> None:
+    """The human-readable lines of a result: rates, the targets' ratios, bandwidth, prefill."""
     print(f"{'decode':<26}{'tokens/s':>10}")
-    for name, rate in rows.items():
+    for name, rate in result["tokens_per_second"].items():
         print(f"{name:<26}{rate:>10.1f}")
     targets = result["targets"]
     print(f"single stream vs generate: {targets['single_vs_generate']:.2f}x (target 2x); "
           f"batched vs single: {targets['batched_vs_single']:.2f}x (target 3x)")
+    step_bytes, backends = result["decode_step_weight_bytes"], result["linear_backends"]
     print(f"single stream reads {result['single_stream_gb_per_s']:.1f} GB/s of weights "
           f"({step_bytes / 2**20:.0f} MiB per step, {', '.join(backends)}); greedy tokens match "
           f"transformers: {result['greedy_tokens_match_transformers']}; engine adds "
           f"{result['engine_overhead_ms_per_token']:.1f} ms per token")
-    print(f"prefill {PREFILL_TOKENS} tokens: trellis {prefill_seconds * 1000:.0f} ms, "
-          f"transformers {reference_prefill * 1000:.0f} ms; model load {load_seconds:.1f} s")
+    prefill = result["prefill_256_seconds"]
+    print(f"prefill {PREFILL_TOKENS} tokens: trellis {prefill['trellis'] * 1000:.0f} ms, "
+          f"transformers {prefill['transformers'] * 1000:.0f} ms; "
+          f"model load {result['load_seconds']:.1f} s")
 
 
 if __name__ == "__main__":
