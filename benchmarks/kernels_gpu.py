@@ -2,10 +2,11 @@
 
     python benchmarks/kernels_gpu.py [--out FILE]
 
-Run from the repository root on a CUDA machine (about 5 minutes on an H200, most of it compiling
-kernels and building an 8B-shaped model). Sections run in order: the correctness suite compiled
-for the GPU, then the timings of trellis_cli/kernel_bench.py (copy bandwidth, GEMV on
-Llama-3-8B shapes at K=2,3,4 against float16, large batches, Hadamard, Viterbi, end-to-end decode).
+Run from the repository root on a CUDA machine; most of the run goes to compiling kernels and
+building an 8B-shaped model, and each section's wall time is recorded in the results file
+(`seconds`). Sections run in order: the correctness suite compiled for the GPU, then the timings
+of trellis_cli/kernel_bench.py (copy bandwidth, GEMV on Llama-3-8B shapes at K=2,3,4 against
+float16, large batches, Hadamard, Viterbi, end-to-end decode).
 Each section is timed and guarded: a failure is recorded with its error and the next one runs, and
 the results file is rewritten after every section, so a run cut short still leaves what it
 measured. The file records the date, GPU, torch and triton versions.

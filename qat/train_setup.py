@@ -20,9 +20,12 @@ from trellis_runtime.checkpoint import Checkpoint, is_checkpoint, load_checkpoin
 from trellis_runtime.errors import TrellisError
 
 # Layers trained by default on a CPU: the one whose quantization costs the most KL (see
-# distill.layer_gains). One BCJR forward+backward over a SmolLM2-135M layer (13,824 tiles at L=12)
-# takes about 100 s on 2 cores, so one layer x 12 steps fits the ~45-minute CPU budget with its
-# snapshots. A GPU trains all of them.
+# distill.layer_gains). Every step runs one BCJR forward+backward over all of a trained layer's tiles
+# (13,824 for a SmolLM2-135M layer at L=12), so the cost grows with layers x steps; on a CPU the
+# default is one layer x 12 steps with its snapshots, which keeps the default run of the built-in
+# model within a CPU session. The time of one layer's step is in benchmarks/results/bcjr_speed.json
+# (cpu, smollm2_layer_step_s), that of the default run in benchmarks/results/qat_smollm2.json
+# (wall_seconds) and the README's Measured section. A GPU trains all of them.
 AUTO_LAYERS_CPU = 1
 
 
