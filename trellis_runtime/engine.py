@@ -25,7 +25,6 @@ import logging
 import queue
 import threading
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
@@ -37,6 +36,7 @@ from trellis_runtime.errors import TrellisError
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.logprobs import TokenLogprob, token_logprobs
 from trellis_runtime.sampling import SamplingParams, sample
+from trellis_runtime.scheduler import ScheduledSequence, Scheduler, StepPlan
 
 logger = logging.getLogger("trellis_runtime")
 
@@ -69,33 +69,18 @@ class Output:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
-@dataclass(eq=False)
-class _Sequence:
-    """A request as the loop sees it. Fields after `emit` belong to the loop thread."""
+@dataclass(eq=False, kw_only=True)
+class _Sequence(ScheduledSequence):
+    """A request as the loop sees it: its place in the schedule, and what it generates by.
+    prompt_logprobs and the scheduler's fields belong to the loop thread."""
 
     request_id: str
-    prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
     stop_ids: frozenset[int]  # stop_token_ids, plus EOS unless ignore_eos
     stream: TextStream
     emit: Callable[[Output | BaseException], None]
-    output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far, while prefilling
-    slot: int | None = None
-    computed: int = 0  # tokens whose keys and values are in the cache
-    finished: bool = False
-    aborted: bool = False  # set by the consumer's thread when it stops listening
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def next_chunk(self, budget: int) -> list[int]:
-        """The next tokens to feed: part of the prompt while prefilling, else the last sampled one."""
-        if self.computed < len(self.prompt_ids):
-            return self.prompt_ids[self.computed:self.computed + budget]
-        return self.output_ids[self.computed - len(self.prompt_ids):]
 
 
 class Engine:
@@ -125,13 +110,10 @@ class Engine:
         self._graphs = (DecodeGraphs(model, self.cache, max_batch) if self.device.type == "cuda"
                         else None)
 
-        self._cond = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()  # shared: guarded by _cond
+        self._scheduler = Scheduler(self.cache, max_batch, prefill_chunk)
+        self._cond = threading.Condition()  # guards the scheduler's waiting queue and aborted flags
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # Loop-thread state.
-        self._running: list[_Sequence] = []  # prefilled, one token per step
-        self._prefilling: _Sequence | None = None
         self._decode_steps = 0
         self._max_batch_seen = 0
 
@@ -222,8 +204,8 @@ class Engine:
         with self._cond:
             usage = self.cache.usage()
             return {
-                "running": len(self._running) + (self._prefilling is not None),
-                "waiting": len(self._waiting),
+                "running": len(self._scheduler.active()),
+                "waiting": len(self._scheduler.waiting),
                 "kv_cache_usage": usage.slots_used / usage.slots_total,
                 "decode_steps": self._decode_steps,
                 "max_batch_seen": self._max_batch_seen,
@@ -255,7 +237,7 @@ class Engine:
         with self._cond:
             if self._thread is None or self._stopping:
                 raise EngineError("the engine is shutting down")
-            self._waiting.append(sequence)
+            self._scheduler.add(sequence)
             self._cond.notify()
         return sequence
 
@@ -271,49 +253,28 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._waiting or self._running or self._prefilling):
+                    while self._scheduler.idle and not self._stopping:
                         self._cond.wait()
                     if self._stopping:
                         break
-                    self._drop_aborted()
-                    self._admit()
+                    # Requests whose consumer left free their slots before the step runs.
+                    for sequence in self._scheduler.drop_aborted():
+                        logger.info("request %s aborted after %d tokens", sequence.request_id,
+                                    len(sequence.output_ids))
+                    self._scheduler.admit()
+                plan = self._scheduler.plan()
+                if plan is None:
+                    continue
                 try:
-                    self._step()
+                    self._step(plan)
                 except Exception as error:  # a failed forward: fail its requests, keep serving others
                     logger.exception("generation step failed")
-                    self._fail(self._active(), error)
+                    self._fail(self._scheduler.active(), error)
         with self._cond:
-            stranded = list(self._waiting)
-            self._waiting.clear()
-        self._fail(stranded + self._active(), EngineError("the engine shut down"))
+            stranded = self._scheduler.take_waiting()
+        self._fail(stranded + self._scheduler.active(), EngineError("the engine shut down"))
 
-    def _active(self) -> list[_Sequence]:
-        """The sequences holding a slot, as a new list (releasing one edits self._running)."""
-        return self._running + ([self._prefilling] if self._prefilling is not None else [])
-
-    def _drop_aborted(self) -> None:
-        """Forget requests whose consumer left, freeing their slots before the step runs."""
-        self._waiting = deque(s for s in self._waiting if not s.aborted)
-        for sequence in self._active():
-            if sequence.aborted:
-                logger.info("request %s aborted after %d tokens", sequence.request_id,
-                            len(sequence.output_ids))
-                self._release(sequence)
-
-    def _admit(self) -> None:
-        """Give the oldest waiting request a slot and the prefill turn, if both are free."""
-        if self._prefilling is None and self._waiting and len(self._running) < self.max_batch:
-            sequence = self._waiting.popleft()
-            sequence.slot = self.cache.allocate()
-            self._prefilling = sequence
-
-    def _step(self) -> None:
-        batch = [(sequence, sequence.next_chunk(1)) for sequence in self._running]
-        decoding = len(batch)
-        if self._prefilling is not None:
-            batch.append((self._prefilling, self._prefilling.next_chunk(self.prefill_chunk)))
-        if not batch:
-            return
+    def _step(self, plan: StepPlan) -> None:
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -323,18 +284,18 @@ class Engine:
         # Prefill chunks scoring their prompt: (sequence, first logits row, the prompt tokens scored).
         scored: list[tuple[_Sequence, int, list[int]]] = []
         scored_only: list[_Sequence] = []  # prefilled with max_tokens 0: done, nothing to sample
-        for sequence, chunk in batch:
-            start = len(tokens)
-            tokens += chunk
-            positions += range(sequence.computed, sequence.computed + len(chunk))
-            slots += [sequence.slot] * len(chunk)
-            at = sequence.computed
+        for chunk in plan.chunks:
+            sequence, start = chunk.sequence, len(tokens)
+            tokens += chunk.tokens
+            positions += chunk.positions
+            slots += [sequence.slot] * len(chunk.tokens)
+            at = chunk.start
             if sequence.params.prompt_logprobs is not None and at < len(sequence.prompt_ids):
                 # Position p's logits score prompt token p + 1: all chunk positions but the prompt's last.
-                targets = sequence.prompt_ids[at + 1:at + 1 + len(chunk)]
+                targets = sequence.prompt_ids[at + 1:at + 1 + len(chunk.tokens)]
                 scored.append((sequence, len(logits_at), targets))
                 logits_at += range(start, start + len(targets))
-            if sequence.computed + len(chunk) == sequence.length:
+            if chunk.at_end:
                 if sequence.params.max_tokens == 0:
                     scored_only.append(sequence)
                 else:
@@ -345,13 +306,12 @@ class Engine:
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-        if self._graphs is not None and decoding == len(batch) and not scored:
+        if self._graphs is not None and plan.decode_only and not scored:
             logits = self._graphs.run(tokens, positions, slots)  # every row is sampled, in order
         else:
             logits = self.model(tensor(tokens), tensor(positions), tensor(slots), self.cache,
                                 logits_for=tensor(logits_at))
-        for sequence, chunk in batch:
-            sequence.computed += len(chunk)
+        self._scheduler.advance(plan)
         # Without prompt scoring (the usual step) every row is a sampling row: no copy, no extra work.
         sample_logits = logits if not scored else logits[tensor(sample_rows)]
         next_ids = sample(sample_logits, sampled).tolist() if sampled else []
@@ -361,15 +321,12 @@ class Engine:
                                                        [sequence.params.prompt_logprobs] * len(targets))
 
         with self._cond:
-            self._decode_steps += int(decoding > 0)
-            self._max_batch_seen = max(self._max_batch_seen, decoding)
-        if self._prefilling is not None and self._prefilling.computed == len(self._prefilling.prompt_ids):
-            self._running.append(self._prefilling)
-            self._prefilling = None
+            self._decode_steps += int(plan.decoding > 0)
+            self._max_batch_seen = max(self._max_batch_seen, plan.decoding)
         for sequence, token, logprob in zip(sampled, next_ids, sampled_logprobs):
             self._append(sequence, token, logprob)
         for sequence in scored_only:
-            self._release(sequence)
+            self._scheduler.release(sequence)
             self._deliver(sequence, Output("", [], "length", len(sequence.prompt_ids), 0,
                                            None if sequence.params.logprobs is None else [],
                                            _prompt_logprobs(sequence)))
@@ -389,7 +346,7 @@ class Engine:
                 rest = sequence.stream.finish()
                 text, reason = text + rest.text, "stop" if rest.stopped else "length"
         if reason is not None:
-            self._release(sequence)
+            self._scheduler.release(sequence)
         first = len(sequence.output_ids) == 1
         self._deliver(sequence, Output(text, [token], reason, len(sequence.prompt_ids),
                                        len(sequence.output_ids),
@@ -402,22 +359,11 @@ class Engine:
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening
             sequence.aborted = True
 
-    def _release(self, sequence: _Sequence) -> None:
-        """Take a sequence out of the batch and free its KV slot."""
-        sequence.finished = True
-        if sequence is self._prefilling:
-            self._prefilling = None
-        elif sequence in self._running:
-            self._running.remove(sequence)
-        if sequence.slot is not None:
-            self.cache.free(sequence.slot)
-            sequence.slot = None
-
     def _fail(self, sequences: list[_Sequence], error: BaseException) -> None:
         for sequence in sequences:
             if sequence.finished:
                 continue
-            self._release(sequence)
+            self._scheduler.release(sequence)
             failure = EngineError(f"generation failed: {error}")
             failure.__cause__ = error
             self._deliver(sequence, failure)
