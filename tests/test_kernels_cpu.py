@@ -191,7 +191,8 @@ def test_fused_decoder_layer_matches_the_per_op_layer(tiny_checkpoint_dir: Path)
             values.copy_(torch.randn(values.shape, generator=gen))
         x = torch.randn(n, hidden, generator=gen)
         slot_t, position_t = torch.tensor(slots), torch.tensor(positions)
-        layout = AttentionLayout.plan(position_t, slot_t, cache, model.shape.heads // model.shape.kv_heads)
+        layout = AttentionLayout.plan(positions, slots, position_t, cache,
+                                      model.shape.heads // model.shape.kv_heads)
         rope = model.rotary(position_t, torch.float32)
         outputs, caches, fused = [], [], layer.fused_decode
         try:

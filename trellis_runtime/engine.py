@@ -7,6 +7,10 @@ so a long generation never holds back a short one. Chunking the prefill bounds h
 so running streams keep flowing while a long prompt is read (vLLM's chunked prefill, on nano-vllm's
 simpler footing: at most one prompt in flight, one KV slot per sequence).
 
+Who does what: the scheduler (trellis_runtime/scheduler.py) decides which sequences run and which
+tokens each feeds; the runner (trellis_runtime/runner.py) turns that plan into one forward, samples and
+scores; this module keeps the thread, hands requests in and Outputs back.
+
 Logprobs cost nothing unless a request asks: then its sampled rows also get a log_softmax and a topk
 (trellis_runtime.logprobs), and a prompt it wants scored gets logits for every position of its prefill
 chunks instead of the last one only. max_tokens=0 scores a prompt and finishes without sampling.
@@ -30,12 +34,12 @@ from typing import AsyncIterator, Callable, Sequence
 
 import torch
 
-from trellis_runtime.cuda_graphs import DecodeGraphs
 from trellis_runtime.detokenize import TextStream
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.kv_cache import KVCache
-from trellis_runtime.logprobs import TokenLogprob, token_logprobs
-from trellis_runtime.sampling import SamplingParams, sample
+from trellis_runtime.logprobs import TokenLogprob
+from trellis_runtime.runner import ModelRunner
+from trellis_runtime.sampling import SamplingParams
 from trellis_runtime.scheduler import ScheduledSequence, Scheduler, StepPlan
 
 logger = logging.getLogger("trellis_runtime")
@@ -94,7 +98,6 @@ class Engine:
         """
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be at least 1")
-        self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         # Without a choice, the model's own context, capped so the pre-allocated KV cache stays small.
@@ -106,16 +109,22 @@ class Engine:
         self.device = model.embed_tokens.device
         self.vocab_size = model.shape.vocab
         self.cache: KVCache = model.new_cache(max_batch, self.max_seq_len)
-        # On CUDA, steps that only decode replay captured graphs (trellis_runtime/cuda_graphs.py).
-        self._graphs = (DecodeGraphs(model, self.cache, max_batch) if self.device.type == "cuda"
-                        else None)
-
+        self._runner = ModelRunner(model, self.cache, max_batch)
         self._scheduler = Scheduler(self.cache, max_batch, prefill_chunk)
         self._cond = threading.Condition()  # guards the scheduler's waiting queue and aborted flags
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._decode_steps = 0
         self._max_batch_seen = 0
+
+    @property
+    def model(self):
+        """The model the steps run (assignable: tests swap in one that fails)."""
+        return self._runner.model
+
+    @model.setter
+    def model(self, model) -> None:
+        self._runner.model = model
 
     # Lifecycle -----------------------------------------------------------------------------------
 
@@ -275,57 +284,16 @@ class Engine:
         self._fail(stranded + self._scheduler.active(), EngineError("the engine shut down"))
 
     def _step(self, plan: StepPlan) -> None:
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_at: list[int] = []  # the tokens whose logits this step needs, in the logits' row order
-        sampled: list[_Sequence] = []
-        sample_rows: list[int] = []
-        # Prefill chunks scoring their prompt: (sequence, first logits row, the prompt tokens scored).
-        scored: list[tuple[_Sequence, int, list[int]]] = []
-        scored_only: list[_Sequence] = []  # prefilled with max_tokens 0: done, nothing to sample
-        for chunk in plan.chunks:
-            sequence, start = chunk.sequence, len(tokens)
-            tokens += chunk.tokens
-            positions += chunk.positions
-            slots += [sequence.slot] * len(chunk.tokens)
-            at = chunk.start
-            if sequence.params.prompt_logprobs is not None and at < len(sequence.prompt_ids):
-                # Position p's logits score prompt token p + 1: all chunk positions but the prompt's last.
-                targets = sequence.prompt_ids[at + 1:at + 1 + len(chunk.tokens)]
-                scored.append((sequence, len(logits_at), targets))
-                logits_at += range(start, start + len(targets))
-            if chunk.at_end:
-                if sequence.params.max_tokens == 0:
-                    scored_only.append(sequence)
-                else:
-                    sampled.append(sequence)
-                    sample_rows.append(len(logits_at))
-                    logits_at.append(len(tokens) - 1)
-
-        def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-        if self._graphs is not None and plan.decode_only and not scored:
-            logits = self._graphs.run(tokens, positions, slots)  # every row is sampled, in order
-        else:
-            logits = self.model(tensor(tokens), tensor(positions), tensor(slots), self.cache,
-                                logits_for=tensor(logits_at))
+        result = self._runner.run(plan)
         self._scheduler.advance(plan)
-        # Without prompt scoring (the usual step) every row is a sampling row: no copy, no extra work.
-        sample_logits = logits if not scored else logits[tensor(sample_rows)]
-        next_ids = sample(sample_logits, sampled).tolist() if sampled else []
-        sampled_logprobs = _sampled_logprobs(sample_logits, sampled, next_ids)
-        for sequence, first, targets in scored:
-            sequence.prompt_logprobs += token_logprobs(logits[first:first + len(targets)], targets,
-                                                       [sequence.params.prompt_logprobs] * len(targets))
-
+        for sequence, scores in result.prompt_logprobs:
+            sequence.prompt_logprobs += scores
         with self._cond:
             self._decode_steps += int(plan.decoding > 0)
             self._max_batch_seen = max(self._max_batch_seen, plan.decoding)
-        for sequence, token, logprob in zip(sampled, next_ids, sampled_logprobs):
+        for sequence, token, logprob in zip(result.sampled, result.next_ids, result.logprobs):
             self._append(sequence, token, logprob)
-        for sequence in scored_only:
+        for sequence in result.scored_only:
             self._scheduler.release(sequence)
             self._deliver(sequence, Output("", [], "length", len(sequence.prompt_ids), 0,
                                            None if sequence.params.logprobs is None else [],
@@ -367,20 +335,6 @@ class Engine:
             failure = EngineError(f"generation failed: {error}")
             failure.__cause__ = error
             self._deliver(sequence, failure)
-
-
-def _sampled_logprobs(logits: torch.Tensor, sampled: list[_Sequence], next_ids: list[int]
-                      ) -> list[TokenLogprob | None]:
-    """The sampled tokens' logprobs (rows of `logits`), for the sequences that asked; None elsewhere."""
-    wanted = [i for i, sequence in enumerate(sampled) if sequence.params.logprobs is not None]
-    found: list[TokenLogprob | None] = [None] * len(sampled)
-    if wanted:
-        rows = logits if len(wanted) == len(sampled) else logits[wanted]
-        scored = token_logprobs(rows, [next_ids[i] for i in wanted],
-                                [sampled[i].params.logprobs for i in wanted])
-        for i, logprob in zip(wanted, scored):
-            found[i] = logprob
-    return found
 
 
 def _prompt_logprobs(sequence: _Sequence) -> list[TokenLogprob] | None:

@@ -117,6 +117,10 @@ class AttentionLayout:
     Built once per forward and shared by every layer. Sequences are numbered in order of first appearance,
     so in the two common cases the grid is a plain view of the flat tokens: a decode step (one token per
     sequence) and a prefill (one sequence). Mixed batches scatter tokens into the grid instead.
+
+    The bookkeeping runs on the host over python lists, which an engine has anyway (it assembles its
+    batch as lists): planning from them never reads a device tensor back, which on CUDA would wait for
+    the device at every step.
     """
 
     sequences: int
@@ -131,9 +135,13 @@ class AttentionLayout:
     padded: bool = False
 
     @classmethod
-    def plan(cls, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
-             group: int) -> "AttentionLayout":
-        slot_list, position_list = slots.tolist(), positions.tolist()
+    def plan(cls, position_list: list[int], slot_list: list[int], positions: torch.Tensor,
+             cache: KVCache, group: int) -> "AttentionLayout":
+        """The layout of a forward whose token i is at position_list[i] of the sequence in slot_list[i].
+
+        positions: the same positions as the forward's (N,) tensor; the mask is computed from it on its
+        device, and index tensors are made there. group: query heads per kv head.
+        """
         cache.check(slot_list, position_list)
         sequence_of_slot: dict[int, int] = {}
         sequence_of_token, row_of_token, lengths = [], [], []
@@ -150,7 +158,7 @@ class AttentionLayout:
         first = slot_list[0]
         consecutive = list(sequence_of_slot) == list(range(first, first + sequences))
         rows = (slice(first, first + sequences) if consecutive
-                else torch.tensor(list(sequence_of_slot), device=slots.device))
+                else torch.tensor(list(sequence_of_slot), device=positions.device))
 
         # A token sees every cached position of its own sequence up to and including its own.
         visible = torch.arange(key_length, device=positions.device) <= positions[:, None]
@@ -158,8 +166,8 @@ class AttentionLayout:
             scatter = None
             mask = visible.view(sequences, width, key_length)
         else:
-            scatter = (torch.tensor(sequence_of_token, device=slots.device),
-                       torch.tensor(row_of_token, device=slots.device))
+            scatter = (torch.tensor(sequence_of_token, device=positions.device),
+                       torch.tensor(row_of_token, device=positions.device))
             # Padding rows see everything so their softmax stays finite; their output is dropped.
             mask = visible.new_ones(sequences, width, key_length)
             mask[scatter] = visible
@@ -343,11 +351,12 @@ class TrellisLlama(nn.Module):
         tokens, positions, slots: (N,) int64; token i is at absolute `positions[i]` of the sequence that
         owns cache slot `slots[i]`, and attends to that sequence's cached positions up to its own.
         logits_for: (M,) indices of the tokens that need logits (a prefill needs only its last);
-        None means all N. layout: a prepared AttentionLayout (CUDA-graph decode steps build theirs on
-        the device, see cuda_graphs.py); None plans one from the inputs.
+        None means all N. layout: the AttentionLayout of these inputs, as the engine's runner plans it
+        from the lists it built them from (and CUDA-graph decode steps build theirs on the device, see
+        cuda_graphs.py); None plans one here, reading positions and slots back from their device.
         """
         if layout is None:
-            layout = AttentionLayout.plan(positions, slots, cache,
+            layout = AttentionLayout.plan(positions.tolist(), slots.tolist(), positions, cache,
                                           self.shape.heads // self.shape.kv_heads)
         rope = self.rotary(positions, self.dtype)
         x = F.embedding(tokens, self.embed_tokens).to(self.dtype)
