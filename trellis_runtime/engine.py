@@ -9,7 +9,8 @@ simpler footing: at most one prompt in flight, one KV slot per sequence).
 
 Who does what: the scheduler (trellis_runtime/scheduler.py) decides which sequences run and which
 tokens each feeds; the runner (trellis_runtime/runner.py) turns that plan into one forward, samples and
-scores; this module keeps the thread, hands requests in and Outputs back.
+scores; a request's Outputs are made in trellis_runtime/outputs.py. This module keeps the thread and
+the asyncio bridge: requests go in, Outputs come back.
 
 Logprobs cost nothing unless a request asks: then its sampled rows also get a log_softmax and a topk
 (trellis_runtime.logprobs), and a prompt it wants scored gets logits for every position of its prefill
@@ -29,7 +30,6 @@ import logging
 import queue
 import threading
 import uuid
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 import torch
@@ -38,9 +38,10 @@ from trellis_runtime.detokenize import TextStream
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.logprobs import TokenLogprob
+from trellis_runtime.outputs import Output, Request
 from trellis_runtime.runner import ModelRunner
 from trellis_runtime.sampling import SamplingParams
-from trellis_runtime.scheduler import ScheduledSequence, Scheduler, StepPlan
+from trellis_runtime.scheduler import Scheduler, StepPlan
 
 logger = logging.getLogger("trellis_runtime")
 
@@ -55,36 +56,6 @@ class ContextLengthError(TrellisError, ValueError):
 
 class EngineError(RuntimeError):
     """Generation failed inside the engine (a failed forward, or a shutdown), not because of the input."""
-
-
-@dataclass
-class Output:
-    """One step's news for a request; the last one has a finish_reason."""
-
-    text: str  # new text since the previous Output (may be "" while a character or stop is pending)
-    token_ids: list[int]  # new token ids
-    finish_reason: str | None  # None while running, then "stop" or "length"
-    prompt_tokens: int
-    completion_tokens: int  # generated so far, including token_ids
-    # One per token_ids entry when the request asked for logprobs, else None.
-    logprobs: list[TokenLogprob] | None = None
-    # On a request's first Output, when it asked for prompt_logprobs: prompt tokens 1.. (the first
-    # token has no context to be scored in), else None.
-    prompt_logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass(eq=False, kw_only=True)
-class _Sequence(ScheduledSequence):
-    """A request as the loop sees it: its place in the schedule, and what it generates by.
-    prompt_logprobs and the scheduler's fields belong to the loop thread."""
-
-    request_id: str
-    params: SamplingParams
-    generator: torch.Generator | None
-    stop_ids: frozenset[int]  # stop_token_ids, plus EOS unless ignore_eos
-    stream: TextStream
-    emit: Callable[[Output | BaseException], None]
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far, while prefilling
 
 
 class Engine:
@@ -168,8 +139,8 @@ class Engine:
                       request_id: str | None) -> AsyncIterator[Output]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output | BaseException] = asyncio.Queue()
-        sequence = self._submit(prompt_ids, params, request_id,
-                                lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item))
+        request = self._submit(prompt_ids, params, request_id,
+                               lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item))
         try:
             while True:
                 item = await outputs.get()
@@ -179,14 +150,14 @@ class Engine:
                 if item.finish_reason is not None:
                     return
         finally:
-            self._abort(sequence)
+            self._abort(request)
 
     def generate_text(self, prompt_ids: Sequence[int], params: SamplingParams,
                       request_id: str | None = None) -> Output:
         """Blocking: run one request to the end and return all of it as a single Output."""
         self._check(prompt_ids, params)
         outputs: queue.SimpleQueue[Output | BaseException] = queue.SimpleQueue()
-        sequence = self._submit(list(prompt_ids), params, request_id, outputs.put)
+        request = self._submit(list(prompt_ids), params, request_id, outputs.put)
         texts: list[str] = []
         token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
@@ -206,7 +177,7 @@ class Engine:
                                   item.completion_tokens,
                                   None if params.logprobs is None else logprobs, prompt_logprobs)
         finally:
-            self._abort(sequence)
+            self._abort(request)
 
     def stats(self) -> dict:
         """A snapshot for metrics and tests; max_batch_seen is the most sequences one decode step ran."""
@@ -237,23 +208,23 @@ class Engine:
                                      f"tokens")
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
-                emit: Callable[[Output | BaseException], None]) -> _Sequence:
+                emit: Callable[[Output | BaseException], None]) -> Request:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        sequence = _Sequence(request_id=request_id or uuid.uuid4().hex, prompt_ids=prompt_ids,
-                             params=params, generator=params.make_generator(self.device),
-                             stop_ids=frozenset(stop_ids),
-                             stream=TextStream(self.tokenizer, prompt_ids, params.stop), emit=emit)
+        request = Request(request_id=request_id or uuid.uuid4().hex, prompt_ids=prompt_ids,
+                          params=params, generator=params.make_generator(self.device),
+                          stop_ids=frozenset(stop_ids),
+                          stream=TextStream(self.tokenizer, prompt_ids, params.stop), emit=emit)
         with self._cond:
             if self._thread is None or self._stopping:
                 raise EngineError("the engine is shutting down")
-            self._scheduler.add(sequence)
+            self._scheduler.add(request)
             self._cond.notify()
-        return sequence
+        return request
 
-    def _abort(self, sequence: _Sequence) -> None:
-        if not sequence.finished:
+    def _abort(self, request: Request) -> None:
+        if not request.finished:
             with self._cond:
-                sequence.aborted = True
+                request.aborted = True
                 self._cond.notify()
 
     # The loop ------------------------------------------------------------------------------------
@@ -267,9 +238,9 @@ class Engine:
                     if self._stopping:
                         break
                     # Requests whose consumer left free their slots before the step runs.
-                    for sequence in self._scheduler.drop_aborted():
-                        logger.info("request %s aborted after %d tokens", sequence.request_id,
-                                    len(sequence.output_ids))
+                    for request in self._scheduler.drop_aborted():
+                        logger.info("request %s aborted after %d tokens", request.request_id,
+                                    len(request.output_ids))
                     self._scheduler.admit()
                 plan = self._scheduler.plan()
                 if plan is None:
@@ -286,57 +257,26 @@ class Engine:
     def _step(self, plan: StepPlan) -> None:
         result = self._runner.run(plan)
         self._scheduler.advance(plan)
-        for sequence, scores in result.prompt_logprobs:
-            sequence.prompt_logprobs += scores
+        for request, scores in result.prompt_logprobs:
+            request.prompt_logprobs += scores
         with self._cond:
             self._decode_steps += int(plan.decoding > 0)
             self._max_batch_seen = max(self._max_batch_seen, plan.decoding)
-        for sequence, token, logprob in zip(result.sampled, result.next_ids, result.logprobs):
-            self._append(sequence, token, logprob)
-        for sequence in result.scored_only:
-            self._scheduler.release(sequence)
-            self._deliver(sequence, Output("", [], "length", len(sequence.prompt_ids), 0,
-                                           None if sequence.params.logprobs is None else [],
-                                           _prompt_logprobs(sequence)))
+        for request, token, logprob in zip(result.sampled, result.next_ids, result.logprobs):
+            output = request.append(token, logprob, self.max_seq_len)
+            if output.finish_reason is not None:
+                self._scheduler.release(request)
+            request.deliver(output)
+        for request in result.scored_only:
+            self._scheduler.release(request)
+            request.deliver(request.scored())
 
-    def _append(self, sequence: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        """Record a sampled token, stream its text, and finish the sequence if a limit is reached."""
-        sequence.output_ids.append(token)
-        params = sequence.params
-        if token in sequence.stop_ids:
-            text, reason = sequence.stream.finish().text, "stop"  # a stop token's own text is not output
-        else:
-            delta = sequence.stream.push(token)
-            text, reason = delta.text, "stop" if delta.stopped else None
-            at_limit = (len(sequence.output_ids) == params.max_tokens
-                        or sequence.length >= self.max_seq_len)
-            if reason is None and at_limit:
-                rest = sequence.stream.finish()
-                text, reason = text + rest.text, "stop" if rest.stopped else "length"
-        if reason is not None:
-            self._scheduler.release(sequence)
-        first = len(sequence.output_ids) == 1
-        self._deliver(sequence, Output(text, [token], reason, len(sequence.prompt_ids),
-                                       len(sequence.output_ids),
-                                       None if logprob is None else [logprob],
-                                       _prompt_logprobs(sequence) if first else None))
-
-    def _deliver(self, sequence: _Sequence, item: Output | BaseException) -> None:
-        try:
-            sequence.emit(item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-            sequence.aborted = True
-
-    def _fail(self, sequences: list[_Sequence], error: BaseException) -> None:
-        for sequence in sequences:
-            if sequence.finished:
+    def _fail(self, requests: list[Request], error: BaseException) -> None:
+        for request in requests:
+            if request.finished:
                 continue
-            self._scheduler.release(sequence)
+            self._scheduler.release(request)
             failure = EngineError(f"generation failed: {error}")
             failure.__cause__ = error
-            self._deliver(sequence, failure)
+            request.deliver(failure)
 
-
-def _prompt_logprobs(sequence: _Sequence) -> list[TokenLogprob] | None:
-    """What a request's first Output carries about its prompt: the scores, if it asked for them."""
-    return None if sequence.params.prompt_logprobs is None else sequence.prompt_logprobs
