@@ -2,14 +2,15 @@
 of a stream, with its logprobs when the request asked for them.
 
 The engine's news for a choice arrives as ChoiceOutputs (see server.streaming.start); a non-streamed
-request gathers them into a Collected per choice first. ChatChoices and CompletionChoices render both
+request gathers each choice's Outputs into an OutputAccumulator first (the engine's own, as
+Engine.generate_text uses). ChatChoices and CompletionChoices render both
 forms the same way, so a streamed answer joins to exactly the non-streamed one: text, logprobs and text
 offsets included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from server.logprobs import (CompletionLogprobsWriter, Position, TokenText, chat_logprobs,
@@ -17,43 +18,16 @@ from server.logprobs import (CompletionLogprobsWriter, Position, TokenText, chat
 from server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatLogprobs,
                             CompletionChoice, CompletionLogprobs)
 from trellis_runtime.logprobs import TokenLogprob
+from trellis_runtime.outputs import Output, OutputAccumulator
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChoiceOutput:
     """One engine Output of one choice, as the request's merged stream carries it."""
 
     index: int  # the choice
-    text: str
-    token_ids: list[int]
-    finish_reason: Optional[str]  # this choice's; the request is done when every choice has one
-    logprobs: Optional[list[TokenLogprob]]
-    prompt_logprobs: Optional[list[TokenLogprob]]
-    prompt_tokens: int
+    output: Output  # as the engine sent it: its finish_reason and completion_tokens are this choice's
     completion_tokens: int  # the whole request's so far, every choice together (what usage reports)
-
-
-@dataclass
-class Collected:
-    """One choice's whole answer."""
-
-    pieces: list[str] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    logprobs: Optional[list[TokenLogprob]] = None
-    prompt_logprobs: Optional[list[TokenLogprob]] = None
-
-    def add(self, output: ChoiceOutput) -> None:
-        self.pieces.append(output.text)
-        self.finish_reason = output.finish_reason or self.finish_reason
-        if output.logprobs is not None:
-            self.logprobs = (self.logprobs or [])
-            self.logprobs += output.logprobs
-        if output.prompt_logprobs is not None:
-            self.prompt_logprobs = output.prompt_logprobs
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
 
 
 class ChatChoices:
@@ -62,7 +36,7 @@ class ChatChoices:
     def __init__(self, vocab: TokenText) -> None:
         self.vocab = vocab
 
-    def whole(self, index: int, answer: Collected) -> ChatChoice:
+    def whole(self, index: int, answer: OutputAccumulator) -> ChatChoice:
         return ChatChoice(index=index, message=AssistantMessage(content=answer.text),
                           logprobs=self._logprobs(answer.logprobs),
                           finish_reason=answer.finish_reason)
@@ -70,15 +44,15 @@ class ChatChoices:
     def opening(self, index: int) -> list[ChatChunkChoice]:
         return [ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})]
 
-    def chunks(self, output: ChoiceOutput) -> list[ChatChunkChoice]:
+    def chunks(self, choice: ChoiceOutput) -> list[ChatChunkChoice]:
         """A content chunk when there is text or a token to score (a token whose text is held back,
         or a stop token, still has its logprob), then the finishing chunk."""
-        chunks = []
+        chunks, output = [], choice.output
         if output.text or output.logprobs:
-            chunks.append(ChatChunkChoice(index=output.index, delta={"content": output.text},
+            chunks.append(ChatChunkChoice(index=choice.index, delta={"content": output.text},
                                           logprobs=self._logprobs(output.logprobs)))
         if output.finish_reason is not None:
-            chunks.append(ChatChunkChoice(index=output.index, delta={},
+            chunks.append(ChatChunkChoice(index=choice.index, delta={},
                                           finish_reason=output.finish_reason))
         return chunks
 
@@ -95,7 +69,7 @@ class CompletionChoices:
         self.prompt_ids = prompt_ids
         self.writers: dict[int, CompletionLogprobsWriter] = {}  # per streamed choice: text offsets run on
 
-    def whole(self, index: int, answer: Collected) -> CompletionChoice:
+    def whole(self, index: int, answer: OutputAccumulator) -> CompletionChoice:
         logprobs = None
         if answer.logprobs is not None:
             logprobs = CompletionLogprobsWriter(self.vocab).write(
@@ -106,20 +80,19 @@ class CompletionChoices:
     def opening(self, index: int) -> list[CompletionChoice]:
         return []
 
-    def chunks(self, output: ChoiceOutput) -> list[CompletionChoice]:
-        chunks = []
-        first = output.index not in self.writers
-        writer = self.writers.setdefault(output.index, CompletionLogprobsWriter(self.vocab))
+    def chunks(self, choice: ChoiceOutput) -> list[CompletionChoice]:
+        chunks, output, index = [], choice.output, choice.index
+        first = index not in self.writers
+        writer = self.writers.setdefault(index, CompletionLogprobsWriter(self.vocab))
         if first and self.echo is not None:
             echoed = self._echoed(output.prompt_logprobs)
-            chunks.append(CompletionChoice(index=output.index, text=self.echo,
+            chunks.append(CompletionChoice(index=index, text=self.echo,
                                            logprobs=writer.write(echoed) if echoed else None))
         if output.text or output.logprobs:
-            chunks.append(CompletionChoice(index=output.index, text=output.text,
+            chunks.append(CompletionChoice(index=index, text=output.text,
                                            logprobs=self._write(writer, output.logprobs)))
         if output.finish_reason is not None:
-            chunks.append(CompletionChoice(index=output.index, text="",
-                                           finish_reason=output.finish_reason))
+            chunks.append(CompletionChoice(index=index, text="", finish_reason=output.finish_reason))
         return chunks
 
     def _echoed(self, prompt_logprobs: Optional[list[TokenLogprob]]) -> list[Position]:

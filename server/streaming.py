@@ -27,10 +27,11 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.choices import ChoiceOutput, Collected
+from server.choices import ChoiceOutput
 from server.errors import APIError, error_body
 from server.schemas import ChatCompletionChunk, CompletionResponse, Usage
 from trellis_runtime.engine import ContextLengthError, EngineError
+from trellis_runtime.outputs import Output, OutputAccumulator
 
 log = logging.getLogger("trellis.server")
 T = TypeVar("T")
@@ -60,12 +61,12 @@ def start(engine: Any, prompt_ids: list[int], choices: Sequence[Any], request_id
     return _merged(streams)
 
 
-async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[ChoiceOutput]:
+async def _merged(streams: list[AsyncIterator[Output]]) -> AsyncIterator[ChoiceOutput]:
     """Every choice's outputs as they arrive. One task reads each stream; closing this generator
     cancels them, and each closes its stream, which aborts that engine request."""
-    arrivals: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    arrivals: asyncio.Queue[tuple[int, Output | Exception | None]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+    async def pump(index: int, stream: AsyncIterator[Output]) -> None:
         try:
             async for output in stream:
                 arrivals.put_nowait((index, output))
@@ -87,8 +88,7 @@ async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[ChoiceOutp
             if isinstance(item, Exception):
                 raise item
             generated[index] = item.completion_tokens
-            yield ChoiceOutput(index, item.text, item.token_ids, item.finish_reason, item.logprobs,
-                               item.prompt_logprobs, item.prompt_tokens, sum(generated))
+            yield ChoiceOutput(index, item, sum(generated))
     finally:
         for task in tasks:
             task.cancel()
@@ -130,17 +130,17 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 class Answer:
     """The whole answer of a non-streamed request: each choice's, and the usage of them all."""
 
-    choices: list[Collected]
+    choices: list[OutputAccumulator]
     usage: Usage
 
 
 async def collect(outputs: AsyncIterator[ChoiceOutput], choices: int, prompt_tokens: int) -> Answer:
     """Read the request's merged stream to the end."""
-    answer = Answer([Collected() for _ in range(choices)], Usage.of(prompt_tokens, 0))
+    answer = Answer([OutputAccumulator() for _ in range(choices)], Usage.of(prompt_tokens, 0))
     try:
-        async for output in outputs:
-            answer.choices[output.index].add(output)
-            answer.usage = Usage.of(output.prompt_tokens, output.completion_tokens)
+        async for choice in outputs:
+            answer.choices[choice.index].add(choice.output)
+            answer.usage = Usage.of(choice.output.prompt_tokens, choice.completion_tokens)
     finally:
         await _close(outputs)
     return answer
@@ -151,7 +151,7 @@ class ChoiceRenderer(Protocol):
 
     def opening(self, index: int) -> list[Any]: ...
 
-    def chunks(self, output: ChoiceOutput) -> list[Any]: ...
+    def chunks(self, choice: ChoiceOutput) -> list[Any]: ...
 
 
 @dataclass
@@ -189,13 +189,13 @@ async def events(outputs: AsyncIterator[ChoiceOutput], writer: ChunkWriter, rend
     finished = 0
     try:
         for index in range(choices):
-            for choice in render.opening(index):
-                yield writer.chunk(choice)
-        async for output in outputs:
-            usage = Usage.of(output.prompt_tokens, output.completion_tokens)
-            for choice in render.chunks(output):
-                yield writer.chunk(choice)
-            finished += output.finish_reason is not None
+            for chunk in render.opening(index):
+                yield writer.chunk(chunk)
+        async for choice in outputs:
+            usage = Usage.of(choice.output.prompt_tokens, choice.completion_tokens)
+            for chunk in render.chunks(choice):
+                yield writer.chunk(chunk)
+            finished += choice.output.finish_reason is not None
         if finished < choices:
             raise RuntimeError("the engine ended the request without a finish reason")
         if writer.include_usage:

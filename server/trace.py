@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional
+
+from server.choices import ChoiceOutput
 
 
 @dataclass
@@ -31,8 +33,9 @@ class Trace:
     def duration(self) -> Optional[float]:
         return None if self.ended_at is None else self.ended_at - self.started
 
-    def observe(self, output: Any) -> None:
-        """Account for one engine Output (token_ids, prompt/completion counts, finish_reason)."""
+    def observe(self, choice: ChoiceOutput) -> None:
+        """Account for one choice's engine Output; completion_tokens is the whole request's."""
+        output = choice.output
         now = time.perf_counter()
         tokens = len(output.token_ids)
         if tokens:
@@ -42,12 +45,12 @@ class Trace:
                 self.token_gaps += [(now - self.last_token_at) / tokens] * tokens
             self.last_token_at = now
         self.prompt_tokens = output.prompt_tokens
-        self.completion_tokens = output.completion_tokens
+        self.completion_tokens = choice.completion_tokens
         self.finish_reason = output.finish_reason or self.finish_reason
 
 
-async def traced(outputs: AsyncIterator[Any], trace: Trace,
-                 on_end: Callable[[Trace], None]) -> AsyncIterator[Any]:
+async def traced(outputs: AsyncIterator[ChoiceOutput], trace: Trace,
+                 on_end: Callable[[Trace], None]) -> AsyncIterator[ChoiceOutput]:
     """Yield the engine's outputs unchanged, timing each; call on_end once when the stream closes."""
     try:
         async for output in outputs:

@@ -146,6 +146,18 @@ def test_stop_token_ids_and_eos_finish_with_stop(engine: Engine, loaded) -> None
     assert ignored.token_ids == reference and ignored.finish_reason == "length"
 
 
+def test_generate_text_is_the_stream_joined(engine: Engine) -> None:
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=6, ignore_eos=True, logprobs=2)
+    [streamed] = run_all(engine, [(PROMPTS[2], params)])
+    whole = engine.generate_text(PROMPTS[2], params)
+    assert whole.text == "".join(out.text for out in streamed)
+    assert whole.token_ids == tokens_of(streamed) and len(whole.token_ids) == 6
+    assert whole.logprobs == [lp for out in streamed for lp in out.logprobs]
+    assert (whole.finish_reason, whole.prompt_tokens, whole.completion_tokens) == ("length", 7, 6)
+    assert whole.prompt_logprobs is None
+    assert engine.generate_text(PROMPTS[2], replace(params, logprobs=None)).logprobs is None
+
+
 def test_stop_string_split_across_tokens(engine: Engine) -> None:
     # Seeded sampling: varied, reproducible text (the random model's greedy text repeats one word).
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=16, ignore_eos=True)

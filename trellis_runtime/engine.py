@@ -37,8 +37,7 @@ import torch
 from trellis_runtime.detokenize import TextStream
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.kv_cache import KVCache
-from trellis_runtime.logprobs import TokenLogprob
-from trellis_runtime.outputs import Output, Request
+from trellis_runtime.outputs import Output, OutputAccumulator, Request
 from trellis_runtime.runner import ModelRunner
 from trellis_runtime.sampling import SamplingParams
 from trellis_runtime.scheduler import Scheduler, StepPlan
@@ -158,24 +157,14 @@ class Engine:
         self._check(prompt_ids, params)
         outputs: queue.SimpleQueue[Output | BaseException] = queue.SimpleQueue()
         request = self._submit(list(prompt_ids), params, request_id, outputs.put)
-        texts: list[str] = []
-        token_ids: list[int] = []
-        logprobs: list[TokenLogprob] = []
-        prompt_logprobs = None
+        whole = OutputAccumulator()
         try:
-            while True:
+            while whole.finish_reason is None:
                 item = outputs.get()
                 if isinstance(item, BaseException):
                     raise item
-                texts.append(item.text)
-                token_ids += item.token_ids
-                logprobs += item.logprobs or []
-                if item.prompt_logprobs is not None:
-                    prompt_logprobs = item.prompt_logprobs
-                if item.finish_reason is not None:
-                    return Output("".join(texts), token_ids, item.finish_reason, item.prompt_tokens,
-                                  item.completion_tokens,
-                                  None if params.logprobs is None else logprobs, prompt_logprobs)
+                whole.add(item)
+            return whole.output()
         finally:
             self._abort(request)
 

@@ -80,3 +80,38 @@ class Request(ScheduledSequence):
     def _reported_prompt_logprobs(self) -> list[TokenLogprob] | None:
         """What a request's first Output carries about its prompt: the scores, if it asked for them."""
         return None if self.params.prompt_logprobs is None else self.prompt_logprobs
+
+
+@dataclass
+class OutputAccumulator:
+    """A request's Outputs joined into its whole answer: what Engine.generate_text returns, and what the
+    server renders for each choice of a response that is not streamed."""
+
+    pieces: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # None unless the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    def add(self, output: Output) -> None:
+        self.pieces.append(output.text)
+        self.token_ids += output.token_ids
+        self.finish_reason = output.finish_reason or self.finish_reason
+        self.prompt_tokens = output.prompt_tokens
+        self.completion_tokens = output.completion_tokens
+        if output.logprobs is not None:
+            self.logprobs = self.logprobs if self.logprobs is not None else []
+            self.logprobs += output.logprobs
+        if output.prompt_logprobs is not None:  # carried by the first Output only
+            self.prompt_logprobs = output.prompt_logprobs
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def output(self) -> Output:
+        """The whole answer as one Output."""
+        return Output(self.text, self.token_ids, self.finish_reason, self.prompt_tokens,
+                      self.completion_tokens, self.logprobs, self.prompt_logprobs)
