@@ -184,17 +184,7 @@ class Engine:
         params.validate()
         if self._thread is None:
             raise EngineError("the engine is not running: call start() first")
-        if not prompt_ids:
-            raise ValueError("the prompt must contain at least one token")
-        if any(not 0 <= token < self.vocab_size for token in prompt_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if len(prompt_ids) >= self.max_seq_len and params.max_tokens != 0:
-            raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the context holds "
-                                     f"{self.max_seq_len}, including at least one generated token")
-        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise ContextLengthError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
-                                     f"({params.max_tokens}) exceeds the context of {self.max_seq_len} "
-                                     f"tokens")
+        _check_prompt(prompt_ids, params, self.vocab_size, self.max_seq_len)
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
                 emit: Callable[[Output | BaseException], None]) -> Request:
@@ -269,3 +259,17 @@ class Engine:
             failure.__cause__ = error
             request.deliver(failure)
 
+
+def _check_prompt(prompt_ids: Sequence[int], params: SamplingParams, vocab_size: int,
+                  max_seq_len: int) -> None:
+    """Refuse a prompt the model cannot read, or that leaves no room for what it asks to generate."""
+    if not prompt_ids:
+        raise ValueError("the prompt must contain at least one token")
+    if any(not 0 <= token < vocab_size for token in prompt_ids):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    if len(prompt_ids) >= max_seq_len and params.max_tokens != 0:
+        raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the context holds "
+                                 f"{max_seq_len}, including at least one generated token")
+    if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > max_seq_len:
+        raise ContextLengthError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                                 f"({params.max_tokens}) exceeds the context of {max_seq_len} tokens")
