@@ -16,6 +16,8 @@ from typing import Literal, Optional, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trellis_runtime.devices import Device
+
 ENV_PREFIX = "TRELLIS_"
 
 
@@ -60,7 +62,7 @@ class ServerSettings(BaseSettings, AppConfig):
     max_seq_len: Optional[int] = Field(
         None, ge=2, description="context length per sequence; none = the model's, capped at 2048")
     served_model_name: Optional[str] = Field(None, description="model id in the API")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
+    device: Device = Field("cpu", description="where the model runs")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="server log level")
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from trellis_runtime.devices import DEVICES
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.trellis import CODES, spec_for
 
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="calibration windows of 512 tokens")
     quantize.add_argument("--layers-per-group", type=int, default=3,
                           help="layers quantized together (batch size and resume granularity)")
-    quantize.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    quantize.add_argument("--device", choices=DEVICES, default="cpu")
     quantize.set_defaults(run=cmd_quantize)
 
     qat = commands.add_parser("qat", help="BCJR-QAT: train a PTQ checkpoint through the soft "
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     qat.add_argument("--train-table", action="store_true", help="also train the code table")
     qat.add_argument("--train-scale", action="store_true", help="also train each matrix's scale")
     qat.add_argument("--seed", type=int, default=0)
-    qat.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    qat.add_argument("--device", choices=DEVICES, default="cpu")
     qat.set_defaults(run=cmd_qat)
 
     evaluate = commands.add_parser("eval", help="evaluate a model")
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", type=int, default=512, help="window length in tokens")
     ppl.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
     ppl.add_argument("--json", action="store_true", help='print one line {"ppl": ..., "tokens": ...}')
-    ppl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ppl.add_argument("--device", choices=DEVICES, default="cpu")
     ppl.set_defaults(run=cmd_eval_ppl)
 
     serve = commands.add_parser(
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    generate.add_argument("--device", choices=DEVICES, default="cpu")
     generate.set_defaults(run=cmd_generate)
 
     bench = commands.add_parser("bench", help="benchmarks")
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_arguments(codes, default_code="hyb")
     codes.add_argument("--sequences", type=int, default=64, help="Gaussian tiles of 256 to encode")
     codes.add_argument("--json", action="store_true", help="print one JSON line")
-    codes.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    codes.add_argument("--device", choices=DEVICES, default="cpu")
     codes.set_defaults(run=cmd_bench_codes)
     kernels = bench_kinds.add_parser(
         "kernels", help="kernel max relative errors vs their references; timings on a GPU")

@@ -1,0 +1,9 @@
+"""The devices the runtime runs on: the one list every `--device` flag and setting offers."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# A typed setting (server/settings.py) declares itself `Device`; a flag offers `DEVICES`.
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
