@@ -25,11 +25,12 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from trellis_runtime.engine import DEFAULT_MAX_BATCH
 from trellis_runtime.logprobs import MAX_LOGPROBS
 
 # Choices per request. Each is its own engine request (own prefill and KV slot), so n is bounded by
-# what one batch holds: 8 is the engine's default batch.
-MAX_CHOICES = 8
+# what one batch holds: the engine's default batch.
+MAX_CHOICES = DEFAULT_MAX_BATCH
 
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trellis_runtime.devices import Device
+from trellis_runtime.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN
 
 ENV_PREFIX = "TRELLIS_"
 
@@ -58,9 +59,11 @@ class ServerSettings(BaseSettings, AppConfig):
                           "quantized on first use into the cache")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
-    max_batch: int = Field(8, ge=1, description="sequences decoded together (KV-cache slots)")
+    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1,
+                           description="sequences decoded together (KV-cache slots)")
     max_seq_len: Optional[int] = Field(
-        None, ge=2, description="context length per sequence; none = the model's, capped at 2048")
+        None, ge=2, description="context length per sequence; none = the model's, capped at "
+                                f"{DEFAULT_MAX_SEQ_LEN}")
     served_model_name: Optional[str] = Field(None, description="model id in the API")
     device: Device = Field("cpu", description="where the model runs")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
