@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from trellis_runtime.architecture import INPUT_GROUPS, LlamaShape
 from trellis_runtime.bitstream import pack_states
 from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, save_checkpoint
 from trellis_runtime.codes import initial_table, state_values
+from trellis_runtime.devices import Device
 from trellis_runtime.errors import SourceError, TrellisError
 from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, rotate_weight
 from trellis_runtime.quantized import QuantizedWeight, quantized_from_tensors
@@ -45,16 +46,25 @@ _DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    spec: TrellisSpec
-    hessian: bool = True
-    calib_text: str | None = None  # a user text file; None = the built-in Wikipedia excerpt
-    device: str = "cpu"
-    calib_windows: int = 32
-    calib_ctx: int = 512
-    damping: float = 0.01  # of mean(diag H), added to H's diagonal
-    scale_ratio: float = 0.9  # RMS of the scaled weights, relative to the unit-RMS code
-    layers_per_group: int = 3  # layers quantized together (one encoder batch, one resume file)
-    seed: int = 0
+    """What `trellis quantize` takes: each field is a flag (trellis_cli/options.py) with this help,
+    except those marked "flag": False, which only a library caller sets."""
+
+    spec: TrellisSpec = field(metadata={"flag": False})  # the CLI's spec flags build it
+    hessian: bool = field(default=True, metadata={
+        "help": "plain Viterbi rounding instead of Hessian-aware BlockLDLQ"})
+    calib_text: str | None = field(default=None, metadata={
+        "help": "UTF-8 text file for calibration (default: built-in Wikipedia text)"})
+    calib_ctx: int = field(default=512, metadata={"flag": False})  # tokens per calibration window
+    calib_windows: int = field(default=32, metadata={
+        "help": f"calibration windows of {calib_ctx.default} tokens"})
+    # of mean(diag H), added to H's diagonal
+    damping: float = field(default=0.01, metadata={"flag": False})
+    # RMS of the scaled weights, relative to the unit-RMS code
+    scale_ratio: float = field(default=0.9, metadata={"flag": False})
+    layers_per_group: int = field(default=3, metadata={
+        "help": "layers quantized together (batch size and resume granularity)"})
+    seed: int = field(default=0, metadata={"flag": False})
+    device: Device = "cpu"
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -38,27 +39,42 @@ from qat.train_output import summarize, trained_weights, write_checkpoint
 from qat.train_setup import choose_layers, load_trainable, parse_layers, plan_run
 from qat.workdir import prepare, publish, work_dir
 from trellis_runtime.checkpoint import Checkpoint
+from trellis_runtime.devices import Device
 from trellis_runtime.errors import TrellisError
+
+
+Loss = Literal["kl", "mse"]
 
 
 @dataclass(frozen=True)
 class QatOptions:
-    layers: str = "auto"  # "auto", "all" or comma-separated layer indices
-    steps: int = 12
-    lr: float | None = None  # relative to each matrix's scale; None = the drift budget's suggestion
-    t_start: float = 0.3
-    t_end: float = 0.05
-    calib_text: str | None = None
-    teacher: str | None = None
-    device: str = "cpu"
-    ctx: int = 1024  # tokens per training window (one window per step)
-    eval_every: int = 4
-    validation_tokens: int = 8192
-    loss: str = "kl"  # "kl" end to end, or "mse": per-layer output MSE to the teacher's layers
-    train_table: bool = False
-    train_scale: bool = False
-    clip: float = 1.0
+    """What `trellis qat` takes: each field is a flag (trellis_cli/options.py) with this help,
+    except those marked "flag": False, which only a library caller sets."""
+
+    layers: str = field(default="auto", metadata={
+        "help": "all, auto (CPU: the layer whose quantization costs the most; CUDA: all) or "
+                "comma-separated layer indices"})
+    steps: int = field(default=12, metadata={"help": "optimizer steps, one text window each"})
+    lr: float | None = field(default=None, metadata={
+        "help": "AdamW learning rate in units of each matrix's scale (default: twice the largest "
+                "measured Voronoi radius spread over the steps)"})
+    t_start: float = field(default=0.3, metadata={"help": "first temperature"})
+    t_end: float = field(default=0.05, metadata={"help": "last temperature (exponential)"})
+    calib_text: str | None = field(default=None, metadata={
+        "help": "UTF-8 text file (default: the built-in Wikipedia calibration text)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "float model to distil from (default: the checkpoint's source)"})
+    ctx: int = field(default=1024, metadata={"help": "tokens per training window"})
+    eval_every: int = field(default=4, metadata={
+        "help": "steps between hardened snapshots (scored; the best is kept)"})
+    validation_tokens: int = field(default=8192, metadata={"flag": False})
+    loss: Loss = field(default="kl", metadata={
+        "help": "kl: full-vocabulary KL to the teacher; mse: per-layer output MSE"})
+    train_table: bool = field(default=False, metadata={"help": "also train the code table"})
+    train_scale: bool = field(default=False, metadata={"help": "also train each matrix's scale"})
+    clip: float = field(default=1.0, metadata={"flag": False})
     seed: int = 0
+    device: Device = "cpu"
 
     def temperature(self, step: int) -> float:
         """Exponential schedule t_start -> t_end over the steps (step counts from 0)."""
@@ -77,8 +93,8 @@ class QatOptions:
         if self.t_end < 1e-2:
             raise TrellisError(f"--t-end {self.t_end} is below 0.01, where float32 forward-backward "
                                f"loses its precision")
-        if self.loss not in ("kl", "mse"):
-            raise TrellisError(f"--loss must be kl or mse, got {self.loss!r}")
+        if self.loss not in get_args(Loss):
+            raise TrellisError(f"--loss must be {' or '.join(get_args(Loss))}, got {self.loss!r}")
         if self.eval_every < 1:
             raise TrellisError(f"--eval-every must be at least 1, got {self.eval_every}")
 

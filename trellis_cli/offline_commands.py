@@ -1,4 +1,9 @@
-"""`trellis quantize`, `trellis qat` and `trellis eval ppl`: the offline jobs of the `qat` package."""
+"""`trellis quantize`, `trellis qat` and `trellis eval ppl`: the offline jobs of the `qat` package.
+
+The flags of quantize and qat are generated from their options dataclasses (trellis_cli/options.py),
+which live in the training code; they are added only when that command runs (see CommandParser), so
+no other command imports it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 from pathlib import Path
 
 from trellis_cli.flags import add_device_flag, add_spec_flags, require_device, spec_from_arguments
+from trellis_cli.options import add_option_flags, options_from_arguments
 from trellis_runtime.errors import TrellisError
 
 
@@ -18,25 +24,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.calib_text is not None:
         read_text_file(args.calib_text)  # fail on bad text before loading the model
-    options = QuantizeOptions(spec=spec, hessian=not args.no_hessian, calib_text=args.calib_text,
-                              device=device, calib_windows=args.calib_windows,
-                              layers_per_group=args.layers_per_group)
+    options = options_from_arguments(QuantizeOptions, args, spec=spec)
     quantize_model(args.src, Path(args.out), options)
     return 0
 
 
 def cmd_qat(args: argparse.Namespace) -> int:
-    device = require_device(args.device)
+    require_device(args.device)
     from qat.text import read_text_file
     from qat.train import QatOptions, train_qat
 
     if args.calib_text is not None:
         read_text_file(args.calib_text)  # fail on bad text before loading any model
-    options = QatOptions(layers=args.layers, steps=args.steps, lr=args.lr, t_start=args.t_start,
-                         t_end=args.t_end, calib_text=args.calib_text, teacher=args.teacher,
-                         device=device, ctx=args.ctx, eval_every=args.eval_every, loss=args.loss,
-                         train_table=args.train_table, train_scale=args.train_scale, seed=args.seed)
-    summary = train_qat(args.checkpoint, args.out, options)
+    summary = train_qat(args.checkpoint, args.out, options_from_arguments(QatOptions, args))
     ppl = summary["validation_ppl"]
     print(f"wrote {args.out}: validation perplexity {ppl['ptq']:.3f} (PTQ) -> "
           f"{ppl['best_hardened']:.3f} (hardened, step {summary['best_step']}) in "
@@ -67,49 +67,29 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    quantize = commands.add_parser("quantize", help="quantize a float model to a packed checkpoint")
-    quantize.add_argument("src", help="model directory, .gguf file, or built-in name smollm2-135m")
-    quantize.add_argument("--out", required=True, help="checkpoint directory to create")
-    add_spec_flags(quantize, default_code="hyb")
-    quantize.add_argument("--no-hessian", action="store_true",
-                          help="plain Viterbi rounding instead of Hessian-aware BlockLDLQ")
-    quantize.add_argument("--calib-text", default=None,
-                          help="UTF-8 text file for calibration (default: built-in Wikipedia text)")
-    quantize.add_argument("--calib-windows", type=int, default=32,
-                          help="calibration windows of 512 tokens")
-    quantize.add_argument("--layers-per-group", type=int, default=3,
-                          help="layers quantized together (batch size and resume granularity)")
-    add_device_flag(quantize)
-    quantize.set_defaults(run=cmd_quantize)
+def quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    from qat.ptq import QuantizeOptions
 
-    qat = commands.add_parser("qat", help="BCJR-QAT: train a PTQ checkpoint through the soft "
-                              "trellis against its float model, then harden with Viterbi")
-    qat.add_argument("checkpoint", help="packed PTQ checkpoint (from trellis quantize)")
-    qat.add_argument("--out", required=True, help="checkpoint directory to create")
-    qat.add_argument("--layers", default="auto",
-                     help="all, auto (CPU: the layer whose quantization costs the most; CUDA: "
-                          "all) or comma-separated layer indices")
-    qat.add_argument("--steps", type=int, default=12, help="optimizer steps, one text window each")
-    qat.add_argument("--lr", type=float, default=None,
-                     help="AdamW learning rate in units of each matrix's scale (default: twice the "
-                          "largest measured Voronoi radius spread over the steps)")
-    qat.add_argument("--t-start", type=float, default=0.3, help="first temperature")
-    qat.add_argument("--t-end", type=float, default=0.05, help="last temperature (exponential)")
-    qat.add_argument("--calib-text", default=None,
-                     help="UTF-8 text file (default: the built-in Wikipedia calibration text)")
-    qat.add_argument("--teacher", default=None,
-                     help="float model to distil from (default: the checkpoint's source)")
-    qat.add_argument("--ctx", type=int, default=1024, help="tokens per training window")
-    qat.add_argument("--eval-every", type=int, default=4,
-                     help="steps between hardened snapshots (scored; the best is kept)")
-    qat.add_argument("--loss", choices=("kl", "mse"), default="kl",
-                     help="kl: full-vocabulary KL to the teacher; mse: per-layer output MSE")
-    qat.add_argument("--train-table", action="store_true", help="also train the code table")
-    qat.add_argument("--train-scale", action="store_true", help="also train each matrix's scale")
-    qat.add_argument("--seed", type=int, default=0)
-    add_device_flag(qat)
-    qat.set_defaults(run=cmd_qat)
+    parser.add_argument("src", help="model directory, .gguf file, or built-in name smollm2-135m")
+    parser.add_argument("--out", required=True, help="checkpoint directory to create")
+    add_spec_flags(parser, default_code="hyb")
+    add_option_flags(parser, QuantizeOptions)
+
+
+def qat_arguments(parser: argparse.ArgumentParser) -> None:
+    from qat.train import QatOptions
+
+    parser.add_argument("checkpoint", help="packed PTQ checkpoint (from trellis quantize)")
+    parser.add_argument("--out", required=True, help="checkpoint directory to create")
+    add_option_flags(parser, QatOptions)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser("quantize", help="quantize a float model to a packed checkpoint",
+                        arguments=quantize_arguments).set_defaults(run=cmd_quantize)
+    commands.add_parser("qat", help="BCJR-QAT: train a PTQ checkpoint through the soft trellis "
+                        "against its float model, then harden with Viterbi",
+                        arguments=qat_arguments).set_defaults(run=cmd_qat)
 
     evaluate = commands.add_parser("eval", help="evaluate a model")
     eval_kinds = evaluate.add_subparsers(dest="kind", required=True)
@@ -119,6 +99,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                      help="UTF-8 text file (default: the evaluation part of the built-in text)")
     ppl.add_argument("--ctx", type=int, default=512, help="window length in tokens")
     ppl.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
-    ppl.add_argument("--json", action="store_true", help='print one line {"ppl": ..., "tokens": ...}')
+    ppl.add_argument("--json", action="store_true",
+                     help='print one line {"ppl": ..., "tokens": ...}')
     add_device_flag(ppl)
     ppl.set_defaults(run=cmd_eval_ppl)

@@ -81,15 +81,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser(
-        "serve", help="serve a model over an OpenAI-compatible HTTP API",
-        description="Every flag can also be set by the TRELLIS_* variable named in its help; a "
-                    "flag wins over its variable.")
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
     from server.settings import add_arguments  # one flag per setting: flags and env stay one list
 
-    add_arguments(serve)
-    serve.set_defaults(run=cmd_serve)
+    add_arguments(parser)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Every flag can also be set by the TRELLIS_* variable named in its help; a "
+                    "flag wins over its variable.",
+        arguments=serve_arguments).set_defaults(run=cmd_serve)
 
     generate = commands.add_parser("generate", help="print a completion of a prompt")
     generate.add_argument("model", nargs="?", default=None,
