@@ -32,7 +32,7 @@ from trellis_runtime.architecture import INPUT_GROUPS, LlamaShape
 from trellis_runtime.bitstream import pack_states
 from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, save_checkpoint
 from trellis_runtime.codes import initial_table, state_values
-from trellis_runtime.devices import Device
+from trellis_runtime.devices import DEFAULT_DEVICE, Device
 from trellis_runtime.errors import SourceError, TrellisError
 from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, rotate_weight
 from trellis_runtime.quantized import QuantizedWeight, quantized_from_tensors
@@ -64,7 +64,7 @@ class QuantizeOptions:
     layers_per_group: int = field(default=3, metadata={
         "help": "layers quantized together (batch size and resume granularity)"})
     seed: int = field(default=0, metadata={"flag": False})
-    device: Device = "cpu"
+    device: Device = DEFAULT_DEVICE
 
     def to_json(self) -> dict:
         data = asdict(self)

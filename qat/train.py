@@ -39,7 +39,7 @@ from qat.train_output import summarize, trained_weights, write_checkpoint
 from qat.train_setup import choose_layers, load_trainable, parse_layers, plan_run
 from qat.workdir import prepare, publish, work_dir
 from trellis_runtime.checkpoint import Checkpoint
-from trellis_runtime.devices import Device
+from trellis_runtime.devices import DEFAULT_DEVICE, Device
 from trellis_runtime.errors import TrellisError
 
 
@@ -74,7 +74,7 @@ class QatOptions:
     train_scale: bool = field(default=False, metadata={"help": "also train each matrix's scale"})
     clip: float = field(default=1.0, metadata={"flag": False})
     seed: int = 0
-    device: Device = "cpu"
+    device: Device = DEFAULT_DEVICE
 
     def temperature(self, step: int) -> float:
         """Exponential schedule t_start -> t_end over the steps (step counts from 0)."""

@@ -126,3 +126,27 @@ def test_a_bad_option_value_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
                  "--steps", "0"]) == 2
     assert capsys.readouterr().err == "trellis: error: --steps must be at least 1, got 0\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_spec_flags_left_out_give_the_default_spec_on_every_device() -> None:
+    """What quantize makes with no spec flags is what serve and generate quantize to."""
+    from trellis_cli.flags import DEFAULT_STATE_BITS, default_spec, spec_from_arguments
+    from trellis_runtime.devices import DEVICES
+
+    assert set(DEFAULT_STATE_BITS) == set(DEVICES)
+    args = build_parser().parse_args(["quantize", "src", "--out", "out"])
+    for device in DEVICES:
+        assert spec_from_arguments(args, DEFAULT_STATE_BITS[device]) == default_spec(device)
+
+
+def test_state_bits_help_states_the_default_each_command_uses(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from trellis_cli.flags import DEFAULT_STATE_BITS
+    from trellis_runtime.trellis import MAX_STATE_BITS
+
+    quantize = command_help("quantize", monkeypatch, capsys)
+    for device, bits in DEFAULT_STATE_BITS.items():
+        assert f"{bits} on {device.upper()}" in quantize
+    with pytest.raises(SystemExit):
+        main(["bench", "codes", "--help"])
+    assert f"; default {MAX_STATE_BITS}\n" in capsys.readouterr().out

@@ -6,16 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from trellis_cli.flags import add_device_flag, add_spec_flags, require_device
-from trellis_runtime.trellis import spec_for
+from trellis_cli.flags import add_device_flag, add_spec_flags, require_device, spec_from_arguments
+from trellis_runtime.trellis import MAX_STATE_BITS
 
 
 def cmd_bench_codes(args: argparse.Namespace) -> int:
     device = require_device(args.device)
     from trellis_cli.code_bench import bench_codes
 
-    state_bits = 16 if args.state_bits is None else args.state_bits
-    spec = spec_for(args.code, bits=args.bits, state_bits=state_bits, vec=args.vec)
+    # The full trellis on every device, unlike quantize's CPU default (DEFAULT_STATE_BITS).
+    spec = spec_from_arguments(args, MAX_STATE_BITS)
     result = bench_codes(spec, sequences=args.sequences, device=device)
     if args.json:
         print(json.dumps(result))
@@ -36,7 +36,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     codes = bench_kinds.add_parser("codes", help="encoder MSE on Gaussian data vs the bound 4^-K")
-    add_spec_flags(codes, default_code="hyb")
+    add_spec_flags(codes, state_bits_default=str(MAX_STATE_BITS))
     codes.add_argument("--sequences", type=int, default=64, help="Gaussian tiles of 256 to encode")
     codes.add_argument("--json", action="store_true", help="print one JSON line")
     add_device_flag(codes)

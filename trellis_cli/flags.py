@@ -4,18 +4,20 @@
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 
-from trellis_runtime.devices import DEVICES
+from trellis_runtime.devices import DEFAULT_DEVICE, DEVICES
 from trellis_runtime.errors import TrellisError
-from trellis_runtime.trellis import CODES, spec_for
+from trellis_runtime.trellis import (CODES, DEFAULT_VEC, MAX_BITS, MAX_STATE_BITS, MIN_STATE_BITS,
+                                     TrellisSpec, spec_for)
 
 # On a CPU the full 16-bit trellis would take hours for even a small model; 12 state bits keep a
 # 2-bit SmolLM2-135M under about 15 minutes on 2 cores (README: L vs MSE vs time).
-DEFAULT_STATE_BITS = {"cpu": 12, "cuda": 16}
+DEFAULT_STATE_BITS = {"cpu": 12, "cuda": MAX_STATE_BITS}
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=DEVICES, default="cpu")
+    parser.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE)
 
 
 def require_device(name: str) -> str:
@@ -28,15 +30,36 @@ def require_device(name: str) -> str:
     return name
 
 
-def add_spec_flags(parser: argparse.ArgumentParser, default_code: str) -> None:
-    parser.add_argument("--bits", type=int, default=2, help="bits per weight K (1-4)")
+def add_spec_flags(parser: argparse.ArgumentParser, state_bits_default: str) -> None:
+    """The spec flags; --state-bits and --vec default to None, filled in by `spec_from_arguments`
+    (the state bits with the command's default, described by `state_bits_default`)."""
+    vec_defaults = defaultdict(list)
+    for code, vec in DEFAULT_VEC.items():
+        vec_defaults[vec].append(code)
+    parser.add_argument("--bits", type=int, default=TrellisSpec.bits,
+                        help=f"bits per weight K (1-{MAX_BITS})")
     parser.add_argument("--state-bits", type=int, default=None,
-                        help="trellis state bits L (8-16); default 12 on CPU, 16 on CUDA")
-    parser.add_argument("--code", choices=CODES, default=default_code, help="state-to-value code")
+                        help=f"trellis state bits L ({MIN_STATE_BITS}-{MAX_STATE_BITS}); default "
+                             f"{state_bits_default}")
+    parser.add_argument("--code", choices=CODES, default=TrellisSpec.code, help="state-to-value code")
     parser.add_argument("--vec", type=int, default=None,
-                        help="values per trellis step V; default 1 for 1mad/3inst, 2 for hyb/lut")
+                        help="values per trellis step V; default " + ", ".join(
+                            f"{vec} for {'/'.join(codes)}" for vec, codes in vec_defaults.items()))
 
 
-def spec_from_arguments(args: argparse.Namespace, device: str):
-    state_bits = args.state_bits if args.state_bits is not None else DEFAULT_STATE_BITS[device]
-    return spec_for(args.code, bits=args.bits, state_bits=state_bits, vec=args.vec)
+def spec_from_arguments(args: argparse.Namespace, state_bits: int) -> TrellisSpec:
+    """The spec the flags ask for, with `state_bits` where --state-bits was left out."""
+    return spec_for(args.code, bits=args.bits,
+                    state_bits=state_bits if args.state_bits is None else args.state_bits,
+                    vec=args.vec)
+
+
+def device_state_bits_help() -> str:
+    """'12 on CPU, 16 on CUDA', from DEFAULT_STATE_BITS."""
+    return ", ".join(f"{bits} on {device.upper()}" for device, bits in DEFAULT_STATE_BITS.items())
+
+
+def default_spec(device: str) -> TrellisSpec:
+    """What `trellis quantize` makes on `device` with no spec flags, and what serve and generate
+    quantize a float model to on first use."""
+    return spec_for(TrellisSpec.code, bits=TrellisSpec.bits, state_bits=DEFAULT_STATE_BITS[device])

@@ -7,9 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from trellis_cli.flags import DEFAULT_STATE_BITS, add_device_flag, require_device
+from trellis_cli.flags import add_device_flag, default_spec, require_device
 from trellis_runtime.errors import TrellisError
-from trellis_runtime.trellis import spec_for
 
 BUILTIN_MODEL = "smollm2-135m"
 
@@ -25,7 +24,7 @@ def checkpoint_for(model: str | None, device: str) -> Path:
     name = model or BUILTIN_MODEL
     if is_checkpoint(name):
         return Path(name)
-    spec = spec_for("hyb", bits=2, state_bits=DEFAULT_STATE_BITS[device])
+    spec = default_spec(device)
     key = name
     if Path(name).exists():
         digest = hashlib.sha256(str(Path(name).resolve()).encode()).hexdigest()[:10]
@@ -96,7 +95,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     generate = commands.add_parser("generate", help="print a completion of a prompt")
     generate.add_argument("model", nargs="?", default=None,
-                          help="packed checkpoint or float source (default: smollm2-135m)")
+                          help=f"packed checkpoint or float source (default: {BUILTIN_MODEL})")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -7,3 +7,5 @@ from typing import Literal, get_args
 # A typed setting (server/settings.py) declares itself `Device`; a flag offers `DEVICES`.
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
+# What runs when no device is named: the CPU is always there; CUDA is asked for.
+DEFAULT_DEVICE: Device = "cpu"
