@@ -16,7 +16,7 @@ from typing import Literal, Optional, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trellis_runtime.devices import Device
+from trellis_runtime.devices import DEFAULT_DEVICE, Device
 from trellis_runtime.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN
 
 ENV_PREFIX = "TRELLIS_"
@@ -65,7 +65,7 @@ class ServerSettings(BaseSettings, AppConfig):
         None, ge=2, description="context length per sequence; none = the model's, capped at "
                                 f"{DEFAULT_MAX_SEQ_LEN}")
     served_model_name: Optional[str] = Field(None, description="model id in the API")
-    device: Device = Field("cpu", description="where the model runs")
+    device: Device = Field(DEFAULT_DEVICE, description="where the model runs")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="server log level")
 
