@@ -6,12 +6,17 @@ runs in Triton's interpreter on the CPU.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
+from trellis_kernels import tile
 from trellis_kernels.decode import decode_matrix
 from trellis_kernels.tile import TrellisCode
+from trellis_runtime import trellis
 from trellis_runtime.codes import kernel_constants, table_shape
+from trellis_runtime.errors import UnsupportedSpecError
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TrellisSpec
 
@@ -34,6 +39,32 @@ def _weight(spec: TrellisSpec, row_tiles: int, col_tiles: int, seed: int) -> Qua
     ones = lambda n: torch.ones(n, dtype=torch.int8)  # noqa: E731
     return QuantizedWeight(spec=spec, codes=codes, input_signs=ones(col_tiles * 16),
                            output_signs=ones(row_tiles * 16), scale=scale, table=table)
+
+
+def test_kernels_cover_the_trellis_definition() -> None:
+    """The kernels restate the trellis facts they cannot import (trellis_kernels imports nothing of
+    the project): the tile, the code names and the V each code emits must be trellis_runtime's, the
+    constants each code asks for must be ones codes.py hands over, and every spec the format
+    accepts must be one the kernels accept."""
+    assert (tile.TILE_ROWS, tile.TILE_COLS, tile.TILE_DIM.value) == (
+        trellis.TILE_ROWS, trellis.TILE_COLS, trellis.TILE_ROWS)
+    assert tuple(tile.CODE_IDS) == trellis.CODES
+    assert tile.SUPPORTED_VEC == trellis.SUPPORTED_VEC
+    assert set().union(*tile.REQUIRED_CONSTANTS.values()) <= set(CONSTANTS)
+    accepted = 0
+    for code, state_bits, bits in itertools.product(
+            trellis.CODES, range(trellis.MIN_STATE_BITS, trellis.MAX_STATE_BITS + 1),
+            range(1, trellis.MAX_BITS + 1)):
+        for vec in trellis.SUPPORTED_VEC[code]:
+            try:
+                spec = TrellisSpec(state_bits, bits, vec, code)
+            except UnsupportedSpecError:
+                continue
+            shape = table_shape(spec)
+            table = None if shape is None else torch.zeros(shape, dtype=torch.float16)
+            TrellisCode(state_bits, bits, vec, code, table, CONSTANTS)  # raises if refused
+            accepted += 1
+    assert accepted > 100  # the loop did run over the whole definition
 
 
 @pytest.mark.parametrize("state_bits,bits,vec,code", SPECS)

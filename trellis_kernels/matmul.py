@@ -41,8 +41,9 @@ import triton
 import triton.language as tl
 
 from trellis_kernels.launch import Launch
-from trellis_kernels.tile import (TILE_COLS, TILE_DIM, TrellisCode, check_power_of_two, computed_value,
-                          group_state, group_words, signed_table_index, table_index)
+from trellis_kernels.tile import (TILE_COLS, TILE_DIM, TILE_ROWS, TrellisCode, check_power_of_two,
+                                  computed_value, group_state, group_words, signed_table_index,
+                                  table_index)
 
 GEMV_MAX_ROWS = 16
 # What the shared kernel does with the decoded block: multiply one row with FMAs, multiply rows
@@ -342,7 +343,7 @@ def kernel_launch(x: torch.Tensor | None, codes: torch.Tensor, code: TrellisCode
     DECODE (out is then the decoded matrix). Arguments are checked by the callers. Tables of up
     to SHARED_TABLE_ROWS are looked up in shared memory unless `shared_tables` is False."""
     col_tiles = codes.shape[1]
-    even = (codes.shape[0] * 16) % (2 * block_g) == 0 and col_tiles % tiles_per_split == 0 \
+    even = (codes.shape[0] * TILE_ROWS) % (2 * block_g) == 0 and col_tiles % tiles_per_split == 0 \
         and tiles_per_split % block_t == 0
     table = _packed_table(code, codes)
     copies = 2 if code.code == "hyb" and mode.value == FMA.value else 1  # see _shared_table
@@ -350,7 +351,7 @@ def kernel_launch(x: torch.Tensor | None, codes: torch.Tensor, code: TrellisCode
         and copies * table.shape[0] <= SHARED_TABLE_ROWS else 0
     rows, x_stride = (x.shape[0], x.stride(0)) if x is not None else (0, 0)
     args = (codes if x is None else x, codes, table, codes if scale is None else scale, out,
-            rows, codes.shape[0] * 16, codes.shape[1], tiles_per_split, x_stride,
+            rows, codes.shape[0] * TILE_ROWS, codes.shape[1], tiles_per_split, x_stride,
             out.stride(0) if out.dim() == 3 else 0, out.stride(-2), code.fconst())
     constexprs = dict(code.constexprs(), TABLE_ROWS=shared_rows, BLOCK_M=block_m,
                       BLOCK_G=block_g, BLOCK_T=block_t, MODE=mode.value, EVEN=even)
@@ -441,7 +442,7 @@ def gemv_launch(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode,
     _check_blocks("gemv", {"block_rows": block_rows}, DOT_MIN if use_dot else 2)
     _check_blocks("gemv", {"block_tiles": block_tiles}, 1)
     row_tiles, col_tiles, _ = codes.shape
-    out_features = row_tiles * 16
+    out_features = row_tiles * TILE_ROWS
     if out is not None and out.dim() == 3:
         splits = out.shape[0]
     elif splits is None:
@@ -478,7 +479,7 @@ def gemm(x: torch.Tensor, codes: torch.Tensor, code: TrellisCode, block_m: int =
     _check(x, codes, code, DOT_DTYPES)
     _check_blocks("gemm", {"block_m": block_m, "block_rows": block_rows}, DOT_MIN)
     _check_blocks("gemm", {"block_tiles": block_tiles}, 1)
-    rows, out_features, col_tiles = x.shape[0], codes.shape[0] * 16, codes.shape[1]
+    rows, out_features, col_tiles = x.shape[0], codes.shape[0] * TILE_ROWS, codes.shape[1]
     shape = (rows, out_features)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=codes.device)

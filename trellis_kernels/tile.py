@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-TILE_ROWS = 16
-TILE_COLS = 16
-TILE_DIM = tl.constexpr(16)  # the same tile side, as kernels read it (they see no plain globals)
+# The trellis facts below restate trellis_runtime's (trellis.py, codes.py), which this package cannot
+# import; tests/test_kernels_decode.py (test_kernels_cover_the_trellis_definition) asserts they agree.
+TILE_ROWS = TILE_COLS = 16
+TILE_DIM = tl.constexpr(TILE_ROWS)  # the same tile side, as kernels read it (they see no plain globals)
 
 # Code ids (constexpr) and the V each code can emit.
 CODE_IDS = {"1mad": 0, "3inst": 1, "hyb": 2, "lut": 3}
