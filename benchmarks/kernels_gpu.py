@@ -87,12 +87,11 @@ def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
 def hadamard_warps(device: torch.device, timer) -> list[dict]:
     """The rotation kernel's latency for one row at a few warp counts."""
     from trellis_kernels.hadamard import rotate_rows
-    from trellis_runtime.hadamard import hadamard_factors, random_signs, small_hadamard
+    from trellis_runtime.hadamard import random_signs, small_factor
 
     rows = []
     for n, warp_counts in ((4096, (2, 4, 8)), (14336, (4, 8, 16))):
-        r, _ = hadamard_factors(n)
-        small = None if r == 1 else small_hadamard(r).to(device=device, dtype=torch.float32)
+        small = small_factor(n, device)
         signs = random_signs(n, 0).to(device)
         x = torch.randn(1, n, device=device)
         for warps in warp_counts:

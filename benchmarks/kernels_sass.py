@@ -152,10 +152,9 @@ def measure_rotation(n: int, direction: str) -> dict:
     of a 4096-input GEMV at its default split)."""
     from trellis_kernels.hadamard import SPLITS_AT_ONCE, rotation_launch
     from trellis_kernels.matmul import GEMV_BLOCKS, splits_for, split_tiles
-    from trellis_runtime.hadamard import hadamard_factors, random_signs, small_hadamard
+    from trellis_runtime.hadamard import random_signs, small_factor
 
-    r, _ = hadamard_factors(n)
-    small = None if r == 1 else small_hadamard(r).float()
+    small = small_factor(n)
     signs = random_signs(n, 0)
     if direction == "in":
         x, scale, out = torch.zeros(1, n), None, torch.empty(1, n)

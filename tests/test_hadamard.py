@@ -15,6 +15,7 @@ from trellis_runtime.hadamard import (
     random_signs,
     rotate,
     rotate_weight,
+    small_factor,
     small_hadamard,
     unrotate,
     unrotate_weight,
@@ -74,6 +75,18 @@ def test_transform_matches_dense_matrix(n: int, transpose: bool) -> None:
         h = h.T
     x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     torch.testing.assert_close(hadamard_transform(x, transpose=transpose), x @ h.T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", DENSE_SIZES)
+def test_small_factor_is_the_factor_the_transform_applies(n: int) -> None:
+    """The kernels get H_r from small_factor and apply the Sylvester part themselves, so
+    small_factor(n) kron Sylvester / sqrt(n) must be the transform's matrix."""
+    small = small_factor(n)
+    assert small.dtype == torch.float32 and small.is_contiguous()
+    size = 1 << hadamard_factors(n)[1]
+    h = torch.kron(small.double(), _sylvester(size)) / math.sqrt(n)
+    eye = torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(hadamard_transform(eye), h.T, rtol=0, atol=1e-12)
 
 
 def test_transpose_differs_when_small_factor_is_not_symmetric() -> None:

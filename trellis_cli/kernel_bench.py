@@ -155,12 +155,11 @@ def hadamard_rows(device: torch.device, timer: GraphTimer, sizes=(4096, 14336),
                   batches=(1, 16)) -> list[dict]:
     """The rotation kernel against trellis_runtime.hadamard.rotate (torch), per size and batch."""
     from trellis_kernels.hadamard import rotate_rows
-    from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, small_hadamard
+    from trellis_runtime.hadamard import random_signs, rotate, small_factor
 
     rows = []
     for n in sizes:
-        r, _ = hadamard_factors(n)
-        small = None if r == 1 else small_hadamard(r).to(device=device, dtype=torch.float32)
+        small = small_factor(n, device)
         signs = random_signs(n, 0).to(device)
         for batch in batches:
             x = torch.randn(batch, n, device=device)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from trellis_runtime.codes import state_values, table_shape
-from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, small_hadamard, unrotate
+from trellis_runtime.hadamard import random_signs, rotate, small_factor, unrotate
 from trellis_runtime.kernel_linear import KernelBackend, trellis_code
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
@@ -128,8 +128,7 @@ def _hadamard_case(direction: str, n: int, rows: int, seed: int, device: torch.d
     from trellis_kernels.hadamard import rotate_rows, unrotate_rows
 
     gen = torch.Generator().manual_seed(seed)
-    r, _ = hadamard_factors(n)
-    small = None if r == 1 else small_hadamard(r).to(device=device, dtype=torch.float32)
+    small = small_factor(n, device)
     signs = random_signs(n, seed).to(device)
     out = torch.full((rows, n), float("nan"), device=device)
     if direction == "rotate":

@@ -1,9 +1,9 @@
 """Randomized Hadamard rotation of rows: the input and output rotations of a quantized linear.
 
 H_n = (H_r kron H_{2^p}) / sqrt(n) for n = r * 2^p, where H_{2^p} is Sylvester's matrix and H_r a
-small Hadamard matrix the caller supplies (the Paley constructions in trellis_runtime/hadamard.py;
-this package imports nothing of the project). A row x, viewed as an r x A x B array (A*B = 2^p),
-becomes H_r X (H_A kron H_B): the Sylvester part splits into two factors of at most 128, and each
+small Hadamard matrix the caller supplies (trellis_runtime.hadamard.small_factor; this package
+imports nothing of the project). A row x, viewed as an r x A x B array (A*B = 2^p), becomes
+H_r X (H_A kron H_B): the Sylvester part splits into two factors of at most 128, and each
 factor is a float32-accurate product on the tensor cores against Sylvester's +-1 matrix. Dots need
 every dimension to be at least 16, so H_r is padded with zeros to 16 or more, and short rows
 (r = 1 and A = 1) are stacked several to a program.
@@ -191,7 +191,8 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
 def rotate_rows(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
                 out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
                 num_warps: int | None = None) -> torch.Tensor:
-    """H_n (signs * x) for each row of x (rows, n); `small` is H_r (float32, r x r) or None."""
+    """H_n (signs * x) for each row of x (rows, n); `small` is H_r (float32, r x r; [[1]] or None
+    when n is a power of two)."""
     if x.dim() != 2:
         raise ValueError(f"rotate_rows takes (rows, n), got {tuple(x.shape)}")
     if out is None:

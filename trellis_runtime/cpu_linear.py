@@ -27,7 +27,7 @@ from torch import nn
 
 from trellis_kernels.cpu import MAX_TOKENS
 from trellis_runtime.codes import state_values
-from trellis_runtime.hadamard import hadamard_factors, small_hadamard
+from trellis_runtime.hadamard import small_factor
 from trellis_runtime.paths import cache_dir
 from trellis_runtime.quantized import QuantizedWeight
 
@@ -75,11 +75,6 @@ def state_lut(weight: QuantizedWeight) -> torch.Tensor:
     return half.contiguous().view(torch.int32).reshape(-1)
 
 
-def _small_factor(n: int) -> torch.Tensor:
-    """The r x r Paley/Sylvester factor of H_n as float32 ([[1]] when n is a power of two)."""
-    return small_hadamard(hadamard_factors(n)[0]).to(torch.float32).contiguous()
-
-
 class CpuKernelBackend(nn.Module):
     """Multiply up to `max_rows` rows (default 2) from the codes, more from a dense float32 copy
     (see the module docstring).
@@ -98,8 +93,8 @@ class CpuKernelBackend(nn.Module):
         self.lut = state_lut(weight)
         self.input_signs = weight.input_signs.to(torch.float32)
         self.output_signs = weight.output_signs.to(torch.float32)
-        self.small_in = _small_factor(self.in_features)
-        self.small_out = _small_factor(self.out_features)
+        self.small_in = small_factor(self.in_features)
+        self.small_out = small_factor(self.out_features)
         self.factor = float(weight.scale) / math.sqrt(self.in_features * self.out_features)
         self.kernel_args = (self.codes, self.lut, self.input_signs, self.output_signs, self.small_in,
                             self.small_out, self.factor, spec.state_bits, spec.bits, spec.vec)

@@ -115,6 +115,16 @@ def hadamard_factors(n: int) -> tuple[int, int]:
     )
 
 
+def small_factor(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """H_r of H_n = (H_r kron H_{2^p}) / sqrt(n), unnormalized, as the kernels take it: a contiguous
+    float32 r x r matrix on `device`, [[1]] when n is a power of two (the kernels then skip it).
+
+    The Triton and C++ rotations apply the Sylvester part themselves and need only this factor.
+    """
+    r, _ = hadamard_factors(n)
+    return small_hadamard(r).to(device=device, dtype=torch.float32).contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def _small_hadamard_on(order: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """small_hadamard converted once per dtype and device, so the hot path does no host copies."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from trellis_runtime.codes import kernel_constants
 from trellis_runtime.errors import UnsupportedSpecError
-from trellis_runtime.hadamard import hadamard_factors, small_hadamard
+from trellis_runtime.hadamard import hadamard_factors, small_factor
 from trellis_runtime.quantized import QuantizedWeight
 
 # Rows from which decode + cuBLAS replaces the fused GEMM. Unmeasured default: EXL3 switches at
@@ -50,11 +50,6 @@ def trellis_code(weight: QuantizedWeight):
     spec = weight.spec
     return TrellisCode(spec.state_bits, spec.bits, spec.vec, spec.code, weight.table,
                        kernel_constants())
-
-
-def _small_factor(n: int, device: torch.device) -> torch.Tensor | None:
-    r, _ = hadamard_factors(n)
-    return None if r == 1 else small_hadamard(r).to(device=device, dtype=torch.float32)
 
 
 def kernel_support_error(weight: QuantizedWeight) -> str | None:
@@ -81,7 +76,7 @@ class InputRotation:
     rotation too.
     """
 
-    def __init__(self, signs: torch.Tensor, small: torch.Tensor | None) -> None:
+    def __init__(self, signs: torch.Tensor, small: torch.Tensor) -> None:
         self.signs, self.small = signs, small
         self._last: tuple | None = None
 
@@ -104,7 +99,7 @@ def shared_rotation(signs: torch.Tensor) -> InputRotation:
     key = (signs.device, signs.numel(), signs.cpu().numpy().tobytes())
     rotation = _ROTATIONS.get(key)
     if rotation is None:
-        rotation = InputRotation(signs, _small_factor(signs.numel(), signs.device))
+        rotation = InputRotation(signs, small_factor(signs.numel(), signs.device))
         _ROTATIONS[key] = rotation
     return rotation
 
@@ -126,7 +121,7 @@ class KernelBackend(nn.Module):
                                  persistent=False)
         table = None if weight.table is None else weight.table.to(device).contiguous()
         self.register_buffer("table", table, persistent=False)
-        self.register_buffer("small_out", _small_factor(self.out_features, device),
+        self.register_buffer("small_out", small_factor(self.out_features, device),
                              persistent=False)
         self.register_buffer("unit_scale", torch.ones(1, device=device), persistent=False)
         self.rotation = shared_rotation(self.input_signs)
@@ -138,7 +133,7 @@ class KernelBackend(nn.Module):
         return 0
 
     @property
-    def small_in(self) -> torch.Tensor | None:
+    def small_in(self) -> torch.Tensor:
         return self.rotation.small
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
