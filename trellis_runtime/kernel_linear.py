@@ -9,7 +9,8 @@ Nothing but the packed codes is held in memory.
 
 The product depends on how many rows arrive:
 - 1 row (a decode step): the GEMV in float32 FMAs, input rotated to float32;
-- 2-16 rows: the GEMV on the tensor cores, input rotated to float16;
+- 2 to GEMV_MAX_ROWS (trellis_kernels/matmul.py) rows: the GEMV on the tensor cores, input
+  rotated to float16;
 - up to DENSE_MIN_ROWS: the fused GEMM (tl.dot), float16 input;
 - more: decode C once to float16 and let cuBLAS multiply (the GEMM re-decodes C for every block
   of 64 rows, which stops paying once there are enough rows).
@@ -34,7 +35,6 @@ from trellis_runtime.quantized import QuantizedWeight
 # Rows from which decode + cuBLAS replaces the fused GEMM. Unmeasured default: EXL3 switches at
 # 144 rows on its kernels. benchmarks/kernels_gpu.py measures the crossover on a GPU.
 DENSE_MIN_ROWS = 128
-GEMV_MAX_ROWS = 16
 INNER_DTYPE = torch.float16
 
 
@@ -139,7 +139,7 @@ class KernelBackend(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from trellis_kernels.decode import decode_matrix
         from trellis_kernels.hadamard import unrotate_rows
-        from trellis_kernels.matmul import gemm, gemv_partials
+        from trellis_kernels.matmul import GEMV_MAX_ROWS, gemm, gemv_partials
 
         rows = x.reshape(-1, self.in_features)
         count = rows.shape[0]
