@@ -95,7 +95,7 @@ def main_loop(sass: str) -> collections.Counter:
 def _code_and_codes(spec: tuple):
     """The TrellisCode of (L, K, V, code) and zero packed codes of a SHAPE matrix: compiling needs
     the shapes and the code's constants, not the weights."""
-    from trellis_runtime.kernel_linear import trellis_code
+    from trellis_runtime.backend_triton import trellis_code
     from trellis_cli.kernel_suite import random_weight
     from trellis_runtime.trellis import TrellisSpec
 

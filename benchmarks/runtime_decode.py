@@ -31,7 +31,7 @@ import torch
 
 from qat.sources import dense_model_from_checkpoint
 from trellis_runtime.checkpoint import load_checkpoint
-from trellis_runtime.cpu_linear import CpuKernelBackend
+from trellis_runtime.backend_cpu import CpuBackend
 from trellis_runtime.engine import Engine
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear
@@ -97,7 +97,7 @@ def step_weight_bytes(model: TrellisLlama) -> int:
     for module in model.modules():
         if isinstance(module, TrellisLinear):
             backend = module.backend
-            held = ((backend.codes, backend.lut) if isinstance(backend, CpuKernelBackend)
+            held = ((backend.codes, backend.lut) if isinstance(backend, CpuBackend)
                     else (backend.dense,))
             total += sum(t.numel() * t.element_size() for t in held)
     return total

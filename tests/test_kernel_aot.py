@@ -17,7 +17,7 @@ import torch
 
 from trellis_kernels.matmul import gemv_launch
 from trellis_cli.kernel_aot import describe_launch
-from trellis_runtime.kernel_linear import trellis_code
+from trellis_runtime.backend_triton import trellis_code
 from trellis_cli.kernel_suite import random_weight
 from trellis_runtime.trellis import TrellisSpec
 

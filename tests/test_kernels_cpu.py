@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from trellis_kernels.cpu import KernelsUnavailable, MAX_TOKENS, dense_linear, library_path
+from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
+                                         cpu_kernels_loaded, dense_product, fused_decoder_layer,
+                                         kernels_unavailable_reason, state_lut)
+from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.checkpoint import load_checkpoint
-from trellis_runtime.cpu_linear import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuKernelBackend,
-                                        cpu_kernels_loaded, dense_product, fused_decoder_layer,
-                                        kernels_unavailable_reason, state_lut)
 from trellis_cli.kernel_suite import random_weight
-from trellis_runtime.linear import DecodedBackend, select_backend
+from trellis_runtime.linear import select_backend
 from trellis_runtime.model import (AttentionLayout, RotaryEmbedding, TrellisLlama, apply_rotary,
                                    rope_frequencies)
 from trellis_runtime.quantized import QuantizedWeight
@@ -45,7 +46,7 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", [(192, 64), (48, 192)])
 def test_kernel_matches_dequantized_product(spec: TrellisSpec, shape: tuple[int, int]) -> None:
     weight = random_weight(spec, *shape, seed=3)
-    backend = CpuKernelBackend(weight, max_rows=MAX_TOKENS)
+    backend = CpuBackend(weight, max_rows=MAX_TOKENS)
     dense = weight.dequantize().double()
     assert backend(torch.zeros(0, shape[1])).shape == (0, shape[0])
     for tokens in (1, 3, 8, 9, MAX_TOKENS):  # one register block, a partial one, two blocks
@@ -57,7 +58,7 @@ def test_kernel_matches_dequantized_product(spec: TrellisSpec, shape: tuple[int,
 @needs_kernels
 def test_backend_keeps_leading_dims_and_switches_to_the_dense_copy() -> None:
     weight = random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 192, seed=4)
-    backend = CpuKernelBackend(weight, max_rows=4)
+    backend = CpuBackend(weight, max_rows=4)
     x = torch.randn(2, 3, 192)
     reference = x.double() @ weight.dequantize().double().T
     assert backend(x).shape == (2, 3, 64) and relative_error(backend(x), reference) < 1e-5
@@ -70,13 +71,13 @@ def test_backend_keeps_leading_dims_and_switches_to_the_dense_copy() -> None:
 def test_select_backend_uses_the_kernel_and_refuses_inexact_tables() -> None:
     spec = TrellisSpec(10, 2, 2, "lut")
     weight = random_weight(spec, 64, 64, seed=5)
-    assert isinstance(select_backend(weight, torch.device("cpu")), CpuKernelBackend)
+    assert isinstance(select_backend(weight, torch.device("cpu")), CpuBackend)
     # A float32 table with values no float16 holds: the kernel's 2 x float16 entries would round them.
     inexact = QuantizedWeight(spec, weight.codes, weight.input_signs, weight.output_signs, weight.scale,
                               weight.table.float() * (1 + 2**-15))
     with pytest.raises(ValueError, match="not exact float16"):
         state_lut(inexact)
-    assert isinstance(select_backend(inexact, torch.device("cpu")), DecodedBackend)
+    assert isinstance(select_backend(inexact, torch.device("cpu")), DenseBackend)
 
 
 @needs_kernels
@@ -101,7 +102,7 @@ def test_kernels_refuse_bad_inputs() -> None:
         dense_linear(torch.zeros(MAX_TOKENS + 1, 16), weight)
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
         dense_linear(torch.zeros(1, 16), weight.half())
-    backend = CpuKernelBackend(random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 64, seed=7))
+    backend = CpuBackend(random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 64, seed=7))
     with pytest.raises(RuntimeError, match="x has 48 features, codes 64"):
         torch.ops.trellis_cpu.trellis_linear(
             torch.zeros(1, 48), backend.codes, backend.lut, backend.input_signs, backend.output_signs,
@@ -126,7 +127,7 @@ def test_disabled_kernels_fall_back_to_the_dense_product(tiny_checkpoint_dir: Pa
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "TRELLIS_CPU_KERNELS": "0"}, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "{'DecodedBackend'} torch.float32"
+    assert result.stdout.strip() == "{'DenseBackend'} torch.float32"
 
 
 @needs_kernels
@@ -210,7 +211,7 @@ def test_fused_decoder_layer_matches_the_per_op_layer(tiny_checkpoint_dir: Path)
 
 @needs_kernels
 def test_fused_decoder_layer_refuses_parts_that_are_not_a_layer() -> None:
-    backends = [CpuKernelBackend(random_weight(TrellisSpec(12, 2, 2, "hyb"), out, inp, seed=i))
+    backends = [CpuBackend(random_weight(TrellisSpec(12, 2, 2, "hyb"), out, inp, seed=i))
                 for i, (out, inp) in enumerate([(64, 64)] * 4 + [(128, 64)] * 2 + [(64, 128)])]
     norm = torch.ones(64)
     assert fused_decoder_layer(backends, norm, norm, 1e-5) is not None

@@ -11,9 +11,9 @@ import itertools
 import pytest
 import torch
 
-from trellis_kernels import tile
+from trellis_kernels import trellis_code
 from trellis_kernels.decode import decode_matrix
-from trellis_kernels.tile import TrellisCode
+from trellis_kernels.trellis_code import TrellisCode
 from trellis_runtime import trellis
 from trellis_runtime.codes import kernel_constants, table_shape
 from trellis_runtime.errors import UnsupportedSpecError
@@ -46,11 +46,11 @@ def test_kernels_cover_the_trellis_definition() -> None:
     the project): the tile, the code names and the V each code emits must be trellis_runtime's, the
     constants each code asks for must be ones codes.py hands over, and every spec the format
     accepts must be one the kernels accept."""
-    assert (tile.TILE_ROWS, tile.TILE_COLS, tile.TILE_DIM.value) == (
+    assert (trellis_code.TILE_ROWS, trellis_code.TILE_COLS, trellis_code.TILE_DIM.value) == (
         trellis.TILE_ROWS, trellis.TILE_COLS, trellis.TILE_ROWS)
-    assert tuple(tile.CODE_IDS) == trellis.CODES
-    assert tile.SUPPORTED_VEC == trellis.SUPPORTED_VEC
-    assert set().union(*tile.REQUIRED_CONSTANTS.values()) <= set(CONSTANTS)
+    assert tuple(trellis_code.CODE_IDS) == trellis.CODES
+    assert trellis_code.SUPPORTED_VEC == trellis.SUPPORTED_VEC
+    assert set().union(*trellis_code.REQUIRED_CONSTANTS.values()) <= set(CONSTANTS)
     accepted = 0
     for code, state_bits, bits in itertools.product(
             trellis.CODES, range(trellis.MIN_STATE_BITS, trellis.MAX_STATE_BITS + 1),

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trellis_runtime.kernel_linear import KernelBackend, kernel_support_error
+from trellis_runtime.backend_dense import DenseBackend
+from trellis_runtime.backend_triton import TritonBackend, kernel_support_error
 from trellis_cli.kernel_suite import CASES, random_weight
-from trellis_runtime.linear import DecodedBackend, select_backend
+from trellis_runtime.linear import select_backend
 from trellis_runtime.trellis import TrellisSpec
 
 LINEAR_CASES = [c for c in CASES if c.kernel == "linear"]
@@ -24,7 +25,7 @@ def test_backend_matches_dequantized_product(case) -> None:
 
 def test_backend_keeps_leading_dimensions_and_holds_no_dense_copy() -> None:
     weight = random_weight(TrellisSpec(12, 2, 1, "1mad"), 32, 64, seed=1)
-    backend = KernelBackend(weight, torch.device("cpu"), torch.float32)
+    backend = TritonBackend(weight, torch.device("cpu"), torch.float32)
     x = torch.randn(2, 1, 64)
     y = backend(x)
     assert y.shape == (2, 1, 32) and y.dtype == torch.float32
@@ -38,19 +39,19 @@ def test_shapes_the_kernels_refuse_are_named() -> None:
     weight = random_weight(TrellisSpec(12, 2, 1, "1mad"), 32, 96, seed=2)
     assert "need >= 16" in kernel_support_error(weight)
     with pytest.raises(ValueError, match="kernel backend"):
-        KernelBackend(weight, torch.device("cpu"), torch.float32)
+        TritonBackend(weight, torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_selects_the_kernel_backend() -> None:
     weight = random_weight(TrellisSpec(16, 2, 2, "hyb"), 64, 128, seed=3)
     backend = select_backend(weight, torch.device("cuda"))
-    assert isinstance(backend, KernelBackend)
+    assert isinstance(backend, TritonBackend)
     x = torch.randn(3, 128, device="cuda", dtype=torch.bfloat16)
     reference = x.double() @ weight.dequantize().double().cuda().T
     torch.testing.assert_close(backend(x).double(), reference, rtol=2e-2, atol=2e-2)
     refused = random_weight(TrellisSpec(12, 2, 1, "1mad"), 32, 96, seed=2)
-    assert isinstance(select_backend(refused, torch.device("cuda")), DecodedBackend)
+    assert isinstance(select_backend(refused, torch.device("cuda")), DenseBackend)
 
 
 def test_linears_with_equal_input_signs_rotate_each_input_once() -> None:
@@ -59,7 +60,7 @@ def test_linears_with_equal_input_signs_rotate_each_input_once() -> None:
     second = random_weight(TrellisSpec(12, 2, 1, "1mad"), 16, 64, seed=5)
     second.input_signs = first.input_signs.clone()  # equal content, another tensor
     cpu = torch.device("cpu")
-    a, b = KernelBackend(first, cpu, torch.float32), KernelBackend(second, cpu, torch.float32)
+    a, b = TritonBackend(first, cpu, torch.float32), TritonBackend(second, cpu, torch.float32)
     assert a.rotation is b.rotation
     x = torch.randn(1, 64)
     a(x)

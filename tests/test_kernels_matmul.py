@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from trellis_kernels.matmul import gemm, gemv_launch, gemv_partials
-from trellis_kernels.tile import TrellisCode
+from trellis_kernels.trellis_code import TrellisCode
 from trellis_runtime.codes import kernel_constants
-from trellis_runtime.kernel_linear import trellis_code
+from trellis_runtime.backend_triton import trellis_code
 from trellis_cli.kernel_suite import CASES, GPU_CASES, random_weight
 from trellis_runtime.trellis import TrellisSpec
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from trellis_runtime.backend_cpu import CpuBackend, cpu_kernels_loaded
+from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.checkpoint import load_checkpoint
-from trellis_runtime.cpu_linear import CpuKernelBackend, cpu_kernels_loaded
-from trellis_runtime.linear import DecodedBackend, TrellisLinear, compute_dtype
+from trellis_runtime.linear import TrellisLinear, compute_dtype
 
 
 def test_forward_is_x_times_dequantized_transpose(tiny_checkpoint_dir: Path) -> None:
@@ -17,7 +18,7 @@ def test_forward_is_x_times_dequantized_transpose(tiny_checkpoint_dir: Path) -> 
     linear = TrellisLinear(weight, "cpu")
     assert (linear.out_features, linear.in_features) == (64, 192)
     # The C++ kernel for decode-sized batches where it is available (tests/test_kernels_cpu.py).
-    assert isinstance(linear.backend, CpuKernelBackend if cpu_kernels_loaded() else DecodedBackend)
+    assert isinstance(linear.backend, CpuBackend if cpu_kernels_loaded() else DenseBackend)
     x = torch.randn(5, 192, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(linear(x), x @ weight.dequantize().T)
     assert linear(x[0]).shape == (64,)  # any leading dims, as nn.Linear

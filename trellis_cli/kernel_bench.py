@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trellis_runtime.kernel_linear import KernelBackend
+from trellis_runtime.backend_triton import TritonBackend
 from trellis_cli.kernel_suite import random_checkpoint, random_weight
 from trellis_runtime.trellis import TrellisSpec
 
@@ -88,7 +88,7 @@ def weight_copies(spec: TrellisSpec, shape: tuple[int, int], device: torch.devic
     backends = []
     for _ in range(count):
         weight.codes = weight.codes.clone()
-        backends.append(KernelBackend(weight, device, torch.bfloat16))
+        backends.append(TritonBackend(weight, device, torch.bfloat16))
     return backends
 
 

@@ -19,7 +19,7 @@ import torch
 
 from trellis_runtime.codes import state_values, table_shape
 from trellis_runtime.hadamard import random_signs, rotate, small_factor, unrotate
-from trellis_runtime.kernel_linear import KernelBackend, trellis_code
+from trellis_runtime.backend_triton import TritonBackend, trellis_code
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
 from trellis_runtime.viterbi import path_error, viterbi
@@ -146,7 +146,7 @@ def _linear_case(spec: str, shape: tuple[int, int], rows: int, dense_min_rows: i
     """The kernel backend of TrellisLinear, end to end, against x @ W^T for the dequantized W."""
     weight = random_weight(_spec(spec), *shape, seed=seed, device=device)
     x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed)).to(device)
-    backend = KernelBackend(weight, device, torch.float32, dense_min_rows=dense_min_rows)
+    backend = TritonBackend(weight, device, torch.float32, dense_min_rows=dense_min_rows)
     return max_rel_err(backend(x), x.double() @ weight.dequantize().double().T)
 
 

@@ -15,7 +15,8 @@ import triton
 
 from trellis_kernels.launch import Launch
 from trellis_kernels.matmul import DECODE, default_splits, kernel_launch, split_tiles
-from trellis_kernels.tile import TILE_COLS, TILE_ROWS, TrellisCode, check_power_of_two, scale_tensor
+from trellis_kernels.trellis_code import (TILE_COLS, TILE_ROWS, TrellisCode, check_power_of_two,
+                                          scale_tensor)
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Default (block_rows, block_cols, num_warps): 64 row pairs x 4 tiles, one lane per thread.

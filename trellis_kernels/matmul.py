@@ -5,7 +5,7 @@ scale): the caller applies the scale and the output rotation afterwards, in the 
 The torch reference is `x.double() @ (QuantizedWeight.decode_rotated() / scale).double().T`.
 
 One kernel body serves three kinds of work (its MODE), decoding each (BLOCK_O x BLOCK_I) block
-of C in registers with trellis_kernels/tile.py and using it at once:
+of C in registers with trellis_kernels/trellis_code.py and using it at once:
 
 - GEMV, 1-16 rows (decode steps). The bytes of C dominate, so each program streams a strip of
   BLOCK_O output rows over one slice of the input dimension ("split-K") and every packed word is
@@ -41,9 +41,9 @@ import triton
 import triton.language as tl
 
 from trellis_kernels.launch import Launch
-from trellis_kernels.tile import (TILE_COLS, TILE_DIM, TILE_ROWS, TrellisCode, check_power_of_two,
-                                  computed_value, group_state, group_words, signed_table_index,
-                                  table_index)
+from trellis_kernels.trellis_code import (TILE_COLS, TILE_DIM, TILE_ROWS, TrellisCode,
+                                          check_power_of_two, computed_value, group_state,
+                                          group_words, signed_table_index, table_index)
 
 GEMV_MAX_ROWS = 16
 # What the shared kernel does with the decoded block: multiply one row with FMAs, multiply rows

@@ -1,16 +1,17 @@
 """TrellisLinear: a linear layer whose weight is a QuantizedWeight, multiplied by a per-device backend.
 
 The module keeps the packed weight (the one object every backend reads) and delegates the product to a
-backend chosen once, in `select_backend`, for the device: on CUDA the Triton kernels multiply
-straight from the codes; elsewhere the weight is decoded once into a dense matrix.
+backend chosen once, in `select_backend`, for the device. The three backends sit beside this file:
+backend_triton.py (CUDA) and backend_cpu.py (C++) multiply straight from the codes; backend_dense.py
+decodes the weight once into a dense matrix, wherever neither kernel applies.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.quantized import QuantizedWeight
 
 # The dtype activations and dense weights use on each device type. CPU uses float32: on the 2-core
@@ -28,47 +29,25 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return COMPUTE_DTYPES[device.type]
 
 
-class DecodedBackend(nn.Module):
-    """Decode the weight once at load time, then multiply with F.linear.
-
-    Costs the full dense matrix in memory (4 bytes a weight in float32, against 2 bits packed), but where
-    no kernel reads the codes directly this is the fastest product: decoding per call would run the
-    trellis reference for every token.
-    """
-
-    def __init__(self, weight: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__()
-        dense = weight.dequantize().to(device=device, dtype=dtype).contiguous()
-        self.register_buffer("dense", dense, persistent=False)
-
-    @property
-    def decoded_bytes(self) -> int:
-        """Memory held beyond the packed codes, reported at model load."""
-        return self.dense.numel() * self.dense.element_size()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense)
-
-
 def select_backend(weight: QuantizedWeight, device: torch.device) -> nn.Module:
-    """The backend for `device`: on CUDA the Triton kernels (trellis_runtime/kernel_linear.py), on CPU
-    the C++ kernel for decode steps (trellis_runtime/cpu_linear.py), both reading the packed codes;
-    without them, or for weights they refuse, the torch reference decode."""
+    """The backend for `device`: on CUDA the Triton kernels (trellis_runtime/backend_triton.py), on CPU
+    the C++ kernel for decode steps (trellis_runtime/backend_cpu.py), both reading the packed codes;
+    without them, or for weights they refuse, the dense decoded weight (backend_dense.py)."""
     if device.type == "cpu":
-        from trellis_runtime.cpu_linear import CpuKernelBackend, cpu_kernels_loaded
+        from trellis_runtime.backend_cpu import CpuBackend, cpu_kernels_loaded
 
         if cpu_kernels_loaded():
             try:
-                return CpuKernelBackend(weight)
+                return CpuBackend(weight)
             except ValueError:  # code values the kernel cannot hold exactly
                 pass
     if device.type == "cuda":
-        from trellis_runtime.kernel_linear import (KernelBackend, kernel_support_error,
-                                                   kernels_available)
+        from trellis_runtime.backend_triton import (TritonBackend, kernel_support_error,
+                                                    kernels_available)
 
         if kernels_available() and kernel_support_error(weight) is None:
-            return KernelBackend(weight, device, compute_dtype(device))
-    return DecodedBackend(weight, device, compute_dtype(device))
+            return TritonBackend(weight, device, compute_dtype(device))
+    return DenseBackend(weight, device, compute_dtype(device))
 
 
 class TrellisLinear(nn.Module):

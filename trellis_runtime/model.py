@@ -22,7 +22,7 @@ from torch import nn
 
 from trellis_runtime.architecture import LlamaShape
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
-from trellis_runtime.cpu_linear import (DENSE_KERNEL_MAX_ROWS, cpu_kernels_loaded, dense_product,
+from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, cpu_kernels_loaded, dense_product,
                                          fused_decoder_layer)
 from trellis_runtime.errors import SourceError
 from trellis_runtime.kv_cache import KVCache
@@ -252,7 +252,7 @@ class DecoderLayer(nn.Module):
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
         # On CPU with the kernels, decode steps of up to fused_max_rows sequences run the whole layer
-        # as one C++ call (trellis_runtime/cpu_linear.py: fused_decoder_layer).
+        # as one C++ call (trellis_runtime/backend_cpu.py: fused_decoder_layer).
         self.fused_decode: torch.ScriptObject | None = None
         self.fused_max_rows = 0
         if self_attn.fused_decode:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from trellis_runtime.kernel_linear import kernels_available
+from trellis_runtime.backend_triton import kernels_available
 from trellis_runtime.trellis import TrellisSpec
 
 # Stored group minima dominate memory: steps x tiles x groups floats. Chunks of tiles keep them under

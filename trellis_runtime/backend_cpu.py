@@ -75,7 +75,7 @@ def state_lut(weight: QuantizedWeight) -> torch.Tensor:
     return half.contiguous().view(torch.int32).reshape(-1)
 
 
-class CpuKernelBackend(nn.Module):
+class CpuBackend(nn.Module):
     """Multiply up to `max_rows` rows (default 2) from the codes, more from a dense float32 copy
     (see the module docstring).
 
@@ -117,8 +117,8 @@ class CpuKernelBackend(nn.Module):
 def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post_norm: torch.Tensor,
                         eps: float) -> torch.ScriptObject | None:
     """The C++ decoder layer for decode steps (trellis_kernels/trellis_cpu_layer.cpp) over the backends of q, k,
-    v, o, gate, up and down, or None unless all seven are CpuKernelBackends with one row limit."""
-    if not all(isinstance(linear, CpuKernelBackend) for linear in linears) \
+    v, o, gate, up and down, or None unless all seven are CpuBackends with one row limit."""
+    if not all(isinstance(linear, CpuBackend) for linear in linears) \
             or len({linear.max_rows for linear in linears}) != 1:
         return None
     tensors, factors, specs = [], [], []

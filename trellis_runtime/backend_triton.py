@@ -44,8 +44,9 @@ def kernels_available() -> bool:
 
 
 def trellis_code(weight: QuantizedWeight):
-    """The kernels' view of a weight's spec, table and code constants (a trellis_kernels.tile.TrellisCode)."""
-    from trellis_kernels.tile import TrellisCode
+    """The kernels' view of a weight's spec, table and code constants (a
+    trellis_kernels.trellis_code.TrellisCode)."""
+    from trellis_kernels.trellis_code import TrellisCode
 
     spec = weight.spec
     return TrellisCode(spec.state_bits, spec.bits, spec.vec, spec.code, weight.table,
@@ -104,7 +105,7 @@ def shared_rotation(signs: torch.Tensor) -> InputRotation:
     return rotation
 
 
-class KernelBackend(nn.Module):
+class TritonBackend(nn.Module):
     """Multiply with the Triton kernels; holds only the packed weight on the device."""
 
     def __init__(self, weight: QuantizedWeight, device: torch.device, dtype: torch.dtype,
