@@ -1,6 +1,6 @@
 // A whole Llama decoder layer for a decode step (one new token per sequence, a few sequences) in one
-// call: the per-op path costs ~13 Python-level calls and 8 starts of the threads per layer, which at
-// ~1 ms of products per layer is a fifth of a decode step on two cores. The arithmetic is the same
+// call: the per-op path costs ~13 Python-level calls and 8 starts of the threads per layer, a large
+// share of a decode step whose products take little longer (README, Measured). The arithmetic is the same
 // kernels' (trellis_cpu.cpp), in the same order as trellis_runtime/model.py's DecoderLayer.
 
 #include <torch/custom_class.h>

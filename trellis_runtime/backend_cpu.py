@@ -2,9 +2,9 @@
 the packed codes.
 
 A decode step on CPU is bound by the bytes its weights occupy: float32 copies of SmolLM2-135M's linears
-are 424 MB, read at about 19 GB/s on the 2-core development machine (its last-level cache holds about
-64 MB), so ~23 ms per token whatever the arithmetic. The 2-bit codes are 26.5 MB and stay in cache, so
-the C++ kernel (trellis_kernels/trellis_cpu.cpp) reads them instead: it rotates the input rows, multiplies by
+are 424 MB, far beyond a last-level cache, so each token streams them from memory whatever the
+arithmetic (README, Measured: what bounds single-stream decode). The 2-bit codes are 26.5 MB and stay
+in cache, so the C++ kernel (trellis_kernels/trellis_cpu.cpp) reads them instead: it rotates the input rows, multiplies by
 the code values looked up per trellis state, and rotates the result back. The values are the stored
 ones (float16 table entries, float32 computed codes) times the matrix's scale: no weight is rounded.
 
@@ -33,12 +33,12 @@ from trellis_runtime.quantized import QuantizedWeight
 
 logger = logging.getLogger("trellis_runtime")
 
-# Rows up to which each kernel is the fastest product, measured over SmolLM2-135M's 210 linears on the
-# 2-core development machine (the same run; the machine's speed drifts between runs): the trellis
-# kernel 22.1 ms at 1 row against 24.6 for the dense kernel and 24.8 for F.linear on the float32 copy,
-# 25.6 / 25.5 / 26.0 at 2 rows, 38.4 / 26.2 / 28.8 at 3 (its multiply-adds grow with the rows while
-# its decode does not shrink); the dense kernel 38.1 against F.linear's 51.1 at 8 rows, 58.8 / 62.4
-# at 16. For the bf16 head the dense kernel takes 11.9 ms at 16 rows, F.linear on a widened copy 59.5.
+# Rows up to which each kernel is the fastest product, measured side by side over SmolLM2-135M's 210
+# linears: the trellis kernel wins at 1 and 2 rows and loses from 3 on (its multiply-adds grow with the
+# rows while its decode does not shrink); from there the dense kernel beats F.linear on the float32
+# copy up to its 16-row limit, and on the bf16 head at every row count it takes (the figures are in
+# the history of this line: git log -S KERNEL_MAX_ROWS). The decode speeds these choices give are in
+# benchmarks/results/runtime_decode.json.
 KERNEL_MAX_ROWS = 2
 DENSE_KERNEL_MAX_ROWS = MAX_TOKENS  # the most rows one call of the C++ dense kernel takes
 DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use the dense float32 product everywhere
