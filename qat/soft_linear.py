@@ -23,6 +23,7 @@ from trellis_runtime.bitstream import pack_states
 from trellis_runtime.codes import state_values
 from trellis_runtime.hadamard import rotate_weight, unrotate_weight
 from trellis_runtime.quantized import QuantizedWeight, matrix_to_tiles, tiles_to_matrix
+from trellis_runtime.trellis import TILE_COLS, TILE_ROWS
 from trellis_runtime.viterbi import encode
 
 
@@ -65,7 +66,7 @@ class SoftTrellisLinear(nn.Module):
 
     def soft_weight(self) -> torch.Tensor:
         tiles = soft_reconstruct(self.unit_tiles(), self.values(), self.spec, self.temperature)
-        rows, cols = self.latent.shape[0] // 16, self.latent.shape[1] // 16
+        rows, cols = self.latent.shape[0] // TILE_ROWS, self.latent.shape[1] // TILE_COLS
         rotated = tiles_to_matrix(tiles.reshape(rows, cols, -1)) * self.scale
         return unrotate_weight(rotated, self.input_signs, self.output_signs)
 
@@ -75,7 +76,7 @@ class SoftTrellisLinear(nn.Module):
         table = self.current_table
         table = None if table is None else table.detach().to(torch.float16)  # as it is stored
         states = encode(self.unit_tiles(), state_values(self.spec, table), self.spec)
-        rows, cols = self.latent.shape[0] // 16, self.latent.shape[1] // 16
+        rows, cols = self.latent.shape[0] // TILE_ROWS, self.latent.shape[1] // TILE_COLS
         return QuantizedWeight(
             spec=self.spec, codes=pack_states(states.reshape(rows, cols, -1), self.spec),
             input_signs=self.ptq.input_signs, output_signs=self.ptq.output_signs,

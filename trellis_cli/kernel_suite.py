@@ -73,7 +73,7 @@ def random_checkpoint(config: dict, spec: TrellisSpec, device: torch.device, see
 
     quantized = {}
     for name, (out, inp) in shape.all_linear_shapes().items():
-        codes = torch.randint(-2**31, 2**31 - 1, (out // 16, inp // 16, spec.words_per_tile),
+        codes = torch.randint(-2**31, 2**31 - 1, (out // TILE_ROWS, inp // TILE_COLS, spec.words_per_tile),
                               dtype=torch.int32, device=device, generator=gen)
         scale = torch.tensor([1.0 / math.sqrt(inp)], device=device)  # keeps activations bounded
         quantized[name] = QuantizedWeight(spec, codes, signs(inp), signs(out), scale, table)
