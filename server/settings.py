@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trellis_runtime.devices import DEFAULT_DEVICE, Device
-from trellis_runtime.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN
+from trellis_runtime.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN
 
 ENV_PREFIX = "TRELLIS_"
 

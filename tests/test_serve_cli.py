@@ -50,7 +50,7 @@ def test_readme_quotes_the_served_limits() -> None:
     """The README's numbers for the batch, the context cap and `n` are the engine's and the
     schema's, so changing a limit in its one place and not the README fails here."""
     from server.schemas import MAX_CHOICES
-    from trellis_runtime.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN
+    from trellis_runtime.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"| `--max-batch` | `TRELLIS_MAX_BATCH` | `{DEFAULT_MAX_BATCH}` |" in readme

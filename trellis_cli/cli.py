@@ -15,8 +15,8 @@ class CommandParser(argparse.ArgumentParser):
     """A parser whose flags may be added on first use, by `arguments(parser)`.
 
     quantize's and qat's flags come from option types in the training code, and serve's from the
-    server's settings, which import torch and the engine: adding them only when that command parses
-    or prints its help keeps `trellis --help` quick and keeps training code out of `trellis serve`.
+    server's settings: adding them only when that command parses or prints its help keeps training
+    code out of `trellis serve` and the other commands' start-up light.
     """
 
     def __init__(self, *args, arguments: Callable[[argparse.ArgumentParser], None] | None = None,

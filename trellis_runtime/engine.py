@@ -40,13 +40,11 @@ from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.outputs import Output, OutputAccumulator, Request
 from trellis_runtime.runner import ModelRunner
 from trellis_runtime.sampling import SamplingParams
-from trellis_runtime.scheduler import Scheduler, StepPlan
+from trellis_runtime.scheduler import (DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN,  # noqa: F401 (API)
+                                       DEFAULT_PREFILL_CHUNK, Scheduler, StepPlan)
 
 logger = logging.getLogger("trellis_runtime")
 
-DEFAULT_MAX_BATCH = 8  # sequences decoded together: the KV-cache slots
-DEFAULT_MAX_SEQ_LEN = 2048
-DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per step: long prompts share steps with running decodes
 
 
 class ContextLengthError(TrellisError, ValueError):

@@ -20,6 +20,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# The engine's sizes, here where torch is not imported, so the server's settings can offer them as
+# defaults without loading the model code.
+DEFAULT_MAX_BATCH = 8  # sequences decoded together: the KV-cache slots
+DEFAULT_MAX_SEQ_LEN = 2048  # positions per KV slot when the model's own context is longer
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per step: long prompts share steps with running decodes
+
 
 class SlotAllocator(Protocol):
     """Where sequences get their KV slots: the engine passes its KVCache."""
