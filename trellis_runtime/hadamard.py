@@ -122,7 +122,7 @@ def small_factor(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     The Triton and C++ rotations apply the Sylvester part themselves and need only this factor.
     """
     r, _ = hadamard_factors(n)
-    return small_hadamard(r).to(device=device, dtype=torch.float32).contiguous()
+    return _small_hadamard_on(r, torch.float32, torch.device(device))
 
 
 @functools.lru_cache(maxsize=None)
