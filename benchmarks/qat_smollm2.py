@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     args, extra = parser.parse_known_args()  # anything else is passed to `trellis qat`
     if args.checkpoint is None:
-        from trellis_cli.cli import checkpoint_for
+        from trellis_cli.serve_commands import checkpoint_for
 
         args.checkpoint = str(checkpoint_for(None, "cpu"))
     ptq = Path(args.checkpoint)

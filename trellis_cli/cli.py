@@ -7,7 +7,6 @@ import sys
 from typing import Callable
 
 from trellis_cli import bench_commands, offline_commands, serve_commands
-from trellis_cli.serve_commands import checkpoint_for  # noqa: F401 (benchmarks import it here)
 from trellis_runtime.errors import TrellisError
 
 
