@@ -95,11 +95,11 @@ def main_loop(sass: str) -> collections.Counter:
 def _code_and_codes(spec: tuple):
     """The TrellisCode of (L, K, V, code) and zero packed codes of a SHAPE matrix: compiling needs
     the shapes and the code's constants, not the weights."""
-    from trellis_runtime.backend_triton import trellis_code
+    from trellis_runtime.backend_triton import kernel_code
     from trellis_cli.kernel_suite import random_weight
     from trellis_runtime.trellis import TrellisSpec
 
-    code = trellis_code(random_weight(TrellisSpec(*spec), 16 * 16, 16 * 16, seed=0, scale=1.0))
+    code = kernel_code(random_weight(TrellisSpec(*spec), 16 * 16, 16 * 16, seed=0, scale=1.0))
     codes = torch.zeros(SHAPE[0] // 16, SHAPE[1] // 16, 8 * spec[1], dtype=torch.int32)
     return code, codes
 

@@ -17,7 +17,7 @@ import torch
 
 from trellis_kernels.matmul import gemv_launch
 from trellis_cli.kernel_aot import describe_launch
-from trellis_runtime.backend_triton import trellis_code
+from trellis_runtime.backend_triton import kernel_code
 from trellis_cli.kernel_suite import random_weight
 from trellis_runtime.trellis import TrellisSpec
 
@@ -49,7 +49,7 @@ def test_every_suite_launch_compiles_for_sm90() -> None:
 
 def test_a_launch_that_cannot_compile_is_named_and_fails(tmp_path) -> None:
     weight = random_weight(TrellisSpec(16, 2, 2, "hyb"), 32, 64, seed=0, scale=1.0)
-    launch, _ = gemv_launch(torch.zeros(1, 64), weight.codes, trellis_code(weight))
+    launch, _ = gemv_launch(torch.zeros(1, 64), weight.codes, kernel_code(weight))
     good = describe_launch(launch.kernel, launch.arguments(), launch.options)
     bad = json.loads(json.dumps(good))
     bad["arguments"]["BLOCK_G"] = {"constexpr": 3}  # tl.arange needs a power of two

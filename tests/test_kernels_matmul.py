@@ -12,7 +12,7 @@ import torch
 from trellis_kernels.matmul import gemm, gemv_launch, gemv_partials
 from trellis_kernels.trellis_code import TrellisCode
 from trellis_runtime.codes import kernel_constants
-from trellis_runtime.backend_triton import trellis_code
+from trellis_runtime.backend_triton import kernel_code
 from trellis_cli.kernel_suite import CASES, GPU_CASES, random_weight
 from trellis_runtime.trellis import TrellisSpec
 
@@ -37,10 +37,10 @@ def test_tables_read_from_global_memory_give_the_same_products(rows) -> None:
     weight = random_weight(TrellisSpec(16, 2, 2, "hyb"), 48, 80, seed=6, scale=1.0)
     x = torch.randn(rows, 80).to(torch.float32 if rows == 1 else torch.float16)
     blocks = dict(splits=2, block_rows=32, block_tiles=2)
-    shared = gemv_partials(x, weight.codes, trellis_code(weight), **blocks)
-    launch, _ = gemv_launch(x, weight.codes, trellis_code(weight), shared_tables=False, **blocks)
+    shared = gemv_partials(x, weight.codes, kernel_code(weight), **blocks)
+    launch, _ = gemv_launch(x, weight.codes, kernel_code(weight), shared_tables=False, **blocks)
     assert launch.constexprs["TABLE_ROWS"] == 0
-    torch.testing.assert_close(gemv_partials(x, weight.codes, trellis_code(weight),
+    torch.testing.assert_close(gemv_partials(x, weight.codes, kernel_code(weight),
                                              shared_tables=False, **blocks),
                                shared, rtol=0, atol=0)
 
@@ -51,7 +51,7 @@ def test_gemv_splits_cover_the_input_and_write_every_partial() -> None:
     weight = random_weight(TrellisSpec(12, 2, 2, "hyb"), 32, 80, seed=3, scale=1.0)
     x = torch.randn(1, 80)
     out = torch.full((3, 1, 32), float("nan"))
-    got = gemv_partials(x, weight.codes, trellis_code(weight), block_rows=32, block_tiles=2,
+    got = gemv_partials(x, weight.codes, kernel_code(weight), block_rows=32, block_tiles=2,
                         out=out)
     assert got is out and not torch.isnan(out).any()
     reference = x.double() @ weight.decode_rotated().double().T
@@ -63,14 +63,14 @@ def test_gemv_splits_cover_the_input_and_write_every_partial() -> None:
 
 def test_gemv_defaults_to_one_split_off_the_gpu() -> None:
     weight = random_weight(TrellisSpec(16, 2, 1, "1mad"), 16, 32, seed=4, scale=1.0)
-    got = gemv_partials(torch.randn(1, 32), weight.codes, trellis_code(weight))
+    got = gemv_partials(torch.randn(1, 32), weight.codes, kernel_code(weight))
     assert got.shape == (1, 1, 16)
 
 
 def test_gemm_of_no_rows_is_empty() -> None:
     weight = random_weight(TrellisSpec(16, 2, 1, "1mad"), 16, 32, seed=5)
     assert gemm(torch.empty(0, 32, dtype=torch.float16), weight.codes,
-                trellis_code(weight)).shape == (0, 16)
+                kernel_code(weight)).shape == (0, 16)
 
 
 HYB = TrellisSpec(16, 2, 2, "hyb")
@@ -92,4 +92,4 @@ HYB = TrellisSpec(16, 2, 2, "hyb")
 def test_bad_arguments_are_refused(call, match: str) -> None:
     weight = random_weight(HYB, 16, 32, seed=6)
     with pytest.raises(ValueError, match=match):
-        call(weight, trellis_code(weight))
+        call(weight, kernel_code(weight))

@@ -19,7 +19,7 @@ import torch
 
 from trellis_runtime.codes import state_values, table_shape
 from trellis_runtime.hadamard import random_signs, rotate, small_factor, unrotate
-from trellis_runtime.backend_triton import TritonBackend, trellis_code
+from trellis_runtime.backend_triton import TritonBackend, kernel_code
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
 from trellis_runtime.viterbi import path_error, viterbi
@@ -101,7 +101,7 @@ def _decode_case(spec: str, shape: tuple[int, int], seed: int, device: torch.dev
 
     weight = random_weight(_spec(spec), *shape, seed=seed, device=device)
     out = torch.full(shape, float("nan"), device=device)
-    decode_matrix(weight.codes, trellis_code(weight), weight.scale, out=out, block_rows=32,
+    decode_matrix(weight.codes, kernel_code(weight), weight.scale, out=out, block_rows=32,
                   block_cols=32)
     return max_rel_err(out, weight.decode_rotated())
 
@@ -115,10 +115,10 @@ def _matmul_case(kernel: str, spec: str, shape: tuple[int, int], rows: int, dtyp
     x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed))
     x = x.to(device=device, dtype=dtype)
     if kernel == "gemv":
-        got = gemv_partials(x, weight.codes, trellis_code(weight), **blocks)
+        got = gemv_partials(x, weight.codes, kernel_code(weight), **blocks)
         got = got.sum(0)  # the partials' sum is what the output rotation reads
     else:
-        got = gemm(x, weight.codes, trellis_code(weight),
+        got = gemm(x, weight.codes, kernel_code(weight),
                    out=torch.full((rows, shape[0]), float("nan"), device=device), **blocks)
     return max_rel_err(got, x.double() @ weight.decode_rotated().double().T)
 

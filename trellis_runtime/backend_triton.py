@@ -43,7 +43,7 @@ def kernels_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def trellis_code(weight: QuantizedWeight):
+def kernel_code(weight: QuantizedWeight):
     """The kernels' view of a weight's spec, table and code constants (a
     trellis_kernels.trellis_code.TrellisCode)."""
     from trellis_kernels.trellis_code import TrellisCode
@@ -58,7 +58,7 @@ def kernel_support_error(weight: QuantizedWeight) -> str | None:
     from trellis_kernels.hadamard import check_size
 
     try:
-        trellis_code(weight)
+        kernel_code(weight)
         for n in weight.shape:
             r, _ = hadamard_factors(n)
             check_size(n, r)
@@ -126,7 +126,7 @@ class TritonBackend(nn.Module):
                              persistent=False)
         self.register_buffer("unit_scale", torch.ones(1, device=device), persistent=False)
         self.rotation = shared_rotation(self.input_signs)
-        self.code = trellis_code(QuantizedWeight(weight.spec, self.codes, self.input_signs,
+        self.code = kernel_code(QuantizedWeight(weight.spec, self.codes, self.input_signs,
                                                  self.output_signs, self.scale, self.table))
 
     @property
