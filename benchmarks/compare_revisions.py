@@ -42,8 +42,14 @@ def figure(result: dict, path: str) -> float:
 
 
 def run_benchmark(tree: Path, script: str, results: str, checkpoint: str, runs: int) -> dict:
-    """Run one benchmark of the checkout at `tree` and return the results file it wrote."""
-    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    """Run one benchmark of the checkout at `tree` and return the results file it wrote.
+
+    Each checkout gets a cache of its own: the C++ kernels are cached by their sources, and a build
+    for one revision replaces the other's, so a shared cache would recompile them on every run.
+    Hugging Face's cache stays where it is (it lives under the same variable by default)."""
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    environment = {**os.environ, "PYTHONPATH": str(tree), "XDG_CACHE_HOME": str(tree / ".cache"),
+                   "HF_HOME": os.environ.get("HF_HOME") or str(user_cache / "huggingface")}
     subprocess.run([sys.executable, f"benchmarks/{script}", checkpoint, "--runs", str(runs)],
                    cwd=tree, env=environment, check=True, stdout=subprocess.DEVNULL)
     return json.loads((tree / "benchmarks" / "results" / results).read_text())
