@@ -1,4 +1,4 @@
-"""The import rules of ARCHITECTURE.md, checked from the source of every module.
+"""The packages' import rules (the README's Repository section), checked from the source of every module.
 
 Each package may import only the packages below it. `trellis_cli` sits on top, but imports `qat` and
 `server` only inside the command that needs them, so that `trellis serve` never loads training code.
