@@ -41,11 +41,13 @@ def select_backend(weight: QuantizedWeight, device: torch.device) -> nn.Module:
             except ValueError:  # code values the kernel cannot hold exactly
                 pass
     if device.type == "cuda":
-        from trellis_runtime.backend_triton import (TritonBackend, kernel_support_error,
-                                                    kernels_available)
+        from trellis_runtime.backend_triton import TritonBackend, kernels_available
 
-        if kernels_available() and kernel_support_error(weight) is None:
-            return TritonBackend(weight, device, compute_dtype(device))
+        if kernels_available():
+            try:
+                return TritonBackend(weight, device, compute_dtype(device))
+            except ValueError:  # a spec or dimension the kernels do not take (kernel_support_error)
+                pass
     return DenseBackend(weight, device, compute_dtype(device))
 
 
