@@ -11,10 +11,11 @@ Like `trellis quantize`, the run is atomic and resumable: everything lives in `.
 beside the output (arguments, the latest snapshot with optimizer state, the best hardened codes,
 the record) until the finished checkpoint is renamed into place.
 
-This module holds the options and the order of a run; its parts live beside it: train_setup (the
-checkpoint, the trained layers, the learning rate against the drift budget), train_loop (the
-optimizer and the steps), hardened_eval (scoring hardened snapshots, keeping the best), snapshot
-(what a resume restores) and train_output (the summary and the published checkpoint).
+This module holds the order of a run; its parts live beside it: train_options (what the command
+takes), train_setup (the checkpoint, the trained layers, the learning rate against the drift
+budget), train_loop (the optimizer and the steps), hardened_eval (scoring hardened snapshots,
+keeping the best), snapshot (what a resume restores) and train_output (the summary and the
+published checkpoint).
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 
@@ -35,68 +35,12 @@ from qat.snapshot import SNAPSHOT_FILE, RunState, load_snapshot, read_run_state,
 from qat.soft_linear import SoftTrellisLinear
 from qat.text import calibration_text
 from qat.train_loop import make_optimizer, train
+from qat.train_options import QatOptions
 from qat.train_output import summarize, trained_weights, write_checkpoint
 from qat.train_setup import choose_layers, load_trainable, parse_layers, plan_run
 from qat.workdir import prepare, publish, work_dir
 from trellis_runtime.checkpoint import Checkpoint
-from trellis_runtime.devices import DEFAULT_DEVICE, Device
 from trellis_runtime.errors import TrellisError
-
-
-Loss = Literal["kl", "mse"]
-
-
-@dataclass(frozen=True)
-class QatOptions:
-    """What `trellis qat` takes: each field is a flag (trellis_cli/options.py) with this help,
-    except those marked "flag": False, which only a library caller sets."""
-
-    layers: str = field(default="auto", metadata={
-        "help": "all, auto (CPU: the layer whose quantization costs the most; CUDA: all) or "
-                "comma-separated layer indices"})
-    steps: int = field(default=12, metadata={"help": "optimizer steps, one text window each"})
-    lr: float | None = field(default=None, metadata={
-        "help": "AdamW learning rate in units of each matrix's scale (default: twice the largest "
-                "measured Voronoi radius spread over the steps)"})
-    t_start: float = field(default=0.3, metadata={"help": "first temperature"})
-    t_end: float = field(default=0.05, metadata={"help": "last temperature (exponential)"})
-    calib_text: str | None = field(default=None, metadata={
-        "help": "UTF-8 text file (default: the built-in Wikipedia calibration text)"})
-    teacher: str | None = field(default=None, metadata={
-        "help": "float model to distil from (default: the checkpoint's source)"})
-    ctx: int = field(default=1024, metadata={"help": "tokens per training window"})
-    eval_every: int = field(default=4, metadata={
-        "help": "steps between hardened snapshots (scored; the best is kept)"})
-    validation_tokens: int = field(default=8192, metadata={"flag": False})
-    loss: Loss = field(default="kl", metadata={
-        "help": "kl: full-vocabulary KL to the teacher; mse: per-layer output MSE"})
-    train_table: bool = field(default=False, metadata={"help": "also train the code table"})
-    train_scale: bool = field(default=False, metadata={"help": "also train each matrix's scale"})
-    clip: float = field(default=1.0, metadata={"flag": False})
-    seed: int = 0
-    device: Device = DEFAULT_DEVICE
-
-    def temperature(self, step: int) -> float:
-        """Exponential schedule t_start -> t_end over the steps (step counts from 0)."""
-        if self.steps == 1:
-            return self.t_end
-        return self.t_start * (self.t_end / self.t_start) ** (step / (self.steps - 1))
-
-    def check(self) -> None:
-        if self.steps < 1:
-            raise TrellisError(f"--steps must be at least 1, got {self.steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise TrellisError(f"--lr must be positive, got {self.lr}")
-        if not (0 < self.t_end <= self.t_start):
-            raise TrellisError(f"temperatures must satisfy 0 < --t-end <= --t-start, got "
-                               f"{self.t_start} -> {self.t_end}")
-        if self.t_end < 1e-2:
-            raise TrellisError(f"--t-end {self.t_end} is below 0.01, where float32 forward-backward "
-                               f"loses its precision")
-        if self.loss not in get_args(Loss):
-            raise TrellisError(f"--loss must be {' or '.join(get_args(Loss))}, got {self.loss!r}")
-        if self.eval_every < 1:
-            raise TrellisError(f"--eval-every must be at least 1, got {self.eval_every}")
 
 
 class Trainer:

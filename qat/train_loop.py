@@ -9,7 +9,6 @@ the latents are hardened and scored (qat.hardened_eval), which also writes the r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -19,9 +18,7 @@ from qat.hardened_eval import evaluate_snapshot
 from qat.record import Record
 from qat.snapshot import RunState
 from qat.soft_linear import SoftTrellisLinear
-
-if TYPE_CHECKING:  # qat.train imports this module
-    from qat.train import QatOptions
+from qat.train_options import QatOptions
 
 
 def make_optimizer(soft: dict[str, SoftTrellisLinear], lr: float) -> torch.optim.Optimizer:

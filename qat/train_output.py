@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from safetensors.torch import load_file
 
 from qat.record import plot
 from qat.snapshot import RunState
+from qat.train_options import QatOptions
 from trellis_runtime.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, save_checkpoint
 from trellis_runtime.quantized import QuantizedWeight, quantized_from_tensors
-
-if TYPE_CHECKING:  # qat.train imports this module
-    from qat.train import QatOptions
 
 
 def trained_weights(checkpoint: Checkpoint, best: Path) -> dict[str, QuantizedWeight]:

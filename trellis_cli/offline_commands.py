@@ -78,7 +78,7 @@ def quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def qat_arguments(parser: argparse.ArgumentParser) -> None:
-    from qat.train import QatOptions
+    from qat.train_options import QatOptions
 
     parser.add_argument("checkpoint", help="packed PTQ checkpoint (from trellis quantize)")
     parser.add_argument("--out", required=True, help="checkpoint directory to create")
