@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from qat.soft_trellis import soft_reconstruct
-from trellis_runtime.codes import state_values
 from trellis_cli.kernel_suite import max_rel_err
+from trellis_runtime.codes import state_values
 from trellis_runtime.trellis import TrellisSpec
 
 RESULTS = Path(__file__).parent / "results" / "bcjr_speed.json"

@@ -51,9 +51,9 @@ def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
     """The GEMV kernel alone over a few block shapes, K=2, to tune the defaults on this GPU; and,
     at the default shape, the same kernel with its table lookups sent to global memory (the
     earlier design), to measure what shared-memory lookups buy."""
+    from trellis_cli.kernel_bench import weight_copies
     from trellis_kernels import matmul
     from trellis_kernels.hadamard import rotate_rows
-    from trellis_cli.kernel_bench import weight_copies
     from trellis_runtime.trellis import TrellisSpec
 
     rows = []

@@ -95,8 +95,8 @@ def main_loop(sass: str) -> collections.Counter:
 def _code_and_codes(spec: tuple):
     """The TrellisCode of (L, K, V, code) and zero packed codes of a SHAPE matrix: compiling needs
     the shapes and the code's constants, not the weights."""
-    from trellis_runtime.backend_triton import kernel_code
     from trellis_cli.kernel_suite import random_weight
+    from trellis_runtime.backend_triton import kernel_code
     from trellis_runtime.trellis import TrellisSpec
 
     code = kernel_code(random_weight(TrellisSpec(*spec), 16 * 16, 16 * 16, seed=0, scale=1.0))

@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 
 from qat.sources import dense_model_from_checkpoint
-from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.backend_cpu import CpuBackend
+from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.engine import Engine
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear

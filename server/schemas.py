@@ -25,8 +25,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from trellis_runtime.scheduler import DEFAULT_MAX_BATCH
 from trellis_runtime.logprobs import MAX_LOGPROBS
+from trellis_runtime.scheduler import DEFAULT_MAX_BATCH
 
 # Choices per request. Each is its own engine request (own prefill and KV slot), so n is bounded by
 # what one batch holds: the engine's default batch.

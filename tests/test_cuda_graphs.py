@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from trellis_cli.kernel_suite import CASES
 from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.cuda_graphs import DecodeGraphs, buckets
-from trellis_cli.kernel_suite import CASES
 from trellis_runtime.model import TrellisLlama
 
 GRAPH_CASES = [c for c in CASES if c.kernel == "cuda_graphs"]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from trellis_kernels.matmul import gemv_launch
 from trellis_cli.kernel_aot import describe_launch
-from trellis_runtime.backend_triton import kernel_code
 from trellis_cli.kernel_suite import random_weight
+from trellis_kernels.matmul import gemv_launch
+from trellis_runtime.backend_triton import kernel_code
 from trellis_runtime.trellis import TrellisSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qat.soft_trellis import soft_reconstruct
 from trellis_kernels import bcjr
 from trellis_kernels.bcjr import backward_reference, backward_triton, forward_reference, forward_triton
-from qat.soft_trellis import soft_reconstruct
 from trellis_runtime.codes import state_values
 from trellis_runtime.trellis import TrellisSpec
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trellis_cli.kernel_suite import random_weight
 from trellis_kernels.cpu import KernelsUnavailable, MAX_TOKENS, dense_linear, library_path
 from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
                                          cpu_kernels_loaded, dense_product, fused_decoder_layer,
                                          kernels_unavailable_reason, state_lut)
 from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.checkpoint import load_checkpoint
-from trellis_cli.kernel_suite import random_weight
 from trellis_runtime.linear import select_backend
 from trellis_runtime.model import (AttentionLayout, RotaryEmbedding, TrellisLlama, apply_rotary,
                                    rope_frequencies)

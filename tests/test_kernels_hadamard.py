@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from trellis_cli.kernel_suite import CASES
 from trellis_kernels.hadamard import _split_tf32, rotate_rows, unrotate_rows
 from trellis_runtime.hadamard import random_signs, rotate, small_hadamard, unrotate
-from trellis_cli.kernel_suite import CASES
 
 HADAMARD_CASES = [c for c in CASES if c.kernel == "hadamard"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trellis_cli.kernel_suite import CASES, random_weight
 from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.backend_triton import TritonBackend, kernel_support_error
-from trellis_cli.kernel_suite import CASES, random_weight
 from trellis_runtime.linear import select_backend
 from trellis_runtime.trellis import TrellisSpec
 

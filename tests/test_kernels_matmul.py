@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trellis_cli.kernel_suite import CASES, GPU_CASES, random_weight
 from trellis_kernels.matmul import gemm, gemv_launch, gemv_partials
 from trellis_kernels.trellis_code import TrellisCode
-from trellis_runtime.codes import kernel_constants
 from trellis_runtime.backend_triton import kernel_code
-from trellis_cli.kernel_suite import CASES, GPU_CASES, random_weight
+from trellis_runtime.codes import kernel_constants
 from trellis_runtime.trellis import TrellisSpec
 
 MATMUL_CASES = [c for c in CASES if c.kernel in ("gemv", "gemm")]

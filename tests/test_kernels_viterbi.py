@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import trellis_kernels.viterbi as kernel_module
+from trellis_cli.kernel_suite import CASES
 from trellis_kernels.viterbi import viterbi_paths
 from trellis_runtime import viterbi as viterbi_module
 from trellis_runtime.codes import state_values
-from trellis_cli.kernel_suite import CASES
 from trellis_runtime.trellis import TrellisSpec
 from trellis_runtime.viterbi import encode, kernel_encodes, viterbi
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qat.sources import dense_model_from_checkpoint
-from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
 from trellis_runtime.backend_cpu import cpu_kernels_loaded
+from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
 from trellis_runtime.errors import SourceError
 from trellis_runtime.model import RotaryEmbedding, TrellisLlama, load_model, rope_frequencies
 

@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trellis_runtime.backend_triton import TritonBackend
 from trellis_cli.kernel_suite import random_checkpoint, random_weight
+from trellis_runtime.backend_triton import TritonBackend
 from trellis_runtime.trellis import TrellisSpec
 
 # Llama-3-8B's linear shapes (out, in): q/o, k/v, gate/up, down.

@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
+from trellis_runtime.backend_triton import TritonBackend, kernel_code
 from trellis_runtime.codes import state_values, table_shape
 from trellis_runtime.hadamard import random_signs, rotate, small_factor, unrotate
-from trellis_runtime.backend_triton import TritonBackend, kernel_code
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
 from trellis_runtime.viterbi import path_error, viterbi

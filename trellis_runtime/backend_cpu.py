@@ -4,9 +4,10 @@ the packed codes.
 A decode step on CPU is bound by the bytes its weights occupy: float32 copies of SmolLM2-135M's linears
 are 424 MB, far beyond a last-level cache, so each token streams them from memory whatever the
 arithmetic (README, Measured: what bounds single-stream decode). The 2-bit codes are 26.5 MB and stay
-in cache, so the C++ kernel (trellis_kernels/trellis_cpu.cpp) reads them instead: it rotates the input rows, multiplies by
-the code values looked up per trellis state, and rotates the result back. The values are the stored
-ones (float16 table entries, float32 computed codes) times the matrix's scale: no weight is rounded.
+in cache, so the C++ kernel (trellis_kernels/trellis_cpu.cpp) reads them instead: it rotates the
+input rows, multiplies by the code values looked up per trellis state, and rotates the result back.
+The values are the stored ones (float16 table entries, float32 computed codes) times the matrix's
+scale: no weight is rounded.
 
 Products of more rows than `max_rows` pay the code decode once but the multiply-adds per row, and a
 dense float32 copy overtakes: up to DENSE_KERNEL_MAX_ROWS rows through the C++ dense kernel (each
@@ -116,8 +117,9 @@ class CpuBackend(nn.Module):
 
 def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post_norm: torch.Tensor,
                         eps: float) -> torch.ScriptObject | None:
-    """The C++ decoder layer for decode steps (trellis_kernels/trellis_cpu_layer.cpp) over the backends of q, k,
-    v, o, gate, up and down, or None unless all seven are CpuBackends with one row limit."""
+    """The C++ decoder layer for decode steps (trellis_kernels/trellis_cpu_layer.cpp) over the
+    backends of q, k, v, o, gate, up and down, or None unless all seven are CpuBackends with one row
+    limit."""
     if not all(isinstance(linear, CpuBackend) for linear in linears) \
             or len({linear.max_rows for linear in linears}) != 1:
         return None

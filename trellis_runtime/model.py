@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trellis_runtime.architecture import LlamaShape
-from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
 from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, cpu_kernels_loaded, dense_product,
                                          fused_decoder_layer)
+from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
 from trellis_runtime.errors import SourceError
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear, compute_dtype
