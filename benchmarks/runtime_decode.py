@@ -1,4 +1,4 @@
-"""CPU decode speed of TrellisLlama against transformers `generate` on the same dequantized weights.
+"""CPU decode speed of TrellisModel against transformers `generate` on the same dequantized weights.
 
 Measured in one process, on one packed checkpoint:
   single stream   greedy decode with the KV cache, new tokens per second (prompt included in the time,
@@ -35,7 +35,7 @@ from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.engine import Engine
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear
-from trellis_runtime.model import TrellisLlama
+from trellis_runtime.model import TrellisModel
 from trellis_runtime.sampling import SamplingParams
 
 RESULTS = Path(__file__).parent / "results" / "runtime_decode.json"
@@ -52,7 +52,7 @@ def as_tensor(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
-def trellis_greedy(model: TrellisLlama, cache: KVCache, prompt: list[int], new_tokens: int) -> list[int]:
+def trellis_greedy(model: TrellisModel, cache: KVCache, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy continuation of one sequence: prefill, then one forward per token (EOS ignored)."""
     slot = cache.allocate()
     try:
@@ -71,7 +71,7 @@ def trellis_greedy(model: TrellisLlama, cache: KVCache, prompt: list[int], new_t
         cache.free(slot)
 
 
-def batched_steps(model: TrellisLlama, cache: KVCache, prompts: list[list[int]], steps: int) -> float:
+def batched_steps(model: TrellisModel, cache: KVCache, prompts: list[list[int]], steps: int) -> float:
     """Prefill each prompt in its own slot (untimed), then time `steps` forwards that advance all."""
     slots = [cache.allocate() for _ in prompts]
     try:
@@ -91,7 +91,7 @@ def batched_steps(model: TrellisLlama, cache: KVCache, prompts: list[list[int]],
             cache.free(slot)
 
 
-def step_weight_bytes(model: TrellisLlama) -> int:
+def step_weight_bytes(model: TrellisModel) -> int:
     """Weight bytes one decode step reads: what each linear's backend multiplies from, and the head."""
     total = model.lm_head.numel() * model.lm_head.element_size()
     for module in model.modules():
@@ -116,7 +116,7 @@ def main() -> None:
     checkpoint = load_checkpoint(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     started = time.perf_counter()
-    model = TrellisLlama.from_checkpoint(checkpoint, "cpu")
+    model = TrellisModel.from_checkpoint(checkpoint, "cpu")
     load_seconds = time.perf_counter() - started
     reference = dense_model_from_checkpoint(checkpoint)
     vocab = checkpoint.shape.vocab

@@ -9,10 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from trellis_runtime.architecture import INPUT_GROUPS
-
-# The first linear of each input group: hooking it sees the group's shared input.
-_GROUP_PROBES = {group: members[0] for group, members in INPUT_GROUPS.items()}
+from trellis_runtime.architecture import ModelShape
 
 
 def hessian_key(layer: int, group: str) -> str:
@@ -20,12 +17,15 @@ def hessian_key(layer: int, group: str) -> str:
 
 
 @torch.no_grad()
-def collect_hessians(model, windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+def collect_hessians(model, shape: ModelShape, windows: torch.Tensor, batch_size: int = 4
+                     ) -> dict[str, torch.Tensor]:
     """{hessian_key: (n, n) float64} averaged over all tokens of `windows` (N, ctx)."""
+    # The first linear of each input group: hooking it sees the group's shared input.
+    probes = {group: members[0] for group, members in shape.input_groups().items()}
     sums: dict[str, torch.Tensor] = {}
     handles = []
     for layer, block in enumerate(model.model.layers):
-        for group, probe in _GROUP_PROBES.items():
+        for group, probe in probes.items():
             key = hessian_key(layer, group)
 
             def hook(module, inputs, key=key):

@@ -28,7 +28,7 @@ from qat.ldlq import LdlqJob, block_feedback, run_ldlq
 from qat.sources import load_float_model, resolve_source, source_shape
 from qat.text import calibration_text
 from qat.workdir import atomic_save, prepare, publish, work_dir
-from trellis_runtime.architecture import INPUT_GROUPS, LlamaShape
+from trellis_runtime.architecture import ModelShape
 from trellis_runtime.bitstream import pack_states
 from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, save_checkpoint
 from trellis_runtime.codes import initial_table, state_values
@@ -76,7 +76,7 @@ def _seed(base: int, name: str) -> int:
     return zlib.crc32(f"{base}:{name}".encode())
 
 
-def _check_shapes(shape: LlamaShape) -> None:
+def _check_shapes(shape: ModelShape) -> None:
     for name, (out_features, in_features) in shape.linear_shapes(0).items():
         for size in (out_features, in_features):
             if size % TILE_ROWS:
@@ -94,7 +94,7 @@ def _calibration_windows(tokenizer, text: str, count: int, ctx: int, seed: int) 
     return torch.stack([ids[s:s + ctx] for s in starts.tolist()])
 
 
-def _load_or_collect_hessians(work: Path, model, tokenizer, options: QuantizeOptions
+def _load_or_collect_hessians(work: Path, model, shape: ModelShape, tokenizer, options: QuantizeOptions
                               ) -> dict[str, torch.Tensor]:
     path = work / "hessians.safetensors"
     if path.is_file():
@@ -102,7 +102,7 @@ def _load_or_collect_hessians(work: Path, model, tokenizer, options: QuantizeOpt
     text = calibration_text(options.calib_text)
     windows = _calibration_windows(tokenizer, text, options.calib_windows, options.calib_ctx,
                                    options.seed)
-    hessians = collect_hessians(model, windows)
+    hessians = collect_hessians(model, shape, windows)
     atomic_save(hessians, path)
     return hessians
 
@@ -122,8 +122,10 @@ def _rotated_feedback(hessian: torch.Tensor, signs: torch.Tensor, damping: float
 class _GroupQuantizer:
     """Quantizes a group of layers in one lockstep BlockLDLQ pass."""
 
-    def __init__(self, model, options: QuantizeOptions, hessians: dict[str, torch.Tensor] | None):
+    def __init__(self, model, shape: ModelShape, options: QuantizeOptions,
+                 hessians: dict[str, torch.Tensor] | None):
         self.model = model
+        self.shape = shape
         self.options = options
         self.hessians = hessians
         self.table = initial_table(options.spec, seed=options.seed)
@@ -140,7 +142,7 @@ class _GroupQuantizer:
         jobs, members = [], []
         for layer in layers:
             block = self.model.model.layers[layer]
-            for group, names in INPUT_GROUPS.items():
+            for group, names in self.shape.input_groups().items():
                 weights = [block.get_submodule(n).weight.detach().to(torch.float32) for n in names]
                 in_features = weights[0].shape[1]
                 input_signs = random_signs(in_features, _seed(options.seed, f"{layer}.{group}.in"))
@@ -177,7 +179,7 @@ class _GroupQuantizer:
         return tensors
 
 
-def _write_checkpoint(final: Path, model, tokenizer, shape: LlamaShape, tensors: dict,
+def _write_checkpoint(final: Path, model, tokenizer, shape: ModelShape, tensors: dict,
                       options: QuantizeOptions, source_name: str) -> None:
     """Write the quantized checkpoint, with the tokenizer's files, into the empty directory `final`."""
     quantized = {name: quantized_from_tensors(tensors, name, options.spec)
@@ -213,8 +215,8 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
         print(f"resuming from {work_dir(out)}")
     work = work_dir(out)
     model, tokenizer = load_float_model(source, options.device)
-    hessians = _load_or_collect_hessians(work, model, tokenizer, options) if options.hessian else None
-    quantizer = _GroupQuantizer(model, options, hessians)
+    hessians = _load_or_collect_hessians(work, model, shape, tokenizer, options) if options.hessian else None
+    quantizer = _GroupQuantizer(model, shape, options, hessians)
     tensors: dict[str, torch.Tensor] = {}
     groups = [list(range(i, min(i + options.layers_per_group, shape.layers)))
               for i in range(0, shape.layers, options.layers_per_group)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trellis_runtime.architecture import LlamaShape
+from trellis_runtime.architecture import ModelShape
 
 
 def rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -22,7 +22,7 @@ def rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 @torch.no_grad()
 def rtn_quantize_(model, bits: int = 3, group: int = 64) -> None:
     """Replace every decoder linear weight of a Llama-family model by its RTN reconstruction."""
-    shape = LlamaShape.from_config(model.config.to_dict())
+    shape = ModelShape.from_config(model.config.to_dict())
     for name in shape.all_linear_shapes():
         linear = model.get_submodule(name)
         linear.weight.copy_(rtn(linear.weight, bits, group))

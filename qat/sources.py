@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trellis_runtime.architecture import LlamaShape
+from trellis_runtime.architecture import ModelShape, transformers_config
 from trellis_runtime.checkpoint import Checkpoint, is_checkpoint, load_checkpoint
 from trellis_runtime.errors import SourceError
 
@@ -60,7 +60,7 @@ def resolve_source(spec: str) -> Source:
     return Source(path, None, spec)
 
 
-def source_shape(source: Source) -> LlamaShape:
+def source_shape(source: Source) -> ModelShape:
     """The model's dimensions from its config alone; refuses unsupported architectures cheaply."""
     from transformers import AutoConfig
 
@@ -70,7 +70,7 @@ def source_shape(source: Source) -> LlamaShape:
     except (OSError, ValueError, KeyError) as err:
         message = " ".join(str(err).split())
         raise SourceError(f"cannot read the config of {source.name!r}: {message}") from None
-    return LlamaShape.from_config(config.to_dict())
+    return ModelShape.from_config(config.to_dict())
 
 
 def load_float_model(source: Source, device: str = "cpu"):
@@ -90,11 +90,15 @@ def load_float_model(source: Source, device: str = "cpu"):
 
 
 def dense_model_from_checkpoint(checkpoint: Checkpoint, device: str = "cpu"):
-    """A transformers LlamaForCausalLM holding the checkpoint's dequantized weights (float32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The checkpoint's transformers model (LlamaForCausalLM, Qwen2ForCausalLM, ...) holding its
+    dequantized weights in float32: the reference the runtime model is tested against, and the
+    model QAT trains. Gemma 2's soft-capped attention needs transformers' eager attention."""
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig.from_dict(checkpoint.config)
-    model = LlamaForCausalLM(config)
+    config = transformers_config(checkpoint.config)
+    eager = checkpoint.shape.attention_softcap is not None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                             attn_implementation="eager" if eager else "sdpa")
     state = {name: t.to(torch.float32) for name, t in checkpoint.dense.items()}
     for name, weight in checkpoint.quantized.items():
         state[f"{name}.weight"] = weight.dequantize()

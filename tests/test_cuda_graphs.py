@@ -14,14 +14,14 @@ import torch
 from trellis_cli.kernel_suite import CASES
 from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.cuda_graphs import DecodeGraphs, buckets
-from trellis_runtime.model import TrellisLlama
+from trellis_runtime.model import TrellisModel
 
 GRAPH_CASES = [c for c in CASES if c.kernel == "cuda_graphs"]
 
 
 def _prefilled(device: str, tiny_checkpoint_dir: Path):
     """The tiny model and a cache holding three prompts in slots 1, 3 and 4 (one past 128)."""
-    model = TrellisLlama.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), device)
+    model = TrellisModel.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), device)
     cache = model.new_cache(max_slots=6, max_seq_len=200)
     gen = torch.Generator().manual_seed(0)
     lengths = {}

@@ -23,8 +23,8 @@ from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS,
 from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.linear import select_backend
-from trellis_runtime.model import (AttentionLayout, RotaryEmbedding, TrellisLlama, apply_rotary,
-                                   rope_frequencies)
+from trellis_runtime.model import TrellisModel
+from trellis_runtime.rope import apply_rotary, default_frequencies, rotation_factors
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TrellisSpec
 
@@ -150,7 +150,7 @@ def test_decode_attention_matches_rotary_and_sdpa(positions: list[int], dim: int
     position = torch.tensor(positions)
     q, k, v = (torch.randn(3, h * dim, generator=gen) for h in (heads, kv_heads, kv_heads))
     cache_k, cache_v = (torch.randn(4, kv_heads, length, dim, generator=gen) for _ in range(2))
-    cos, signed_sin = RotaryEmbedding(rope_frequencies({}, dim))(position, torch.float32)
+    cos, signed_sin = rotation_factors(position, default_frequencies(10000.0, dim), 1.0, torch.float32)
     expected_k, expected_v = cache_k.clone(), cache_v.clone()
     expected_k[slots, :, position] = apply_rotary(k.view(3, kv_heads, dim), cos, signed_sin)
     expected_v[slots, :, position] = v.view(3, kv_heads, dim)
@@ -178,7 +178,7 @@ def test_fused_decoder_layer_matches_the_per_op_layer(tiny_checkpoint_dir: Path)
     (the same kernels in the same order, float32 rounding apart), for 1 sequence (products from the
     codes) and 3 (beyond KERNEL_MAX_ROWS: from the dense copies)."""
     assert KERNEL_MAX_ROWS < 3
-    model = TrellisLlama.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), "cpu")
+    model = TrellisModel.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), "cpu")
     layer = model.layers[0]
     assert layer.fused_decode is not None and layer.fused_max_rows == DENSE_KERNEL_MAX_ROWS
     hidden, gen = model.shape.hidden, torch.Generator().manual_seed(10)
@@ -192,9 +192,8 @@ def test_fused_decoder_layer_matches_the_per_op_layer(tiny_checkpoint_dir: Path)
             values.copy_(torch.randn(values.shape, generator=gen))
         x = torch.randn(n, hidden, generator=gen)
         slot_t, position_t = torch.tensor(slots), torch.tensor(positions)
-        layout = AttentionLayout.plan(positions, slots, position_t, cache,
-                                      model.shape.heads // model.shape.kv_heads)
-        rope = model.rotary(position_t, torch.float32)
+        layout = model.plan_layout(positions, slots, position_t, cache)
+        rope = model.rotary["full_attention"](position_t, slot_t, torch.float32)
         outputs, caches, fused = [], [], layer.fused_decode
         try:
             for layer.fused_decode in (fused, None):

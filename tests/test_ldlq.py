@@ -6,6 +6,7 @@ import torch
 
 from qat.hessian import collect_hessians, damp, hessian_key
 from qat.ldlq import BLOCK, LdlqJob, block_feedback, run_ldlq
+from trellis_runtime.architecture import ModelShape
 from trellis_runtime.codes import state_values
 from trellis_runtime.trellis import TrellisSpec
 from trellis_runtime.viterbi import encode
@@ -64,7 +65,8 @@ def test_hessians_are_input_second_moments(tiny_model_dir) -> None:
     seen = []
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
         lambda module, inputs: seen.append(inputs[0].reshape(-1, inputs[0].shape[-1])))
-    hessians = collect_hessians(model, windows, batch_size=2)
+    shape = ModelShape.from_config(model.config.to_dict())
+    hessians = collect_hessians(model, shape, windows, batch_size=2)
     handle.remove()
     x = torch.cat(seen).to(torch.float64)
     expected = x.t() @ x / x.shape[0]

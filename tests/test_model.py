@@ -1,4 +1,4 @@
-"""TrellisLlama computes what transformers' LlamaForCausalLM computes on the same dequantized weights:
+"""TrellisModel computes what transformers' LlamaForCausalLM computes on the same dequantized weights:
 for a prefill, token by token through the KV cache, and for several sequences mixed in one forward."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from qat.sources import dense_model_from_checkpoint
 from trellis_runtime.backend_cpu import cpu_kernels_loaded
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
 from trellis_runtime.errors import SourceError
-from trellis_runtime.model import RotaryEmbedding, TrellisLlama, load_model, rope_frequencies
+from trellis_runtime.model import TrellisModel, load_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -35,8 +35,8 @@ def checkpoint(tiny_checkpoint_dir: Path) -> Checkpoint:
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint: Checkpoint) -> TrellisLlama:
-    return TrellisLlama.from_checkpoint(checkpoint, "cpu")
+def model(checkpoint: Checkpoint) -> TrellisModel:
+    return TrellisModel.from_checkpoint(checkpoint, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def random_tokens(count: int, seed: int) -> list[int]:
     return torch.randint(0, 49152, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run(model: TrellisLlama, cache, tokens: list[int], positions: list[int], slots: list[int],
+def run(model: TrellisModel, cache, tokens: list[int], positions: list[int], slots: list[int],
         logits_for: list[int] | None = None) -> torch.Tensor:
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
     with torch.inference_mode():
@@ -73,7 +73,7 @@ def run(model: TrellisLlama, cache, tokens: list[int], positions: list[int], slo
                      None if logits_for is None else as_tensor(logits_for))
 
 
-def test_prefill_matches_transformers(model: TrellisLlama, reference) -> None:
+def test_prefill_matches_transformers(model: TrellisModel, reference) -> None:
     tokens = random_tokens(24, seed=1)
     expected = reference_logits(reference, tokens)
     cache = model.new_cache(max_slots=2, max_seq_len=32)
@@ -83,7 +83,7 @@ def test_prefill_matches_transformers(model: TrellisLlama, reference) -> None:
     assert_close(last, expected[-1:])
 
 
-def test_decode_through_cache_matches_transformers(model: TrellisLlama, reference) -> None:
+def test_decode_through_cache_matches_transformers(model: TrellisModel, reference) -> None:
     tokens = random_tokens(20, seed=2)
     expected = reference_logits(reference, tokens)
     cache = model.new_cache(max_slots=1, max_seq_len=20)
@@ -98,7 +98,7 @@ def test_decode_through_cache_matches_transformers(model: TrellisLlama, referenc
 
 
 @pytest.mark.parametrize("consecutive_slots", [True, False])
-def test_sequences_interleaved_in_one_forward(model: TrellisLlama, reference,
+def test_sequences_interleaved_in_one_forward(model: TrellisModel, reference,
                                               consecutive_slots: bool) -> None:
     """Three sequences of different lengths: one mixed prefill with their tokens interleaved, then
     decode steps that run all three in one forward, in shuffled order."""
@@ -130,7 +130,7 @@ def test_untied_lm_head(checkpoint: Checkpoint) -> None:
                           generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 0.05
     untied = dataclasses.replace(checkpoint, config={**checkpoint.config, "tie_word_embeddings": False},
                                  dense={**checkpoint.dense, "lm_head.weight": lm_head})
-    model = TrellisLlama.from_checkpoint(untied)
+    model = TrellisModel.from_checkpoint(untied)
     assert model.lm_head.data_ptr() != model.embed_tokens.data_ptr()
     tokens = random_tokens(10, seed=4)
     cache = model.new_cache(max_slots=1, max_seq_len=10)
@@ -138,58 +138,62 @@ def test_untied_lm_head(checkpoint: Checkpoint) -> None:
     assert_close(logits, reference_logits(dense_model_from_checkpoint(untied), tokens))
 
 
-@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
-def test_llama3_rope_matches_transformers(spelling: str) -> None:
-    """Frequencies from both config spellings (transformers 5 and older) equal transformers' own."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-            "max_position_embeddings": 64}
-    if spelling == "rope_parameters":
-        config = {**base, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 10000.0}}
-    else:  # the type key spelled "type", the theta at the top level
-        legacy = {"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}}
-        config = {**base, "rope_theta": 10000.0, "rope_scaling": legacy}
-    frequencies = rope_frequencies(config, head_dim=16)
-    expected = LlamaRotaryEmbedding(LlamaConfig.from_dict(config))
-    torch.testing.assert_close(frequencies, expected.inv_freq, rtol=0, atol=0)
-    # Head dim 16 with an original context of 64 puts frequencies in all three bands of the scaling.
-    default = rope_frequencies({**base, "rope_theta": 10000.0}, head_dim=16)
-    ratio = default / frequencies
-    assert ratio[0] == 1 and abs(ratio[-1].item() - 8) < 1e-5 and ((ratio > 1.01) & (ratio < 7.99)).any()
-
-    positions = torch.arange(200)
-    cos, sin = RotaryEmbedding(frequencies)(positions, torch.float32)
-    expected_cos, expected_sin = expected(torch.zeros(1), positions[None])
-    torch.testing.assert_close(cos[:, 0], expected_cos[0])
-    torch.testing.assert_close(sin[:, 0, 8:], expected_sin[0, :, 8:])  # the first half is -sin
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "llama3": LLAMA3_ROPE,
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 32,
+                 "short_factor": [1.0 + i / 16 for i in range(8)],
+                 "long_factor": [2.0 + i / 4 for i in range(8)]},
+}
 
 
-def test_llama3_model_matches_transformers(checkpoint: Checkpoint) -> None:
-    """End to end: llama3 scaling changes the frequencies at every position, and both models agree."""
-    scaled = dataclasses.replace(
-        checkpoint, config={**checkpoint.config,
-                            "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 10000.0}})
-    model = TrellisLlama.from_checkpoint(scaled)
+@pytest.mark.parametrize("rope_type", list(ROPE_SCALINGS))
+def test_rope_scalings_match_transformers(checkpoint: Checkpoint, rope_type: str) -> None:
+    """Every scaling type, over a prompt longer than the original context (where dynamic NTK and
+    longrope change their frequencies), and through the cache within it."""
+    scaling = {**ROPE_SCALINGS[rope_type], "rope_theta": 10000.0}
+    scaled = dataclasses.replace(checkpoint, config={**checkpoint.config, "max_position_embeddings": 32,
+                                                     "rope_parameters": scaling})
+    model = TrellisModel.from_checkpoint(scaled)
+    reference = dense_model_from_checkpoint(scaled)
     tokens = random_tokens(40, seed=5)
-    cache = model.new_cache(max_slots=1, max_seq_len=40)
+    cache = model.new_cache(max_slots=2, max_seq_len=40)
     logits = run(model, cache, tokens, list(range(40)), [cache.allocate()] * 40)
-    assert_close(logits, reference_logits(dense_model_from_checkpoint(scaled), tokens))
+    assert_close(logits, reference_logits(reference, tokens))
+    short = tokens[:24]
+    slot = cache.allocate()
+    run(model, cache, short[:8], list(range(8)), [slot] * 8)
+    for position in range(8, 24):
+        logits = run(model, cache, [short[position]], [position], [slot])
+        assert_close(logits, reference_logits(reference, short[:position + 1])[-1:])
+
+
+def test_legacy_rope_scaling_spelling(checkpoint: Checkpoint) -> None:
+    """Configs written before transformers 5 spell the type `type` under `rope_scaling`, with the
+    theta at the top level: the same model."""
+    legacy = {"type": "llama3", **{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}}
+    configs = [{**checkpoint.config, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 10000.0}},
+               {**{k: v for k, v in checkpoint.config.items() if k != "rope_parameters"},
+                "rope_theta": 10000.0, "rope_scaling": legacy}]
+    tokens = random_tokens(40, seed=6)
+    outputs = []
+    for config in configs:
+        model = TrellisModel.from_checkpoint(dataclasses.replace(checkpoint, config=config))
+        cache = model.new_cache(max_slots=1, max_seq_len=40)
+        outputs.append(run(model, cache, tokens, list(range(40)), [cache.allocate()] * 40))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
 def test_unsupported_rope_refused(checkpoint: Checkpoint) -> None:
-    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
-    with pytest.raises(SourceError, match="rope type 'yarn' is not supported.*default, llama3"):
-        TrellisLlama.from_checkpoint(
-            dataclasses.replace(checkpoint, config={**checkpoint.config, "rope_parameters": yarn}))
-    with pytest.raises(SourceError, match="lacks 'factor'"):
-        rope_frequencies({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0},
-                          "max_position_embeddings": 64}, head_dim=16)
+    proportional = {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(SourceError, match="rope type 'proportional' is not supported.*default, linear"):
+        TrellisModel.from_checkpoint(
+            dataclasses.replace(checkpoint, config={**checkpoint.config, "rope_parameters": proportional}))
 
 
-def test_forward_refuses_bad_slots_and_positions(model: TrellisLlama) -> None:
+def test_forward_refuses_bad_slots_and_positions(model: TrellisModel) -> None:
     cache = model.new_cache(max_slots=2, max_seq_len=8)
     slot = cache.allocate()
     with pytest.raises(ValueError, match="not allocated"):

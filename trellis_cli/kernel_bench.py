@@ -265,10 +265,10 @@ def e2e_rows(device: torch.device, steps: int = 128) -> list[dict]:
     against the same model with 16-bit dense linears (bfloat16, the runtime's CUDA dtype), both
     replaying CUDA graphs; plus both without graphs, to show what the graphs buy."""
     from trellis_runtime.linear import TrellisLinear
-    from trellis_runtime.model import TrellisLlama
+    from trellis_runtime.model import TrellisModel
 
     spec = TrellisSpec(16, 2, 2, "hyb")
-    model = TrellisLlama.from_checkpoint(random_checkpoint(LLAMA3_8B_CONFIG, spec, device), device)
+    model = TrellisModel.from_checkpoint(random_checkpoint(LLAMA3_8B_CONFIG, spec, device), device)
     linears = [m for m in model.modules() if isinstance(m, TrellisLinear)]
     backends = {type(m.backend).__name__ for m in linears}
     quantized = decode_tokens_per_second(model, steps, graphs=True)

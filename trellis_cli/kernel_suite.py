@@ -59,10 +59,10 @@ def random_weight(spec: TrellisSpec, out_features: int, in_features: int, seed: 
 def random_checkpoint(config: dict, spec: TrellisSpec, device: torch.device, seed: int = 0):
     """An in-memory Checkpoint of the config's shape with random codes, signs and dense tensors,
     generated on `device` (an 8B model's codes would take minutes to draw on a CPU)."""
-    from trellis_runtime.architecture import LlamaShape
+    from trellis_runtime.architecture import ModelShape
     from trellis_runtime.checkpoint import DENSE_DTYPE, Checkpoint
 
-    shape = LlamaShape.from_config(config)
+    shape = ModelShape.from_config(config)
     gen = torch.Generator(device).manual_seed(seed)
     table_dims = table_shape(spec)
     table = (None if table_dims is None
@@ -187,10 +187,10 @@ def _graphs_case(device: torch.device) -> float:
     bucket) through DecodeGraphs against the model's ordinary forward: replayed CUDA graphs on a
     GPU, the same static step run eagerly elsewhere."""
     from trellis_runtime.cuda_graphs import DecodeGraphs
-    from trellis_runtime.model import TrellisLlama
+    from trellis_runtime.model import TrellisModel
 
     spec = TrellisSpec(16, 2, 2, "hyb")
-    model = TrellisLlama.from_checkpoint(random_checkpoint(SMALL_LLAMA_CONFIG, spec, device), device)
+    model = TrellisModel.from_checkpoint(random_checkpoint(SMALL_LLAMA_CONFIG, spec, device), device)
     cache = model.new_cache(max_slots=4, max_seq_len=256)
     gen = torch.Generator().manual_seed(0)
     slots, lengths = [cache.allocate() for _ in range(3)], [5, 130, 9]

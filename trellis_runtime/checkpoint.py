@@ -11,6 +11,7 @@ No pickle anywhere; nothing absolute.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from trellis_runtime.architecture import LlamaShape
+from trellis_runtime.architecture import ModelShape
 from trellis_runtime.codes import table_shape
 from trellis_runtime.errors import CheckpointError, SourceError, UnsupportedSpecError
 from trellis_runtime.quantized import QuantizedWeight, tiles_to_codes_shape
@@ -41,9 +42,9 @@ class Checkpoint:
     quantized: dict[str, QuantizedWeight]  # by module name, e.g. model.layers.0.mlp.up_proj
     dense: dict[str, torch.Tensor]  # by tensor name, bfloat16
 
-    @property
-    def shape(self) -> LlamaShape:
-        return LlamaShape.from_config(self.config)
+    @functools.cached_property
+    def shape(self) -> ModelShape:
+        return ModelShape.from_config(self.config)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -114,7 +115,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"{directory}: not a checkpoint directory")
     config, trellis, spec = _read_config(directory)
     try:
-        shape = LlamaShape.from_config(config)
+        shape = ModelShape.from_config(config)
     except SourceError as err:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {err}") from None
     for name in TOKENIZER_FILES:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from trellis_runtime.kv_cache import KVCache
-from trellis_runtime.model import AttentionLayout
+from trellis_runtime.attention import AttentionLayout
 
 MIN_CONTEXT_BUCKET = 128
 
@@ -60,7 +60,8 @@ class DecodeGraphs:
         self.batch_buckets = buckets(max_batch)
         self.context_buckets = buckets(cache.max_seq_len, min(MIN_CONTEXT_BUCKET,
                                                                cache.max_seq_len))
-        self.capture = self.device.type == "cuda"
+        # A rope whose frequencies follow the sequence length reads it back: such a model runs eagerly.
+        self.capture = self.device.type == "cuda" and not model.length_dependent_rope
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._steps: dict[tuple[int, int], _Step] = {}
 
@@ -90,14 +91,8 @@ class DecodeGraphs:
 
     def _forward(self, step: _Step, context: int) -> torch.Tensor:
         """The model's forward over the static inputs, attending to `context` cache positions."""
-        batch = step.tokens.shape[0]
-        visible = torch.arange(context, device=self.device)[None, :] <= step.positions[:, None]
-        mask = torch.zeros(batch, 1, self.group, context, dtype=self.cache.keys[0].dtype,
-                           device=self.device)
-        mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
-        layout = AttentionLayout(sequences=batch, tokens_per_sequence=1, key_length=context,
-                                 cache_rows=step.slots, mask=mask, sequence_of_token=None,
-                                 row_of_token=None, padded=True)
+        layout = AttentionLayout.padded_decode(step.positions, step.slots, context, self.group,
+                                               self.model.windows, self.cache.keys[0].dtype)
         return self.model(step.tokens, step.positions, step.slots, self.cache, layout=layout)
 
     def _capture(self, step: _Step, context: int) -> None:

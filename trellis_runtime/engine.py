@@ -59,7 +59,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  eos_token_ids: Sequence[int] | None = None) -> None:
-        """model: a TrellisLlama (or anything with its forward and new_cache); tokenizer: its HF tokenizer.
+        """model: a TrellisModel (or anything with its forward and new_cache); tokenizer: its HF tokenizer.
 
         max_batch sequences run at once, each in its own KV slot of max_seq_len positions (prompt plus
         output). eos_token_ids defaults to the tokenizer's EOS token.

@@ -52,21 +52,25 @@ def select_backend(weight: QuantizedWeight, device: torch.device) -> nn.Module:
 
 
 class TrellisLinear(nn.Module):
-    """y = x @ W^T for a trellis-quantized W (no bias: Llama-family linears have none)."""
+    """y = x @ W^T (+ bias) for a trellis-quantized W; the bias, where a family has one (Qwen2's q/k/v),
+    stays dense."""
 
-    def __init__(self, weight: QuantizedWeight, device: str | torch.device = "cpu") -> None:
+    def __init__(self, weight: QuantizedWeight, device: str | torch.device = "cpu",
+                 bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.quantized = weight
         self.out_features, self.in_features = weight.shape
         self.backend = select_backend(weight, torch.device(device))
+        self.bias = bias
 
     @property
     def decoded_bytes(self) -> int:
         return self.backend.decoded_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.forward(x)  # no hooks on backends: skip nn.Module's call machinery
+        y = self.backend.forward(x)  # no hooks on backends: skip nn.Module's call machinery
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"backend={type(self.backend).__name__}")
+                f"bias={self.bias is not None}, backend={type(self.backend).__name__}")

@@ -1,8 +1,8 @@
 """One engine step on the model: a plan's chunks -> one flat batch -> forward -> next tokens and logprobs.
 
 The batch is assembled as python lists (tokens, positions, slots, and which rows need logits), copied
-to the device once, and planned into an AttentionLayout from those same lists, which the forward is
-handed: nothing is read back from the device until the sampled tokens are. On CUDA a step that only
+to the device once, and planned into an AttentionLayout (trellis_runtime/attention.py) from those same
+lists, which the forward is handed: nothing is read back from the device until the sampled tokens are. On CUDA a step that only
 decodes replays a captured graph instead (trellis_runtime/cuda_graphs.py).
 
 Logits are computed only where they are used: the last token of each chunk that ends its sequence
@@ -19,7 +19,6 @@ import torch
 from trellis_runtime.cuda_graphs import DecodeGraphs
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.logprobs import TokenLogprob, token_logprobs
-from trellis_runtime.model import AttentionLayout
 from trellis_runtime.sampling import SamplingRow, sample
 from trellis_runtime.scheduler import StepPlan
 
@@ -87,7 +86,7 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = model.embed_tokens.device
-        self.group = model.shape.heads // model.shape.kv_heads  # query heads per kv head
+        self.plan_layout = model.plan_layout  # the model's attention windows and head groups
         # On CUDA, steps that only decode replay captured graphs.
         self.graphs = DecodeGraphs(model, cache, max_batch) if self.device.type == "cuda" else None
 
@@ -111,7 +110,7 @@ class ModelRunner:
         # One copy to the device for the three inputs; each row is a contiguous view.
         tokens, positions, slots = torch.tensor([batch.tokens, batch.positions, batch.slots],
                                                 dtype=torch.int64, device=self.device)
-        layout = AttentionLayout.plan(batch.positions, batch.slots, positions, self.cache, self.group)
+        layout = self.plan_layout(batch.positions, batch.slots, positions, self.cache)
         return self.model(tokens, positions, slots, self.cache, logits_for=self._tensor(batch.logits_at),
                           layout=layout)
 
