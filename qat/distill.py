@@ -46,7 +46,9 @@ def make_soft(model: nn.Module, checkpoint: Checkpoint, layers: list[int], train
     soft: dict[str, SoftTrellisLinear] = {}
     for layer in layers:
         for name in layer_linears(checkpoint, layer):
-            module = SoftTrellisLinear(checkpoint.quantized[name], train_table, train_scale).to(device)
+            bias = model.get_submodule(name).bias
+            module = SoftTrellisLinear(checkpoint.quantized[name], train_table, train_scale,
+                                       bias).to(device)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module)
             soft[name] = module

@@ -31,9 +31,11 @@ class SoftTrellisLinear(nn.Module):
     """y = x W^T with W the soft trellis reconstruction of `latent` (trainable, fp32)."""
 
     def __init__(self, weight: QuantizedWeight, train_table: bool = False,
-                 train_scale: bool = False) -> None:
+                 train_scale: bool = False, bias: torch.Tensor | None = None) -> None:
+        """bias: the layer's dense bias where its family has one (kept frozen, as the runtime keeps it)."""
         super().__init__()
         self.spec = weight.spec
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.ptq = weight
         self.latent = nn.Parameter(weight.dequantize())
         self.register_buffer("input_signs", weight.input_signs.clone())
@@ -88,7 +90,7 @@ class SoftTrellisLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.hard_weight if self.hard_weight is not None else self.soft_weight()
-        return F.linear(x, weight.to(x.dtype))
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.latent.shape)}, spec={self.spec}, T={self.temperature:.4g}"
