@@ -4,9 +4,15 @@ Per linear: rotate both sides with random-sign Hadamard transforms (incoherence)
 scale so the entries have the code's preferred spread, then BlockLDLQ with the tail-biting Viterbi
 encoder as the rounding step (or plain Viterbi with --no-hessian).
 
+The job streams: float weights are read by name when a group of layers needs them (qat/weights.py),
+and the calibration activations pass through the float model one layer at a time, each layer's
+Hessians accumulated just before it is quantized (qat/float_layers.py). Peak memory is one group of
+layers and the activations between two layers, not the model.
+
 The job is resumable and atomic. Work goes into a hidden `.<out>.partial` directory beside the
-output: the arguments, the Hessians, and one file per finished group of layers, each written to a
-temporary name and renamed. The finished checkpoint is assembled there, validated, and renamed to
+output: the arguments and one file per finished group of layers, each written to a temporary name
+and renamed (a resumed run passes the activations through the finished layers again, without
+quantizing them). The finished checkpoint is assembled there, validated, and renamed to
 its final name in one step, so a reader never sees a half-written checkpoint, and a killed run
 started again with the same arguments continues where it stopped and gives the same result.
 """
@@ -23,10 +29,12 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from qat.hessian import collect_hessians, damp, hessian_key
+from qat.float_layers import FloatStream
+from qat.hessian import damp, hessian_key
 from qat.ldlq import LdlqJob, block_feedback, run_ldlq
-from qat.sources import load_float_model, resolve_source, source_shape
+from qat.sources import resolve_source, source_config, source_tokenizer, source_weights
 from qat.text import calibration_text
+from qat.weights import Weights
 from qat.workdir import atomic_save, prepare, publish, work_dir
 from trellis_runtime.architecture import ModelShape
 from trellis_runtime.bitstream import pack_states
@@ -94,19 +102,6 @@ def _calibration_windows(tokenizer, text: str, count: int, ctx: int, seed: int) 
     return torch.stack([ids[s:s + ctx] for s in starts.tolist()])
 
 
-def _load_or_collect_hessians(work: Path, model, shape: ModelShape, tokenizer, options: QuantizeOptions
-                              ) -> dict[str, torch.Tensor]:
-    path = work / "hessians.safetensors"
-    if path.is_file():
-        return load_file(str(path))
-    text = calibration_text(options.calib_text)
-    windows = _calibration_windows(tokenizer, text, options.calib_windows, options.calib_ctx,
-                                   options.seed)
-    hessians = collect_hessians(model, shape, windows)
-    atomic_save(hessians, path)
-    return hessians
-
-
 def _rotated_feedback(hessian: torch.Tensor, signs: torch.Tensor, damping: float) -> torch.Tensor:
     """Feedback matrix of H_rot = R H R^T (R = Hadamard * diag(signs)), damped until it factors."""
     rotated = rotate(rotate(hessian, signs).t().contiguous(), signs)
@@ -122,12 +117,10 @@ def _rotated_feedback(hessian: torch.Tensor, signs: torch.Tensor, damping: float
 class _GroupQuantizer:
     """Quantizes a group of layers in one lockstep BlockLDLQ pass."""
 
-    def __init__(self, model, shape: ModelShape, options: QuantizeOptions,
-                 hessians: dict[str, torch.Tensor] | None):
-        self.model = model
+    def __init__(self, weights: Weights, shape: ModelShape, options: QuantizeOptions):
+        self.weights = weights
         self.shape = shape
         self.options = options
-        self.hessians = hessians
         self.table = initial_table(options.spec, seed=options.seed)
         self.values = state_values(options.spec, self.table, device=options.device)
 
@@ -137,13 +130,14 @@ class _GroupQuantizer:
         recon = self.values[states].reshape(tiles.shape)
         return recon.cpu(), states.cpu()
 
-    def __call__(self, layers: list[int], progress: tqdm) -> dict[str, torch.Tensor]:
+    def __call__(self, layers: list[int], hessians: dict[str, torch.Tensor] | None,
+                 progress: tqdm) -> dict[str, torch.Tensor]:
+        """The packed tensors of `layers`; hessians: theirs by hessian_key, None for plain Viterbi."""
         spec, options = self.options.spec, self.options
         jobs, members = [], []
         for layer in layers:
-            block = self.model.model.layers[layer]
             for group, names in self.shape.input_groups().items():
-                weights = [block.get_submodule(n).weight.detach().to(torch.float32) for n in names]
+                weights = [self.weights.get(f"model.layers.{layer}.{n}.weight") for n in names]
                 in_features = weights[0].shape[1]
                 input_signs = random_signs(in_features, _seed(options.seed, f"{layer}.{group}.in"))
                 rows, parts = [], []
@@ -155,8 +149,8 @@ class _GroupQuantizer:
                     rows.append(rotated / scale)
                     parts.append((full, weight.shape[0], input_signs, output_signs, scale))
                 feedback = None
-                if self.hessians is not None:
-                    feedback = _rotated_feedback(self.hessians[hessian_key(layer, group)],
+                if hessians is not None:
+                    feedback = _rotated_feedback(hessians[hessian_key(layer, group)],
                                                  input_signs, options.damping)
                 jobs.append(LdlqJob(torch.cat(rows), feedback))
                 members.append(parts)
@@ -179,14 +173,13 @@ class _GroupQuantizer:
         return tensors
 
 
-def _write_checkpoint(final: Path, model, tokenizer, shape: ModelShape, tensors: dict,
-                      options: QuantizeOptions, source_name: str) -> None:
+def _write_checkpoint(final: Path, weights: Weights, config: dict, tokenizer, shape: ModelShape,
+                      tensors: dict, options: QuantizeOptions, source_name: str) -> None:
     """Write the quantized checkpoint, with the tokenizer's files, into the empty directory `final`."""
     quantized = {name: quantized_from_tensors(tensors, name, options.spec)
                  for name in shape.all_linear_shapes()}
-    params = dict(model.named_parameters())
-    dense = {name: params[name].detach() for name in shape.dense_shapes()}
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _DROPPED_CONFIG_KEYS}
+    dense = {name: weights.get(name) for name in shape.dense_shapes()}
+    config = {k: v for k, v in config.items() if k not in _DROPPED_CONFIG_KEYS}
     trellis = {"spec": options.spec.to_dict(), "hessian": options.hessian,
                "source": source_name, "scale_ratio": options.scale_ratio,
                "damping": options.damping if options.hessian else None, "seed": options.seed,
@@ -209,27 +202,39 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
         if is_checkpoint(out):
             raise TrellisError(f"{out} already holds a checkpoint; remove it or choose another --out")
         raise TrellisError(f"{out} already exists and is not a checkpoint; choose another --out")
-    shape = source_shape(source)
+    config = source_config(source)
+    shape = ModelShape.from_config(config)
     _check_shapes(shape)
+    tokenizer = source_tokenizer(source)
+    windows = None
+    if options.hessian:
+        windows = _calibration_windows(tokenizer, calibration_text(options.calib_text),
+                                       options.calib_windows, options.calib_ctx, options.seed)
     if prepare(out, json.dumps(options.to_json(), sort_keys=True)):
         print(f"resuming from {work_dir(out)}")
     work = work_dir(out)
-    model, tokenizer = load_float_model(source, options.device)
-    hessians = _load_or_collect_hessians(work, model, shape, tokenizer, options) if options.hessian else None
-    quantizer = _GroupQuantizer(model, shape, options, hessians)
+    weights = source_weights(source)
+    stream = None if windows is None else FloatStream(shape, config, weights, windows)
+    quantizer = _GroupQuantizer(weights, shape, options)
     tensors: dict[str, torch.Tensor] = {}
     groups = [list(range(i, min(i + options.layers_per_group, shape.layers)))
               for i in range(0, shape.layers, options.layers_per_group)]
     with tqdm(total=shape.layers, desc="quantize", unit="layer") as progress:
         for layers in groups:
             path = work / f"layers-{layers[0]:03d}-{layers[-1]:03d}.safetensors"
-            if path.is_file():
+            done = path.is_file()
+            hessians = None
+            if stream is not None:  # one layer's activations at a time, Hessians only where needed
+                hessians = {}
+                for _ in layers:
+                    hessians.update(stream.advance(collect=not done))
+            if done:
                 tensors.update(load_file(str(path)))
                 progress.update(len(layers))
                 continue
-            group_tensors = quantizer(layers, progress)
+            group_tensors = quantizer(layers, hessians, progress)
             atomic_save(group_tensors, path)
             tensors.update(group_tensors)
-    publish(out, lambda final: _write_checkpoint(final, model, tokenizer, shape, tensors, options,
-                                                 source_name))
+    publish(out, lambda final: _write_checkpoint(final, weights, config, tokenizer, shape, tensors,
+                                                 options, source_name))
     print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from qat.weights import SafetensorsWeights, StateDictWeights, Weights
 from trellis_runtime.architecture import ModelShape, transformers_config
 from trellis_runtime.checkpoint import Checkpoint, is_checkpoint, load_checkpoint
 from trellis_runtime.errors import SourceError
@@ -60,17 +61,39 @@ def resolve_source(spec: str) -> Source:
     return Source(path, None, spec)
 
 
-def source_shape(source: Source) -> ModelShape:
-    """The model's dimensions from its config alone; refuses unsupported architectures cheaply."""
+def source_config(source: Source) -> dict:
+    """The model's config as a dict, read (for GGUF: derived) by transformers without any weight."""
     from transformers import AutoConfig
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(source.directory, **kwargs)
+        return AutoConfig.from_pretrained(source.directory, **kwargs).to_dict()
     except (OSError, ValueError, KeyError) as err:
         message = " ".join(str(err).split())
         raise SourceError(f"cannot read the config of {source.name!r}: {message}") from None
-    return ModelShape.from_config(config.to_dict())
+
+
+def source_shape(source: Source) -> ModelShape:
+    """The model's dimensions from its config alone; refuses unsupported architectures cheaply."""
+    return ModelShape.from_config(source_config(source))
+
+
+def source_weights(source: Source) -> Weights:
+    """The source's float tensors by name: read lazily from safetensors, or whole from a GGUF."""
+    if source.gguf_file is None:
+        return SafetensorsWeights(source.directory)
+    model, _ = load_float_model(source)
+    return StateDictWeights(model)
+
+
+def source_tokenizer(source: Source):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot load the tokenizer of {source.name!r}: {err}") from None
 
 
 def load_float_model(source: Source, device: str = "cpu"):

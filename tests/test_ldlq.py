@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from qat.hessian import collect_hessians, damp, hessian_key
+from qat.hessian import damp
 from qat.ldlq import BLOCK, LdlqJob, block_feedback, run_ldlq
-from trellis_runtime.architecture import ModelShape
 from trellis_runtime.codes import state_values
 from trellis_runtime.trellis import TrellisSpec
 from trellis_runtime.viterbi import encode
@@ -55,20 +54,3 @@ def test_ldlq_beats_plain_rounding_on_the_proxy_loss() -> None:
     direct = values[encode(tiles, values, spec)].reshape(2, 8, 16, 16).permute(0, 2, 1, 3)
     assert torch.equal(plain.reconstruction, direct.reshape(32, 128))
     assert plain.states.shape == (2, 8, spec.steps)
-
-
-def test_hessians_are_input_second_moments(tiny_model_dir) -> None:
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    windows = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(0))
-    seen = []
-    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
-        lambda module, inputs: seen.append(inputs[0].reshape(-1, inputs[0].shape[-1])))
-    shape = ModelShape.from_config(model.config.to_dict())
-    hessians = collect_hessians(model, shape, windows, batch_size=2)
-    handle.remove()
-    x = torch.cat(seen).to(torch.float64)
-    expected = x.t() @ x / x.shape[0]
-    assert len(hessians) == 2 * 4
-    assert torch.allclose(hessians[hessian_key(1, "down")], expected, rtol=1e-5, atol=1e-9)

@@ -172,6 +172,10 @@ class ModelShape:
         """The number of most recent positions layer `layer` attends to (None: all)."""
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
+    def windows(self) -> frozenset[int | None]:
+        """The attention windows of all layers: each needs its own mask."""
+        return frozenset(self.window(layer) for layer in range(self.layers))
+
     def llama_layer(self, layer: int) -> bool:
         """Whether layer `layer` computes exactly a Llama layer, with nothing a family adds: the CPU
         decode kernels, which fuse a whole layer, implement only that."""

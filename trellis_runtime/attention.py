@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from trellis_runtime.kv_cache import KVCache
-from trellis_runtime.linear import TrellisLinear
 from trellis_runtime.rope import apply_rotary
 
 
@@ -154,11 +153,12 @@ class AttentionSpec:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: AttentionSpec, o_proj: TrellisLinear, q_proj: TrellisLinear | None = None,
-                 k_proj: TrellisLinear | None = None, v_proj: TrellisLinear | None = None,
-                 qkv_proj: TrellisLinear | None = None, q_norm: nn.Module | None = None,
+    def __init__(self, spec: AttentionSpec, o_proj: nn.Module, q_proj: nn.Module | None = None,
+                 k_proj: nn.Module | None = None, v_proj: nn.Module | None = None,
+                 qkv_proj: nn.Module | None = None, q_norm: nn.Module | None = None,
                  k_norm: nn.Module | None = None, fused_decode: bool = False) -> None:
-        """Either q/k/v_proj or one fused qkv_proj (rows: queries, then keys, then values).
+        """Either q/k/v_proj or one fused qkv_proj (rows: queries, then keys, then values): each a
+        TrellisLinear, or a float nn.Linear where the quantizer runs the float model.
         q_norm, k_norm: per-head norms applied before the rotation (Qwen3, Gemma 3).
         fused_decode: decode steps (one token per sequence) run rotary, the cache write and
         attention as one CPU kernel call instead of ~20 small ops (CPU float32, plain Llama only)."""

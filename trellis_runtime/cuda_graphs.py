@@ -92,7 +92,7 @@ class DecodeGraphs:
     def _forward(self, step: _Step, context: int) -> torch.Tensor:
         """The model's forward over the static inputs, attending to `context` cache positions."""
         layout = AttentionLayout.padded_decode(step.positions, step.slots, context, self.group,
-                                               self.model.windows, self.cache.keys[0].dtype)
+                                               self.model.shape.windows(), self.cache.keys[0].dtype)
         return self.model(step.tokens, step.positions, step.slots, self.cache, layout=layout)
 
     def _capture(self, step: _Step, context: int) -> None:

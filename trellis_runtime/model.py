@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,8 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, down_proj: TrellisLinear, activation: str, gate_proj: TrellisLinear | None = None,
-                 up_proj: TrellisLinear | None = None, gate_up_proj: TrellisLinear | None = None) -> None:
+    def __init__(self, down_proj: nn.Module, activation: str, gate_proj: nn.Module | None = None,
+                 up_proj: nn.Module | None = None, gate_up_proj: nn.Module | None = None) -> None:
         """Either gate_proj and up_proj or one fused gate_up_proj (rows: gate, then up)."""
         super().__init__()
         self.gate_proj, self.up_proj, self.gate_up_proj = gate_proj, up_proj, gate_up_proj
@@ -121,10 +122,8 @@ class TrellisModel(nn.Module):
         self.register_buffer("lm_head", lm_head, persistent=False)  # the same tensor when tied
         self.rotary = nn.ModuleDict(rotary)
         self.length_dependent_rope = any(r.rope_type in LENGTH_DEPENDENT for r in rotary.values())
-        self.windows = frozenset(shape.window(layer) for layer in range(shape.layers))
-        # Gemma scales the embeddings by sqrt(hidden), rounded to the activations' dtype as it does.
-        self.embed_scale = (torch.tensor(shape.hidden ** 0.5, dtype=dtype).item()
-                            if shape.family.embed_scale else None)
+
+        self.embed_scale = embedding_scale(shape, dtype)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, device: str | torch.device = "cpu"
@@ -141,16 +140,14 @@ class TrellisModel(nn.Module):
             return checkpoint.dense[name].to(device=device, dtype=dtype).contiguous()
 
         def norm(name: str, fused: bool = False) -> RMSNorm:
-            """Gemma's (1 + w) is added in float32, as Gemma computes it, then cast."""
-            weight = checkpoint.dense[name].to(torch.float32) + shape.family.norm_offset
-            return RMSNorm(weight.to(device=device, dtype=dtype).contiguous(), shape.rms_norm_eps, fused)
+            return rms_norm(checkpoint.dense[name], shape, device, dtype, fused)
 
         def linear(name: str) -> TrellisLinear:
             bias = f"{name}.bias"
             return TrellisLinear(checkpoint.quantized[name], device,
                                  dense(bias) if bias in checkpoint.dense else None)
 
-        layers = [_decoder_layer(shape, index, linear, norm, kernels) for index in range(shape.layers)]
+        layers = [decoder_layer(shape, index, linear, norm, kernels) for index in range(shape.layers)]
 
         def head(name: str) -> torch.Tensor:
             """Embeddings and output head: bf16 kept as is where the CPU kernel multiplies by it
@@ -183,7 +180,7 @@ class TrellisModel(nn.Module):
                     cache: KVCache) -> AttentionLayout:
         """The AttentionLayout of a forward over these tokens (see AttentionLayout.plan)."""
         return AttentionLayout.plan(position_list, slot_list, positions, cache,
-                                    self.shape.heads // self.shape.kv_heads, self.windows)
+                                    self.shape.heads // self.shape.kv_heads, self.shape.windows())
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 cache: KVCache, logits_for: torch.Tensor | None = None,
@@ -217,8 +214,23 @@ class TrellisModel(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _decoder_layer(shape: ModelShape, index: int, linear, norm, kernels: bool) -> DecoderLayer:
-    """Layer `index` of a model of this shape; linear(name) and norm(name, fused) build its parts."""
+def embedding_scale(shape: ModelShape, dtype: torch.dtype) -> float | None:
+    """Gemma scales the embeddings by sqrt(hidden), rounded to the activations' dtype as it does."""
+    return torch.tensor(shape.hidden ** 0.5, dtype=dtype).item() if shape.family.embed_scale else None
+
+
+def rms_norm(weight: torch.Tensor, shape: ModelShape, device: torch.device, dtype: torch.dtype,
+             fused: bool = False) -> RMSNorm:
+    """The norm of a stored weight; Gemma's (1 + w) is added in float32, as Gemma computes it, then cast."""
+    multiplier = weight.to(torch.float32) + shape.family.norm_offset
+    return RMSNorm(multiplier.to(device=device, dtype=dtype).contiguous(), shape.rms_norm_eps, fused)
+
+
+def decoder_layer(shape: ModelShape, index: int, linear: Callable[[str], nn.Module],
+                  norm: Callable[[str, bool], RMSNorm], kernels: bool) -> DecoderLayer:
+    """Layer `index` of a model of this shape. linear(name) builds a projection by its module name (a
+    TrellisLinear to serve; a float nn.Linear where the quantizer runs the float model), norm(name,
+    fused) a norm by its weight's name; kernels: the CPU decode kernels may fuse plain Llama layers."""
     prefix = f"model.layers.{index}"
     spec = AttentionSpec(heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                          scale=shape.attention_scale, softcap=shape.attention_softcap,
