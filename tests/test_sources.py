@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qat.sources import resolve_source, source_shape
+from qat.sources import load_tokenizer, resolve_source, source_shape
 from trellis_runtime.errors import SourceError
 
 
@@ -112,3 +112,15 @@ def test_model_id_missing_from_the_hub_cache_is_one_line_exit_2(hub_cache: Path,
         f"trellis: error: model 'org/absent' is neither a local path nor in the Hugging Face cache "
         f"at {hub_cache} (offline: download it first, e.g. hf download org/absent)")
     assert not list(tmp_path.iterdir())
+
+
+def test_missing_tokenizer_is_named_before_any_loading(tiny_model_dir: Path, tmp_path: Path) -> None:
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    source = resolve_source(str(tmp_path))
+    with pytest.raises(SourceError) as info:
+        load_tokenizer(source)
+    assert str(info.value) == (f"model directory {str(tmp_path)!r} has no tokenizer: none of "
+                               "tokenizer.json, tokenizer.model, tokenizer_config.json is there")
+    shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert load_tokenizer(source)("a b c")["input_ids"]
