@@ -200,11 +200,25 @@ def read_text_file(path: str | os.PathLike) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _default_corpus_or_hint(flag: str) -> str:
+    """The default corpus; when it cannot be obtained (offline, no pip), the error names `flag`,
+    the command's way to give a text file instead."""
+    try:
+        return default_corpus()
+    except TextError as err:
+        raise TextError(f"the default text cannot be obtained ({err}); give your own UTF-8 text "
+                        f"file with {flag}") from None
+
+
 def calibration_text(path: str | None) -> str:
     """A user's file whole, or the calibration part of the default corpus."""
-    return read_text_file(path) if path is not None else split_corpus(default_corpus())[0]
+    if path is not None:
+        return read_text_file(path)
+    return split_corpus(_default_corpus_or_hint("--calib-text FILE"))[0]
 
 
 def evaluation_text(path: str | None) -> str:
     """A user's file whole, or the evaluation part of the default corpus (never calibrated on)."""
-    return read_text_file(path) if path is not None else split_corpus(default_corpus())[1]
+    if path is not None:
+        return read_text_file(path)
+    return split_corpus(_default_corpus_or_hint("--text FILE"))[1]

@@ -145,6 +145,21 @@ def test_default_corpus_reports_a_failed_download(monkeypatch: pytest.MonkeyPatc
         default_corpus()
 
 
+def test_unobtainable_default_text_points_to_a_file_flag(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """No cached corpus and pip cannot reach an index (PIP_NO_INDEX, as offline): the error says the
+    default text cannot be obtained and names the flag that gives a file instead."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    for read, flag in ((calibration_text, "--calib-text FILE"), (evaluation_text, "--text FILE")):
+        with pytest.raises(TextError) as info:
+            read(None)
+        message = str(info.value)
+        assert message.startswith("the default text cannot be obtained (could not download gensim")
+        assert message.endswith(f"give your own UTF-8 text file with {flag}")
+        assert "\n" not in message
+
+
 @pytest.mark.slow
 def test_default_corpus_from_the_gensim_wheel() -> None:
     """Uses the real user cache: the first run downloads the 28 MB wheel, later runs read the text."""
