@@ -32,7 +32,7 @@ from tqdm import tqdm
 from qat.float_layers import FloatStream
 from qat.hessian import damp, hessian_key
 from qat.ldlq import LdlqJob, block_feedback, run_ldlq
-from qat.sources import resolve_source, source_config, source_tokenizer, source_weights
+from qat.sources import resolve_source, source_config, load_tokenizer, source_weights
 from qat.text import calibration_text
 from qat.weights import Weights
 from qat.workdir import atomic_save, prepare, publish, work_dir
@@ -205,7 +205,7 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
     config = source_config(source)
     shape = ModelShape.from_config(config)
     _check_shapes(shape)
-    tokenizer = source_tokenizer(source)
+    tokenizer = load_tokenizer(source)
     windows = None
     if options.hessian:
         windows = _calibration_windows(tokenizer, calibration_text(options.calib_text),

@@ -134,18 +134,7 @@ def source_weights(source: Source) -> Weights:
     """The source's float tensors by name: read lazily from safetensors, or whole from a GGUF."""
     if source.gguf_file is None:
         return SafetensorsWeights(source.directory)
-    model, _ = load_float_model(source)
-    return StateDictWeights(model)
-
-
-def source_tokenizer(source: Source):
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        return AutoTokenizer.from_pretrained(source.directory, **kwargs)
-    except (OSError, ValueError) as err:
-        raise SourceError(f"cannot load the tokenizer of {source.name!r}: {err}") from None
+    return StateDictWeights(load_float_lm(source))
 
 
 def load_tokenizer(source: Source):
