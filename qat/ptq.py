@@ -32,7 +32,7 @@ from tqdm import tqdm
 from qat.float_layers import FloatStream
 from qat.hessian import damp, hessian_key
 from qat.ldlq import LdlqJob, block_feedback, run_ldlq
-from qat.sources import resolve_source, source_config, load_tokenizer, source_weights
+from qat.sources import load_tokenizer, resolve_source, source_config, source_weights
 from qat.text import calibration_text
 from qat.weights import Weights
 from qat.workdir import atomic_save, prepare, publish, work_dir
@@ -193,15 +193,50 @@ def _write_checkpoint(final: Path, weights: Weights, config: dict, tokenizer, sh
         raise TrellisError(f"the tokenizer did not write {', '.join(missing)}")
 
 
-def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> None:
-    """Quantize `source_name` into the checkpoint directory `out` (see module docstring)."""
-    started = time.time()
-    out = Path(out)
-    source = resolve_source(source_name)
+def _refuse_existing_output(out: Path) -> None:
     if out.exists():
         if is_checkpoint(out):
             raise TrellisError(f"{out} already holds a checkpoint; remove it or choose another --out")
         raise TrellisError(f"{out} already exists and is not a checkpoint; choose another --out")
+
+
+def _quantize_groups(work: Path, quantizer: _GroupQuantizer, stream: FloatStream | None,
+                     shape: ModelShape, options: QuantizeOptions) -> dict[str, torch.Tensor]:
+    """Every layer's packed tensors: a group finished by an earlier run is read back, the others are
+    quantized and saved, one file per group. The stream (Hessian mode) passes through every layer,
+    collecting Hessians only for the groups still to quantize."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups = [list(range(i, min(i + options.layers_per_group, shape.layers)))
+              for i in range(0, shape.layers, options.layers_per_group)]
+    with tqdm(total=shape.layers, desc="quantize", unit="layer") as progress:
+        for layers in groups:
+            path = work / f"layers-{layers[0]:03d}-{layers[-1]:03d}.safetensors"
+            done = path.is_file()
+            hessians = None
+            if stream is not None:
+                hessians = {}
+                for _ in layers:
+                    hessians.update(stream.advance(collect=not done))
+            if done:
+                tensors.update(load_file(str(path)))
+                progress.update(len(layers))
+                continue
+            group_tensors = quantizer(layers, hessians, progress)
+            atomic_save(group_tensors, path)
+            tensors.update(group_tensors)
+    return tensors
+
+
+def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> None:
+    """Quantize `source_name` into the checkpoint directory `out` (see module docstring).
+
+    Everything that needs only the config, the tokenizer and the calibration text is checked
+    before any weight is read and before the work directory is created, so bad input fails
+    in seconds and leaves nothing behind."""
+    started = time.time()
+    out = Path(out)
+    source = resolve_source(source_name)
+    _refuse_existing_output(out)
     config = source_config(source)
     shape = ModelShape.from_config(config)
     _check_shapes(shape)
@@ -215,26 +250,7 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
     work = work_dir(out)
     weights = source_weights(source)
     stream = None if windows is None else FloatStream(shape, config, weights, windows)
-    quantizer = _GroupQuantizer(weights, shape, options)
-    tensors: dict[str, torch.Tensor] = {}
-    groups = [list(range(i, min(i + options.layers_per_group, shape.layers)))
-              for i in range(0, shape.layers, options.layers_per_group)]
-    with tqdm(total=shape.layers, desc="quantize", unit="layer") as progress:
-        for layers in groups:
-            path = work / f"layers-{layers[0]:03d}-{layers[-1]:03d}.safetensors"
-            done = path.is_file()
-            hessians = None
-            if stream is not None:  # one layer's activations at a time, Hessians only where needed
-                hessians = {}
-                for _ in layers:
-                    hessians.update(stream.advance(collect=not done))
-            if done:
-                tensors.update(load_file(str(path)))
-                progress.update(len(layers))
-                continue
-            group_tensors = quantizer(layers, hessians, progress)
-            atomic_save(group_tensors, path)
-            tensors.update(group_tensors)
+    tensors = _quantize_groups(work, _GroupQuantizer(weights, shape, options), stream, shape, options)
     publish(out, lambda final: _write_checkpoint(final, weights, config, tokenizer, shape, tensors,
                                                  options, source_name))
     print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

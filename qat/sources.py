@@ -156,13 +156,14 @@ def load_tokenizer(source: Source):
 
 def load_float_lm(source: Source, device: str = "cpu"):
     """The float model alone, in float32 and eval mode. Refuses unsupported architectures first."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     source_shape(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: truncated or corrupt
         message = " ".join(str(err).split())
         raise SourceError(f"cannot load {source.name!r}: {message}") from None
     return model.to(device).eval()
