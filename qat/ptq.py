@@ -14,7 +14,8 @@ output: the arguments and one file per finished group of layers, each written to
 and renamed (a resumed run passes the activations through the finished layers again, without
 quantizing them). The finished checkpoint is assembled there, validated, and renamed to
 its final name in one step, so a reader never sees a half-written checkpoint, and a killed run
-started again with the same arguments continues where it stopped and gives the same result.
+started again with the same arguments continues where it stopped and gives the same result. A run
+that fails before it saved a group of layers removes the directory (qat.workdir).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from qat.ldlq import LdlqJob, block_feedback, run_ldlq
 from qat.sources import load_tokenizer, resolve_source, source_config, source_weights
 from qat.text import calibration_text
 from qat.weights import Weights
-from qat.workdir import atomic_save, prepare, publish, work_dir
+from qat.workdir import atomic_save, prepare, publish, removed_unless_resumable
 from trellis_runtime.architecture import ModelShape
 from trellis_runtime.bitstream import pack_states
 from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, save_checkpoint
@@ -200,6 +201,11 @@ def _refuse_existing_output(out: Path) -> None:
         raise TrellisError(f"{out} already exists and is not a checkpoint; choose another --out")
 
 
+def _resumable(work: Path) -> bool:
+    """A failed run is worth resuming once it saved a finished group of layers."""
+    return any(work.glob("layers-*.safetensors"))
+
+
 def _quantize_groups(work: Path, quantizer: _GroupQuantizer, stream: FloatStream | None,
                      shape: ModelShape, options: QuantizeOptions) -> dict[str, torch.Tensor]:
     """Every layer's packed tensors: a group finished by an earlier run is read back, the others are
@@ -245,12 +251,13 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
     if options.hessian:
         windows = _calibration_windows(tokenizer, calibration_text(options.calib_text),
                                        options.calib_windows, options.calib_ctx, options.seed)
-    if prepare(out, json.dumps(options.to_json(), sort_keys=True)):
-        print(f"resuming from {work_dir(out)}")
-    work = work_dir(out)
-    weights = source_weights(source)
-    stream = None if windows is None else FloatStream(shape, config, weights, windows)
-    tensors = _quantize_groups(work, _GroupQuantizer(weights, shape, options), stream, shape, options)
-    publish(out, lambda final: _write_checkpoint(final, weights, config, tokenizer, shape, tensors,
-                                                 options, source_name))
+    with removed_unless_resumable(out, _resumable) as work:
+        if prepare(out, json.dumps(options.to_json(), sort_keys=True)):
+            print(f"resuming from {work}")
+        weights = source_weights(source)
+        stream = None if windows is None else FloatStream(shape, config, weights, windows)
+        tensors = _quantize_groups(work, _GroupQuantizer(weights, shape, options), stream, shape,
+                                   options)
+        publish(out, lambda final: _write_checkpoint(final, weights, config, tokenizer, shape, tensors,
+                                                     options, source_name))
     print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

@@ -9,7 +9,8 @@ what the output checkpoint stores, in the same packed format `trellis serve` loa
 
 Like `trellis quantize`, the run is atomic and resumable: everything lives in `.<out>.partial`
 beside the output (arguments, the latest snapshot with optimizer state, the best hardened codes,
-the record) until the finished checkpoint is renamed into place.
+the record) until the finished checkpoint is renamed into place. A run that fails before its first
+snapshot removes the directory; after it, the directory stays for a rerun to resume.
 
 This module holds the order of a run; its parts live beside it: train_options (what the command
 takes), train_setup (the checkpoint, the trained layers, the learning rate against the drift
@@ -21,7 +22,6 @@ published checkpoint).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +38,7 @@ from qat.train_loop import make_optimizer, train
 from qat.train_options import QatOptions
 from qat.train_output import summarize, trained_weights, write_checkpoint
 from qat.train_setup import choose_layers, load_trainable, parse_layers, plan_run
-from qat.workdir import prepare, publish, work_dir
+from qat.workdir import prepare, publish, removed_unless_resumable, work_dir
 from trellis_runtime.checkpoint import Checkpoint
 from trellis_runtime.errors import TrellisError
 
@@ -57,37 +57,36 @@ class Trainer:
         started = time.time()
         checkpoint = load_trainable(self.checkpoint_dir, options.train_table)
         layers = parse_layers(options.layers, checkpoint.shape.layers, options.device)
-        resuming = self._prepare_work()
-        teacher, tokenizer = load_teacher(checkpoint, options.teacher, options.device)
-        teacher.requires_grad_(False)
-        windows = TextWindows.from_text(tokenizer, calibration_text(options.calib_text), options.ctx,
-                                        options.steps, options.validation_tokens, options.seed)
-        student = dense_student(checkpoint, options.device)
-        if layers is None:
-            layers = choose_layers(student, teacher, checkpoint, windows)
-        soft = make_soft(student, checkpoint, layers, options.train_table, options.train_scale,
-                         options.device)
-        if resuming:
-            run = read_run_state(self.work / SNAPSHOT_FILE)
-            optimizer = make_optimizer(soft, run.lr)
-            load_snapshot(self.work / SNAPSHOT_FILE, soft, optimizer)
-            self.record.truncate_after(run.step)
-            print(f"resuming {self.out.name} from step {run.step} of {options.steps}")
-        else:
-            try:
+        text = calibration_text(options.calib_text)
+        if self.out.exists():
+            raise TrellisError(f"{self.out} already exists; remove it or choose another --out")
+        # Worth resuming once the first snapshot is saved; refused before that, nothing stays.
+        with removed_unless_resumable(self.out, lambda work: (work / SNAPSHOT_FILE).is_file()):
+            resuming = self._prepare_work()
+            teacher, tokenizer = load_teacher(checkpoint, options.teacher, options.device)
+            teacher.requires_grad_(False)
+            windows = TextWindows.from_text(tokenizer, text, options.ctx, options.steps,
+                                            options.validation_tokens, options.seed)
+            student = dense_student(checkpoint, options.device)
+            if layers is None:
+                layers = choose_layers(student, teacher, checkpoint, windows)
+            soft = make_soft(student, checkpoint, layers, options.train_table, options.train_scale,
+                             options.device)
+            if resuming:
+                run = read_run_state(self.work / SNAPSHOT_FILE)
+                optimizer = make_optimizer(soft, run.lr)
+                load_snapshot(self.work / SNAPSHOT_FILE, soft, optimizer)
+                self.record.truncate_after(run.step)
+                print(f"resuming {self.out.name} from step {run.step} of {options.steps}")
+            else:
                 run = plan_run(soft, layers, options.lr, options.steps, options.seed)
                 optimizer = make_optimizer(soft, run.lr)
                 self._start(run, student, soft, optimizer, windows)
-            except BaseException:
-                shutil.rmtree(self.work, ignore_errors=True)  # refused before any work worth keeping
-                raise
-        train(run, student, teacher, soft, optimizer, windows, options, self.record, self.work)
-        return self._finish(run, checkpoint, time.time() - started)
+            train(run, student, teacher, soft, optimizer, windows, options, self.record, self.work)
+            return self._finish(run, checkpoint, time.time() - started)
 
     def _prepare_work(self) -> bool:
         """Create or reuse the work directory; True when resuming."""
-        if self.out.exists():
-            raise TrellisError(f"{self.out} already exists; remove it or choose another --out")
         prepare(self.out, json.dumps({"checkpoint": str(self.checkpoint_dir.resolve()),
                                       "options": asdict(self.options)}, sort_keys=True))
         return (self.work / SNAPSHOT_FILE).is_file()

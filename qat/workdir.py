@@ -1,13 +1,18 @@
 """The resumable-job directory both long jobs (quantize, qat) use: `.<out>.partial` beside the output,
-holding files that are each written to a temporary name and renamed, so a kill never leaves a torn one."""
+holding files that are each written to a temporary name and renamed, so a kill never leaves a torn one.
+
+A run that fails keeps the directory only when it holds finished work a rerun resumes from (each job
+says what counts); otherwise the directory goes, so a failed run leaves nothing behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -18,6 +23,31 @@ from trellis_runtime.errors import TrellisError
 
 def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
+
+
+@contextmanager
+def removed_unless_resumable(out: Path, resumable: Callable[[Path], bool]) -> Iterator[Path]:
+    """Run a job's body on `out`'s work directory. If the body fails (any exception, Ctrl-C too)
+    and `resumable(work)` says the directory holds finished work, it is kept and the error ends
+    with how to resume; otherwise it is removed."""
+    work = work_dir(out)
+    try:
+        yield work
+    except BaseException as err:
+        if work.is_dir() and resumable(work):
+            _add_resume_hint(err, f"run the same command again to resume from {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _add_resume_hint(err: BaseException, hint: str) -> None:
+    """The CLI prints a TrellisError's and a KeyboardInterrupt's message as its one line: the hint
+    goes at its end. Any other exception (a bug) prints a traceback, so the hint is printed apart."""
+    if isinstance(err, (TrellisError, KeyboardInterrupt)):
+        err.args = (f"{err}; {hint}" if str(err) else hint,)
+    else:
+        print(f"trellis: {hint}", file=sys.stderr)
 
 
 def prepare(out: Path, arguments: str) -> bool:

@@ -54,6 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())
         print(f"trellis: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("trellis: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # its message, if any, says how to resume
+        print(f"trellis: interrupted{'; ' if str(interrupt) else ''}{interrupt}", file=sys.stderr)
         return 130
