@@ -21,6 +21,7 @@ that fails before it saved a group of layers removes the directory (qat.workdir)
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -33,16 +34,17 @@ from tqdm import tqdm
 from qat.float_layers import FloatStream
 from qat.hessian import damp, hessian_key
 from qat.ldlq import LdlqJob, block_feedback, run_ldlq
-from qat.sources import load_tokenizer, resolve_source, source_config, source_weights
+from qat.sources import Source, load_tokenizer, resolve_source, source_config, source_weights
 from qat.text import calibration_text
 from qat.weights import Weights
 from qat.workdir import atomic_save, prepare, publish, removed_unless_resumable
-from trellis_runtime.architecture import ModelShape
+from trellis_runtime.architecture import ModelShape, transformers_config
 from trellis_runtime.bitstream import pack_states
 from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, save_checkpoint
 from trellis_runtime.codes import initial_table, state_values
 from trellis_runtime.devices import DEFAULT_DEVICE, Device
 from trellis_runtime.errors import SourceError, TrellisError
+from trellis_runtime.generation_config import GENERATION_CONFIG_FILE
 from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, rotate_weight
 from trellis_runtime.quantized import QuantizedWeight, quantized_from_tensors
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
@@ -174,21 +176,34 @@ class _GroupQuantizer:
         return tensors
 
 
+def _write_generation_config(final: Path, config: dict, source: Source) -> None:
+    """The source's generation config (its EOS ids are where generation stops): a model directory's
+    file as it is, or for GGUF the one transformers derives from the config it read from the file."""
+    from transformers import GenerationConfig
+
+    if source.gguf_file is not None:
+        GenerationConfig.from_model_config(transformers_config(config)).save_pretrained(str(final))
+    elif (source.directory / GENERATION_CONFIG_FILE).is_file():
+        shutil.copyfile(source.directory / GENERATION_CONFIG_FILE, final / GENERATION_CONFIG_FILE)
+
+
 def _write_checkpoint(final: Path, weights: Weights, config: dict, tokenizer, shape: ModelShape,
-                      tensors: dict, options: QuantizeOptions, source_name: str) -> None:
-    """Write the quantized checkpoint, with the tokenizer's files, into the empty directory `final`."""
+                      tensors: dict, options: QuantizeOptions, source: Source) -> None:
+    """Write the quantized checkpoint, with the tokenizer's files and the source's generation
+    config, into the empty directory `final`."""
     quantized = {name: quantized_from_tensors(tensors, name, options.spec)
                  for name in shape.all_linear_shapes()}
     dense = {name: weights.get(name) for name in shape.dense_shapes()}
     config = {k: v for k, v in config.items() if k not in _DROPPED_CONFIG_KEYS}
     trellis = {"spec": options.spec.to_dict(), "hessian": options.hessian,
-               "source": source_name, "scale_ratio": options.scale_ratio,
+               "source": source.name, "scale_ratio": options.scale_ratio,
                "damping": options.damping if options.hessian else None, "seed": options.seed,
                "calibration": None if not options.hessian else {
                    "text": options.calib_text or "built-in Wikipedia excerpt",
                    "windows": options.calib_windows, "ctx": options.calib_ctx}}
     save_checkpoint(final, config, trellis, quantized, dense)
     tokenizer.save_pretrained(str(final))
+    _write_generation_config(final, config, source)
     missing = [name for name in TOKENIZER_FILES if not (final / name).is_file()]
     if missing:
         raise TrellisError(f"the tokenizer did not write {', '.join(missing)}")
@@ -259,5 +274,5 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
         tensors = _quantize_groups(work, _GroupQuantizer(weights, shape, options), stream, shape,
                                    options)
         publish(out, lambda final: _write_checkpoint(final, weights, config, tokenizer, shape, tensors,
-                                                     options, source_name))
+                                                     options, source))
     print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

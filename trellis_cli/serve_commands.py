@@ -50,11 +50,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = checkpoint_for(settings.model, device)
     from server.serve import serve
     from trellis_runtime.engine import Engine
+    from trellis_runtime.generation_config import stop_token_ids
     from trellis_runtime.model import load_model
 
     model, tokenizer = load_model(path, device)
     engine = Engine(model, tokenizer, max_batch=settings.max_batch,
-                    max_seq_len=settings.max_seq_len)
+                    max_seq_len=settings.max_seq_len, eos_token_ids=stop_token_ids(path, tokenizer))
     serve(engine, tokenizer, settings.served_model_name or settings.model or BUILTIN_MODEL,
           settings)
     return 0
@@ -64,6 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = require_device(args.device)
     path = checkpoint_for(args.model, device)
     from trellis_runtime.engine import Engine
+    from trellis_runtime.generation_config import stop_token_ids
     from trellis_runtime.model import load_model
     from trellis_runtime.sampling import SamplingParams
 
@@ -74,7 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise TrellisError(str(err)) from None
     model, tokenizer = load_model(path, device)
-    with Engine(model, tokenizer, max_batch=1) as engine:
+    with Engine(model, tokenizer, max_batch=1,
+                eos_token_ids=stop_token_ids(path, tokenizer)) as engine:
         output = engine.generate_text(tokenizer(args.prompt)["input_ids"], params)
     print(output.text)
     return 0
