@@ -65,7 +65,8 @@ def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
                                (16, [None, (64, 4, 4), (32, 8, 4), (128, 4, 4), (64, 8, 4)])):
             x = torch.randn(batch, shape[1], device=device)
             rotated = rotate_rows(x, backends[0].input_signs, backends[0].small_in,
-                                  torch.float32 if batch == 1 else torch.float16)
+                                  torch.float32 if batch == 1 else torch.float16,
+                                  norm=backends[0].rotation.norm)
             default = matmul.GEMV_BLOCKS["fma" if batch == 1 else "dot"]
             variants = [(blocks or default, "shared" if blocks is None else None)
                         for blocks in configs] + [(default, "global")]
@@ -87,15 +88,15 @@ def gemv_configs(device: torch.device, timer, bandwidth: float) -> list[dict]:
 def hadamard_warps(device: torch.device, timer) -> list[dict]:
     """The rotation kernel's latency for one row at a few warp counts."""
     from trellis_kernels.hadamard import rotate_rows
-    from trellis_runtime.hadamard import random_signs, small_factor
+    from trellis_runtime.hadamard import random_signs, rotation_plan, small_factor
 
     rows = []
     for n, warp_counts in ((4096, (2, 4, 8)), (14336, (4, 8, 16))):
-        small = small_factor(n, device)
+        small, norm = small_factor(n, device), rotation_plan(n).norm
         signs = random_signs(n, 0).to(device)
         x = torch.randn(1, n, device=device)
         for warps in warp_counts:
-            seconds = timer(lambda i: rotate_rows(x, signs, small, num_warps=warps), 32)
+            seconds = timer(lambda i: rotate_rows(x, signs, small, num_warps=warps, norm=norm), 32)
             rows.append({"kernel": "hadamard_warps", "case": f"n={n} rows=1 warps={warps}",
                          "kernel_us": seconds * 1e6})
     return rows

@@ -152,7 +152,7 @@ def measure_rotation(n: int, direction: str) -> dict:
     of a 4096-input GEMV at its default split)."""
     from trellis_kernels.hadamard import SPLITS_AT_ONCE, rotation_launch
     from trellis_kernels.matmul import GEMV_BLOCKS, splits_for, split_tiles
-    from trellis_runtime.hadamard import random_signs, small_factor
+    from trellis_runtime.hadamard import random_signs, rotation_plan, small_factor
 
     small = small_factor(n)
     signs = random_signs(n, 0)
@@ -165,7 +165,8 @@ def measure_rotation(n: int, direction: str) -> dict:
         parts = -(-col_tiles // split_tiles(col_tiles, splits, block_tiles))
         x, scale = torch.zeros(parts, 1, n), torch.ones(1)
         out = torch.empty(1, n, dtype=torch.bfloat16)
-    launch = rotation_launch(x, signs, small, scale, out, signs_first=direction == "in")
+    launch = rotation_launch(x, signs, small, scale, out, signs_first=direction == "in",
+                             norm=rotation_plan(n).norm)
     sass, resources = compile_sass(launch)
     counts = opcodes(sass)
     # The loop over the partials runs once per SPLITS_AT_ONCE of them after the first.

@@ -6,6 +6,8 @@ the CPU here; select_backend picks it only on CUDA.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -71,3 +73,31 @@ def test_linears_with_equal_input_signs_rotate_each_input_once() -> None:
     torch.testing.assert_close(b(x).double(), x.double() @ second.dequantize().double().T,
                                rtol=1e-5, atol=1e-5)
     assert a.rotation._last[3] is not rotated
+
+
+def _explicit_rotation(n: int, blocks: int) -> torch.Tensor:
+    """I_blocks kron Sylvester's H_{n/blocks}, orthonormal, by Kronecker doubling."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n // blocks:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+    return torch.kron(torch.eye(blocks, dtype=torch.float64), h) / math.sqrt(n // blocks)
+
+
+@pytest.mark.parametrize("shape", [(688, 64), (64, 688)])
+def test_block_diagonal_widths_agree_across_backends(shape: tuple[int, int]) -> None:
+    """688 = 43 * 16 rotates in 43 Sylvester blocks of 16: the dequantized weight is
+    diag(s_out) H_out^T W_rot H_in diag(s_in) with those blocks written out here, and the dense
+    and kernel backends both multiply by it."""
+    weight = random_weight(TrellisSpec(16, 2, 2, "hyb"), *shape, seed=6)
+    rotation = {n: _explicit_rotation(n, 43) if n == 688 else _explicit_rotation(n, 1)
+                for n in shape}
+    s_out, s_in = weight.output_signs.double(), weight.input_signs.double()
+    expected = s_out[:, None] * (rotation[shape[0]].T @ weight.decode_rotated().double()
+                                 @ rotation[shape[1]]) * s_in
+    torch.testing.assert_close(weight.dequantize().double(), expected, rtol=0, atol=1e-6)
+    x = torch.randn(3, shape[1])
+    cpu = torch.device("cpu")
+    reference = x.double() @ expected.T
+    for backend in (DenseBackend(weight, cpu, torch.float32),
+                    TritonBackend(weight, cpu, torch.float32)):
+        torch.testing.assert_close(backend(x).double(), reference, rtol=2e-3, atol=2e-3)

@@ -110,7 +110,8 @@ def gemv_rows(device: torch.device, timer: GraphTimer, copy_bytes_per_s: float,
                 x = torch.randn(batch, shape[1], device=device, dtype=torch.bfloat16)
                 x16 = x.to(torch.float16)
                 inner = torch.float32 if batch == 1 else torch.float16
-                rotated = rotate_rows(x, backends[0].input_signs, backends[0].small_in, inner)
+                rotated = rotate_rows(x, backends[0].input_signs, backends[0].small_in, inner,
+                                      norm=backends[0].rotation.norm)
                 kernel = timer(lambda i: gemv_partials(rotated, backends[i].codes,
                                                        backends[i].code), len(backends))
                 inputs = [x.clone() for _ in backends]  # distinct inputs: no shared rotation
@@ -155,15 +156,15 @@ def hadamard_rows(device: torch.device, timer: GraphTimer, sizes=(4096, 14336),
                   batches=(1, 16)) -> list[dict]:
     """The rotation kernel against trellis_runtime.hadamard.rotate (torch), per size and batch."""
     from trellis_kernels.hadamard import rotate_rows
-    from trellis_runtime.hadamard import random_signs, rotate, small_factor
+    from trellis_runtime.hadamard import random_signs, rotate, rotation_plan, small_factor
 
     rows = []
     for n in sizes:
-        small = small_factor(n, device)
+        small, norm = small_factor(n, device), rotation_plan(n).norm
         signs = random_signs(n, 0).to(device)
         for batch in batches:
             x = torch.randn(batch, n, device=device)
-            kernel = timer(lambda i: rotate_rows(x, signs, small), 32)
+            kernel = timer(lambda i: rotate_rows(x, signs, small, norm=norm), 32)
             reference = timer(lambda i: rotate(x, signs), 32)
             rows.append({"kernel": "hadamard", "case": f"n={n} rows={batch}",
                          "kernel_us": kernel * 1e6, "torch_us": reference * 1e6,

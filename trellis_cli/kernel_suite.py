@@ -19,7 +19,7 @@ import torch
 
 from trellis_runtime.backend_triton import TritonBackend, kernel_code
 from trellis_runtime.codes import state_values, table_shape
-from trellis_runtime.hadamard import random_signs, rotate, small_factor, unrotate
+from trellis_runtime.hadamard import random_signs, rotate, rotation_plan, small_factor, unrotate
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
 from trellis_runtime.viterbi import path_error, viterbi
@@ -128,16 +128,17 @@ def _hadamard_case(direction: str, n: int, rows: int, seed: int, device: torch.d
     from trellis_kernels.hadamard import rotate_rows, unrotate_rows
 
     gen = torch.Generator().manual_seed(seed)
-    small = small_factor(n, device)
+    small, norm = small_factor(n, device), rotation_plan(n).norm
     signs = random_signs(n, seed).to(device)
     out = torch.full((rows, n), float("nan"), device=device)
     if direction == "rotate":
         x = torch.randn(rows, n, generator=gen).to(device)
-        return max_rel_err(rotate_rows(x, signs, small, out=out), rotate(x.double(), signs))
+        return max_rel_err(rotate_rows(x, signs, small, out=out, norm=norm),
+                           rotate(x.double(), signs))
     # split-K partials, summed on the way (several per iteration, the last group ragged)
     parts = torch.randn(partials, rows, n, generator=gen).to(device)
     scale = torch.tensor([0.75], device=device)
-    got = unrotate_rows(parts, signs, small, scale, out=out)
+    got = unrotate_rows(parts, signs, small, scale, out=out, norm=norm)
     return max_rel_err(got, unrotate(parts.double().sum(0), signs) * 0.75)
 
 
@@ -242,7 +243,8 @@ def _cases() -> list[Case]:
                               lambda dev, k=kernel, s=spec, sh=shape, r=rows, d=dtype, b=blocks,
                               i=i: _matmul_case(k, s, sh, r, d, 10 + i, dev, **b)))
     for direction in ("rotate", "unrotate"):
-        for i, (n, rows) in enumerate([(64, 3), (192, 2), (576, 2), (4096, 2), (1536, 1)]):
+        # 688 = 43 * 16 has no Kronecker construction: its rotation is block-diagonal.
+        for i, (n, rows) in enumerate([(64, 3), (192, 2), (576, 2), (4096, 2), (1536, 1), (688, 2)]):
             partials = 3 if i % 2 == 0 else 6
             name = f"{direction} n={n} rows={rows}" + (f" partials={partials}"
                                                         if direction == "unrotate" else "")
@@ -259,6 +261,12 @@ def _cases() -> list[Case]:
                           1e-5 if rows == 1 else 2e-3,
                           lambda dev, r=rows, d=dense_min_rows, i=i:
                           _linear_case("16,2,2,hyb", (64, 192), r, d, 30 + i, dev)))
+    # Block-diagonal rotations (688 = 43 * 16) on either side, one row and several.
+    for i, (shape, rows) in enumerate([((688, 64), 1), ((64, 688), 5)]):
+        cases.append(Case("linear", f"16,2,2,hyb {shape[0]}x{shape[1]} rows={rows} block-diagonal",
+                          1e-5 if rows == 1 else 2e-3,
+                          lambda dev, sh=shape, r=rows, i=i:
+                          _linear_case("16,2,2,hyb", sh, r, 128, 35 + i, dev)))
     for i, (spec, length, constrained) in enumerate([("8,2,1,1mad", 32, False),
                                                      ("8,2,2,hyb", 64, True),
                                                      ("9,3,1,3inst", 24, True),

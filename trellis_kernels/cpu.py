@@ -10,8 +10,9 @@ trellis_runtime.quantized.QuantizedWeight.dequantize and torch.nn.functional.lin
   p % V of step t = p // V, whose state is the L-bit window starting at bit t*K*V, circular within
   the tile. `lut` (2^L,) int32 maps a state to its V values: one float32 (V = 1) or two float16
   (V = 2, slot 0 in the low 16 bits), bit patterns stored as int32. H_n is the unnormalised
-  H_r kron H_{2^p}, with the small r x r factor passed in as float32; `factor` is
-  scale / sqrt(in * out), the scale and both Hadamard normalisations in one multiply.
+  S kron H_{2^p}, with the small r x r factor S (a Hadamard matrix, or I_k kron H_{r/k}) passed in
+  as float32; `factor` is the scale and both Hadamard normalisations in one multiply:
+  scale / sqrt(in * out) for Hadamard S, 1 / sqrt(n / k) per side for block-diagonal ones.
 - dense_linear(x, w) = x w^T for float32 x (at most MAX_TOKENS rows) and bfloat16 or float32 w,
   accumulated in float32.
 - rms_norm and decode_attention: those steps of a decode step (trellis_cpu.cpp says what they take).

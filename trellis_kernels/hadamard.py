@@ -1,11 +1,13 @@
 """Randomized Hadamard rotation of rows: the input and output rotations of a quantized linear.
 
-H_n = (H_r kron H_{2^p}) / sqrt(n) for n = r * 2^p, where H_{2^p} is Sylvester's matrix and H_r a
-small Hadamard matrix the caller supplies (trellis_runtime.hadamard.small_factor; this package
-imports nothing of the project). A row x, viewed as an r x A x B array (A*B = 2^p), becomes
-H_r X (H_A kron H_B): the Sylvester part splits into two factors of at most 128, and each
+H_n = norm * (S kron H_{2^p}) for n = r * 2^p, where H_{2^p} is Sylvester's matrix and S a small
+r x r matrix of 0 and +-1 the caller supplies with the normalisation that makes H_n orthonormal
+(trellis_runtime.hadamard: small_factor and rotation_plan(n).norm; this package imports nothing of
+the project). S is a Hadamard matrix (norm = 1 / sqrt(n)) or block-diagonal, I_k kron H_{r/k}
+(norm = 1 / sqrt(n / k)). A row x, viewed as an r x A x B array (A*B = 2^p), becomes
+S X (H_A kron H_B): the Sylvester part splits into two factors of at most 128, and each
 factor is a float32-accurate product on the tensor cores against Sylvester's +-1 matrix. Dots need
-every dimension to be at least 16, so H_r is padded with zeros to 16 or more, and short rows
+every dimension to be at least 16, so S is padded with zeros to 16 or more, and short rows
 (r = 1 and A = 1) are stacked several to a program.
 
 - rotate:   y = H_n (s * x)                          (the activations going in)
@@ -18,7 +20,6 @@ The torch references are trellis_runtime.hadamard.rotate and unrotate.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from trellis_kernels.launch import Launch
 
-MAX_SMALL_ORDER = 64  # H_r padded to at most 64 x 64
+MAX_SMALL_ORDER = 64  # S padded to at most 64 x 64
 MAX_FACTOR = 128  # each Sylvester factor at most 128 x 128
 MAX_ELEMENTS = 1 << 15  # one row (padded) held by one program
 DOT_MIN = 16
@@ -62,7 +63,7 @@ def _sign_dot(a, b, SPLIT_A: tl.constexpr):
 @triton.jit
 def _hadamard_kernel(
     x_ptr, signs_ptr, small_ptr, sylvester_a_ptr, sylvester_b_ptr, scale_ptr, out_ptr,
-    rows, splits, x_split_stride, x_stride, out_stride, small_stride0, small_stride1, inv_sqrt_n,
+    rows, splits, x_split_stride, x_stride, out_stride, small_stride0, small_stride1, norm,
     R: tl.constexpr, D0: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
     SIGNS_FIRST: tl.constexpr, SCALED: tl.constexpr,
 ):
@@ -97,13 +98,13 @@ def _hadamard_kernel(
         x = tl.permute(tl.reshape(x, (D0, A, B)), (0, 2, 1))
         x = _sign_dot(tl.reshape(x, (D0 * B, A)), h_a, True)
         x = tl.permute(tl.reshape(x, (D0, B, A)), (0, 2, 1))
-    if R > 1:  # H_r on the left: zero-padded rows and columns past R
+    if R > 1:  # S on the left: zero-padded rows and columns past R
         i = tl.arange(0, D0)
         small_ok = (i[:, None] < R) & (i[None, :] < R)
         small = tl.load(small_ptr + i[:, None] * small_stride0 + i[None, :] * small_stride1,
                         mask=small_ok, other=0.0)
-        x = _sign_dot(small, tl.reshape(x, (D0, A * B)), False)  # H_r: +-1, 0
-    x = tl.reshape(x, (D0, A, B)) * inv_sqrt_n
+        x = _sign_dot(small, tl.reshape(x, (D0, A * B)), False)  # S: +-1, 0
+    x = tl.reshape(x, (D0, A, B)) * norm
     if SCALED:
         x = x * tl.load(scale_ptr)
     if not SIGNS_FIRST:
@@ -152,7 +153,7 @@ def check_size(n: int, r: int) -> tuple[int, int, int]:
 
 def rotation_launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
                     scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool,
-                    num_warps: int | None = None) -> Launch | None:
+                    norm: float, num_warps: int | None = None) -> Launch | None:
     """The checked launch that writes `out` (None when it has no rows): rotate_rows and
     unrotate_rows run it."""
     n = x.shape[-1]
@@ -173,16 +174,16 @@ def rotation_launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | 
     args = (x, signs, small_t, sylvester(a, x.device), sylvester(b, x.device),
             scale if scale is not None else signs, out,
             rows, splits, x.stride(0) if x.dim() == 3 else 0, x.stride(-2), out.stride(-2),
-            small_t.stride(0), small_t.stride(-1), 1.0 / math.sqrt(n))
+            small_t.stride(0), small_t.stride(-1), float(norm))
     constexprs = dict(R=r, D0=d0, A=a, B=b, SIGNS_FIRST=signs_first, SCALED=scale is not None)
     warps = num_warps or (16 if d0 * a * b >= 16384 else 8 if d0 * a * b >= 4096 else 4)
     return Launch(_hadamard_kernel, grid, args, constexprs, {"num_warps": warps})
 
 
 def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
-            scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool,
+            scale: torch.Tensor | None, out: torch.Tensor, signs_first: bool, norm: float,
             num_warps: int | None) -> torch.Tensor:
-    launch = rotation_launch(x, signs, small, scale, out, signs_first, num_warps)
+    launch = rotation_launch(x, signs, small, scale, out, signs_first, norm, num_warps)
     if launch is not None:
         launch.run()
     return out
@@ -190,23 +191,24 @@ def _launch(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
 
 def rotate_rows(x: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
                 out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
-                num_warps: int | None = None) -> torch.Tensor:
-    """H_n (signs * x) for each row of x (rows, n); `small` is H_r (float32, r x r; [[1]] or None
-    when n is a power of two)."""
+                num_warps: int | None = None, *, norm: float) -> torch.Tensor:
+    """H_n (signs * x) for each row of x (rows, n); `small` is S (float32, r x r; [[1]] or None
+    when n is a power of two) and `norm` the normalisation of H_n (see the module docstring)."""
     if x.dim() != 2:
         raise ValueError(f"rotate_rows takes (rows, n), got {tuple(x.shape)}")
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    return _launch(x, signs, small, None, out, signs_first=True, num_warps=num_warps)
+    return _launch(x, signs, small, None, out, signs_first=True, norm=norm, num_warps=num_warps)
 
 
 def unrotate_rows(parts: torch.Tensor, signs: torch.Tensor, small: torch.Tensor | None,
                   scale: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                  out: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, num_warps: int | None = None, *,
+                  norm: float) -> torch.Tensor:
     """signs * (H_n^T sum_k parts[k]) * scale for parts (splits, rows, n) or (rows, n).
 
     H_n^T only transposes the small factor (Sylvester's matrix is symmetric), so `small` is read
-    transposed. `scale` is a float32 (1,) tensor or None.
+    transposed. `scale` is a float32 (1,) tensor or None; `norm` as for rotate_rows.
     """
     if parts.dim() not in (2, 3):
         raise ValueError(f"unrotate_rows takes (rows, n) or (splits, rows, n), got "
@@ -214,4 +216,4 @@ def unrotate_rows(parts: torch.Tensor, signs: torch.Tensor, small: torch.Tensor 
     if out is None:
         out = torch.empty(parts.shape[-2:], dtype=out_dtype, device=parts.device)
     return _launch(parts, signs, None if small is None else small.t(), scale, out,
-                   signs_first=False, num_warps=num_warps)
+                   signs_first=False, norm=norm, num_warps=num_warps)

@@ -6,8 +6,9 @@
 //
 // trellis_linear computes y = x W^T for W = diag(s_out) H_out^T (scale * T) H_in diag(s_in), where T
 // holds the code values of the packed tiles and H_n is the unnormalised Hadamard transform
-// H_r kron H_{2^p}. Instead of decoding W it rotates the activations, multiplies by T straight from
-// the codes, and rotates the result back: the weights used are exactly the stored code values.
+// S kron H_{2^p}, S a small Hadamard matrix or a block-diagonal I_k kron H_r of them. Instead of
+// decoding W it rotates the activations, multiplies by T straight from the codes, and rotates the
+// result back: the weights used are exactly the stored code values.
 
 #include "trellis_cpu.h"
 
@@ -40,8 +41,8 @@ void fwht(float* v, int64_t m) {
   }
 }
 
-// (H_r kron H_{2^p}) v, or its transpose, unnormalised, for each of `rows` vectors of length n:
-// the vector read as an r x 2^p matrix V becomes H_r V H_{2^p} (H_r^T V H_{2^p}).
+// (S kron H_{2^p}) v, or its transpose, unnormalised, for each of `rows` vectors of length n:
+// the vector read as an r x 2^p matrix V becomes S V H_{2^p} (S^T V H_{2^p}).
 void hadamard_rows(float* x, int64_t rows, int64_t n, const float* small, int64_t r, bool transpose) {
   const int64_t m = n / r;
   thread_local std::vector<float> mixed;

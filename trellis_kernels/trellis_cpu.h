@@ -23,7 +23,7 @@ inline __mmask16 first_lanes(int64_t n) {
 
 // One quantized linear, W = diag(s_out) H_out^T (scale * T) H_in diag(s_in), as the product kernel
 // reads it: the packed codes of T, the state -> value table, the signs, the small Hadamard factors and
-// factor = scale / sqrt(in * out). The constructor checks every tensor once.
+// factor = scale times both Hadamard normalisations. The constructor checks every tensor once.
 struct TrellisMatrix {
   TrellisMatrix(at::Tensor codes, at::Tensor lut, at::Tensor input_signs, at::Tensor output_signs,
                 at::Tensor input_hadamard, at::Tensor output_hadamard, double factor,

@@ -28,7 +28,7 @@ from torch import nn
 
 from trellis_kernels.cpu import MAX_TOKENS
 from trellis_runtime.codes import state_values
-from trellis_runtime.hadamard import small_factor
+from trellis_runtime.hadamard import rotation_plan, small_factor
 from trellis_runtime.paths import cache_dir
 from trellis_runtime.quantized import QuantizedWeight
 
@@ -96,7 +96,10 @@ class CpuBackend(nn.Module):
         self.output_signs = weight.output_signs.to(torch.float32)
         self.small_in = small_factor(self.in_features)
         self.small_out = small_factor(self.out_features)
-        self.factor = float(weight.scale) / math.sqrt(self.in_features * self.out_features)
+        # The scale and both rotations' normalisations, 1 / sqrt(block) each (hadamard.RotationPlan).
+        in_block = rotation_plan(self.in_features).block
+        out_block = rotation_plan(self.out_features).block
+        self.factor = float(weight.scale) / math.sqrt(in_block * out_block)
         self.kernel_args = (self.codes, self.lut, self.input_signs, self.output_signs, self.small_in,
                             self.small_out, self.factor, spec.state_bits, spec.bits, spec.vec)
         self.dense = weight.dequantize().contiguous()

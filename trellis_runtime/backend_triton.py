@@ -29,7 +29,7 @@ from torch import nn
 
 from trellis_runtime.codes import kernel_constants
 from trellis_runtime.errors import UnsupportedSpecError
-from trellis_runtime.hadamard import hadamard_factors, small_factor
+from trellis_runtime.hadamard import rotation_plan, small_factor
 from trellis_runtime.quantized import QuantizedWeight
 
 # Rows from which decode + cuBLAS replaces the fused GEMM. Unmeasured default: EXL3 switches at
@@ -60,8 +60,7 @@ def kernel_support_error(weight: QuantizedWeight) -> str | None:
     try:
         kernel_code(weight)
         for n in weight.shape:
-            r, _ = hadamard_factors(n)
-            check_size(n, r)
+            check_size(n, rotation_plan(n).small_order)
     except (ValueError, UnsupportedSpecError) as err:
         return str(err)
     return None
@@ -77,8 +76,8 @@ class InputRotation:
     rotation too.
     """
 
-    def __init__(self, signs: torch.Tensor, small: torch.Tensor) -> None:
-        self.signs, self.small = signs, small
+    def __init__(self, signs: torch.Tensor, small: torch.Tensor, norm: float) -> None:
+        self.signs, self.small, self.norm = signs, small, norm
         self._last: tuple | None = None
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,7 +86,7 @@ class InputRotation:
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version and last[2] == dtype:
             return last[3]
-        rotated = rotate_rows(rows, self.signs, self.small, dtype)
+        rotated = rotate_rows(rows, self.signs, self.small, dtype, norm=self.norm)
         self._last = (weakref.ref(x), x._version, dtype, rotated)
         return rotated
 
@@ -100,7 +99,8 @@ def shared_rotation(signs: torch.Tensor) -> InputRotation:
     key = (signs.device, signs.numel(), signs.cpu().numpy().tobytes())
     rotation = _ROTATIONS.get(key)
     if rotation is None:
-        rotation = InputRotation(signs, small_factor(signs.numel(), signs.device))
+        rotation = InputRotation(signs, small_factor(signs.numel(), signs.device),
+                                 rotation_plan(signs.numel()).norm)
         _ROTATIONS[key] = rotation
     return rotation
 
@@ -124,6 +124,7 @@ class TritonBackend(nn.Module):
         self.register_buffer("table", table, persistent=False)
         self.register_buffer("small_out", small_factor(self.out_features, device),
                              persistent=False)
+        self.out_norm = rotation_plan(self.out_features).norm
         self.register_buffer("unit_scale", torch.ones(1, device=device), persistent=False)
         self.rotation = shared_rotation(self.input_signs)
         self.code = kernel_code(QuantizedWeight(weight.spec, self.codes, self.input_signs,
@@ -152,5 +153,6 @@ class TritonBackend(nn.Module):
         else:
             dense = decode_matrix(self.codes, self.code, self.unit_scale, dtype=INNER_DTYPE)
             product = F.linear(rotated, dense)
-        y = unrotate_rows(product, self.output_signs, self.small_out, self.scale, x.dtype)
+        y = unrotate_rows(product, self.output_signs, self.small_out, self.scale, x.dtype,
+                          norm=self.out_norm)
         return y.reshape(*x.shape[:-1], self.out_features)

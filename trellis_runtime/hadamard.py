@@ -11,21 +11,33 @@ fast Walsh-Hadamard transform in O(n log n); H_r is a small Hadamard matrix buil
 constructions, which covers the non-power-of-two widths that real models use (576 = 36 * 16,
 1536 = 12 * 128, 5120 = 20 * 256, 14336 = 28 * 512). Paley I matrices are not symmetric, so H_n and
 its transpose are distinct and every function here says which one it applies.
+
+Some widths have no such construction (11008 = 43 * 256: no Hadamard matrix of order 43 * 2^j is
+built here). A multiple of 16 then gets the block-diagonal I_k kron H_b, with H_b as above on each of
+k blocks of b = n / k entries: every outlier is spread over its block only. Written as
+(I_k kron H_r) kron H_{2^p} it keeps the shape "small factor kron Sylvester" that the kernels apply;
+only the normalisation changes, to 1 / sqrt(b). RotationPlan holds the choice, a pure function of n,
+so a checkpoint stores nothing about it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from trellis_runtime.errors import UnsupportedSpecError
 
-# Largest H_r that hadamard_factors accepts. The dense r x r multiply costs r operations per entry
-# against log2(n) for the butterflies; past this the "small" factor stops being cheap (11008 would
-# need a 5504 x 5504 Paley matrix), so such widths are rejected rather than silently slow.
+# Largest small factor (H_r, or I_k kron H_r for blocks) that rotation_plan chooses. The dense
+# multiply by it costs its order in operations per entry against log2(n) for the butterflies; past
+# this the "small" factor stops being cheap (11008 would need a 5504 x 5504 Paley matrix). Part of
+# the format: the plan of a width, and so every checkpoint's rotation, depends on it.
 MAX_SMALL_ORDER = 1024
+# Block-diagonal rotations need a multiple of this: the weights are stored in 16 x 16 tiles, and a
+# Sylvester part of at least 16 keeps every block mixing at least 16 entries.
+BLOCK_MULTIPLE = 16
 
 
 def _is_prime(q: int) -> bool:
@@ -94,35 +106,111 @@ def small_hadamard(order: int) -> torch.Tensor:
     raise UnsupportedSpecError(f"no Hadamard matrix construction for order {order}")
 
 
-def hadamard_factors(n: int) -> tuple[int, int]:
-    """(r, p) with n == r * 2**p and H_r constructible, taking the smallest such r.
+def _kronecker_factors(n: int) -> tuple[int, int] | None:
+    """(r, p) with n == r * 2**p and H_r constructible, taking the smallest such r, or None.
 
     A smaller r leaves more of the work to the O(n log n) Sylvester part and less to the dense
     r x r multiply; r is capped at MAX_SMALL_ORDER for the same reason.
     """
-    if n >= 1:
-        odd = n
-        while odd % 2 == 0:
-            odd //= 2
-        r = odd
-        while n % r == 0 and r <= MAX_SMALL_ORDER:
-            if r == 1 or _construction(r) is not None:
-                return r, (n // r).bit_length() - 1
-            r *= 2
-    raise UnsupportedSpecError(
-        f"no Hadamard transform for dimension n={n}: "
-        f"n must be r * 2^p with r = 1 or a Paley order <= {MAX_SMALL_ORDER}"
-    )
+    odd = n
+    while odd % 2 == 0:
+        odd //= 2
+    r = odd
+    while n % r == 0 and r <= MAX_SMALL_ORDER:
+        if r == 1 or _construction(r) is not None:
+            return r, (n // r).bit_length() - 1
+        r *= 2
+    return None
+
+
+@dataclass(frozen=True)
+class RotationPlan:
+    """How H_n is built for one width n: (I_blocks kron H_order kron H_sylvester) / sqrt(block).
+
+    blocks == 1 is the full Kronecker transform; otherwise each of `blocks` diagonal blocks of
+    `block` entries is rotated on its own. The kernels take the small factor I_blocks kron H_order
+    (entries 0 and +-1, exact in tf32) and apply the Sylvester part themselves, so all they need
+    besides is `norm`: the small factor's rows have `order` nonzeros, not `small_order`, which is
+    why the normalisation is 1 / sqrt(block) and not 1 / sqrt(n).
+    """
+
+    blocks: int
+    order: int
+    sylvester: int
+
+    @property
+    def n(self) -> int:
+        return self.blocks * self.order * self.sylvester
+
+    @property
+    def block(self) -> int:
+        return self.order * self.sylvester
+
+    @property
+    def small_order(self) -> int:
+        return self.blocks * self.order
+
+    @property
+    def norm(self) -> float:
+        """The factor that makes the +-1 transform orthonormal."""
+        return 1.0 / math.sqrt(self.block)
+
+
+@functools.lru_cache(maxsize=None)
+def rotation_plan(n: int) -> RotationPlan:
+    """The rotation of width n: the full Kronecker transform when it exists, else (n a multiple
+    of BLOCK_MULTIPLE) the largest block with a construction whose small factor stays within
+    MAX_SMALL_ORDER, else Sylvester blocks over n's power-of-two part (always constructible).
+
+    The largest block spreads outliers furthest. It contains all of n's power of two: doubling
+    the Sylvester part of a block keeps it constructible and halves the number of blocks.
+    """
+    factors = _kronecker_factors(n) if n >= 1 else None
+    if factors is not None:
+        r, p = factors
+        return RotationPlan(1, r, 1 << p)
+    if n < 1 or n % BLOCK_MULTIPLE:
+        raise UnsupportedSpecError(
+            f"no Hadamard transform for dimension n={n}: n must be r * 2^p with r = 1 or a Paley "
+            f"order <= {MAX_SMALL_ORDER}, or a multiple of {BLOCK_MULTIPLE} for a block-diagonal one")
+    power = n & -n
+    odd = n // power
+    best = RotationPlan(odd, 1, power)
+    for divisor in range(3, odd, 2):
+        factors = _kronecker_factors(divisor * power) if odd % divisor == 0 else None
+        if factors is not None:
+            r, p = factors
+            plan = RotationPlan(odd // divisor, r, 1 << p)
+            if plan.small_order <= MAX_SMALL_ORDER and plan.block > best.block:
+                best = plan
+    return best
+
+
+def hadamard_factors(n: int) -> tuple[int, int]:
+    """(s, p) with n == s * 2**p, s the order of the small factor the kernels take (see
+    RotationPlan); raises UnsupportedSpecError for a width that has no rotation."""
+    plan = rotation_plan(n)
+    return plan.small_order, plan.sylvester.bit_length() - 1
 
 
 def small_factor(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """H_r of H_n = (H_r kron H_{2^p}) / sqrt(n), unnormalized, as the kernels take it: a contiguous
-    float32 r x r matrix on `device`, [[1]] when n is a power of two (the kernels then skip it).
+    """The small factor I_k kron H_r of H_n, unnormalized, as the kernels take it: a contiguous
+    float32 matrix of order rotation_plan(n).small_order on `device`; [[1]] when n is a power of
+    two (the kernels then skip it).
 
-    The Triton and C++ rotations apply the Sylvester part themselves and need only this factor.
+    The Triton and C++ rotations apply the Sylvester part themselves and need only this factor
+    and rotation_plan(n).norm.
     """
-    r, _ = hadamard_factors(n)
-    return _small_hadamard_on(r, torch.float32, torch.device(device))
+    plan = rotation_plan(n)
+    return _small_factor_on(plan.blocks, plan.order, torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _small_factor_on(blocks: int, order: int, device: torch.device) -> torch.Tensor:
+    hadamard = _small_hadamard_on(order, torch.float32, device)
+    if blocks == 1:
+        return hadamard
+    return torch.kron(torch.eye(blocks, dtype=torch.float32, device=device), hadamard)
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,17 +238,18 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
 def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """Apply the orthonormal H_n (or H_n^T) along the last dim of a floating-point tensor.
 
-    Viewing the last dim as an r x 2^p matrix X (row-major, matching the Kronecker index order),
-    (H_r kron H_{2^p}) x is H_r X H_{2^p}^T = H_r X H_{2^p}, since Sylvester's matrix is symmetric.
+    Viewing the last dim as an (k r) x 2^p matrix X (row-major, matching the Kronecker index
+    order), (I_k kron H_r kron H_{2^p}) x is (I_k kron H_r) X H_{2^p}, since Sylvester's matrix is
+    symmetric; I_k kron H_r is H_r on each group of r rows, so the k blocks fold into the batch.
     Only H_r changes under transposition.
     """
-    n = x.shape[-1]
-    r, p = hadamard_factors(n)
-    y = _fwht(x.reshape(-1, r, 1 << p))
+    plan = rotation_plan(x.shape[-1])
+    r = plan.order
+    y = _fwht(x.reshape(-1, r, plan.sylvester))
     if r > 1:
         h = _small_hadamard_on(r, x.dtype, x.device)
         y = torch.matmul(h.T if transpose else h, y)
-    return (y * (1.0 / math.sqrt(n))).reshape(x.shape)
+    return (y * plan.norm).reshape(x.shape)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
