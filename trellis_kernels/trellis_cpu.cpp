@@ -42,7 +42,8 @@ void fwht(float* v, int64_t m) {
 }
 
 // (S kron H_{2^p}) v, or its transpose, unnormalised, for each of `rows` vectors of length n:
-// the vector read as an r x 2^p matrix V becomes S V H_{2^p} (S^T V H_{2^p}).
+// the vector read as an r x 2^p matrix V becomes S V H_{2^p} (S^T V H_{2^p}). A block-diagonal S
+// (I_k kron H_{r/k}) is mostly zeros, which are skipped.
 void hadamard_rows(float* x, int64_t rows, int64_t n, const float* small, int64_t r, bool transpose) {
   const int64_t m = n / r;
   thread_local std::vector<float> mixed;
@@ -56,6 +57,7 @@ void hadamard_rows(float* x, int64_t rows, int64_t n, const float* small, int64_
       float* out = mixed.data() + a * m;
       for (int64_t b = 0; b < r; ++b) {
         const float h = transpose ? small[b * r + a] : small[a * r + b];
+        if (h == 0.0f) continue;
         const float* in = v + b * m;
         for (int64_t k = 0; k < m; ++k) out[k] += h * in[k];
       }
