@@ -41,7 +41,7 @@ class SafetensorsWeights:
                     with safe_open(str(path), framework="pt") as handle:
                         self.file_of.update(dict.fromkeys(handle.keys(), path))
         except (OSError, ValueError, KeyError, SafetensorError) as err:
-            raise SourceError(f"cannot read the weights index of {directory}: {err}") from None
+            raise SourceError(f"cannot load the weights of {directory}: {err}") from None
 
     def get(self, name: str) -> torch.Tensor:
         """Opened per tensor, so no shard stays mapped (and resident) after its tensors are read."""

@@ -38,6 +38,15 @@ FAMILIES = {
     "gemma3": ("gemma3_text", {"sliding_window": WINDOW, "query_pre_attn_scalar": 24,
                                "layer_types": ["sliding_attention", "full_attention"]}),
     "phi3": ("phi3", {"pad_token_id": 0}),
+    # Widths real models have, scaled down: Llama-2-7B's intermediate 11008 = 43 * 256 has no Kronecker
+    # Hadamard (688 = 43 * 16 rotates block-diagonally); Qwen2.5-0.5B's 896 = 14 * 64 heads of 64 with 2
+    # kv heads and its 4864 = 19 * 256 (here 112 and 304 = 19 * 16); Gemma's 256-wide heads over a
+    # 9 * 2^p hidden size and 27 * 2^p intermediate (here 144 and 432).
+    "llama2-dims": ("llama", {"intermediate_size": 688}),
+    "qwen2.5-dims": ("qwen2", {"hidden_size": 112, "intermediate_size": 304, "num_attention_heads": 7,
+                               "num_key_value_heads": 1}),
+    "gemma-dims": ("gemma", {"hidden_size": 144, "intermediate_size": 432, "head_dim": 32,
+                             "num_key_value_heads": 1, "hidden_act": "gelu_pytorch_tanh"}),
 }
 
 

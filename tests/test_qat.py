@@ -220,3 +220,29 @@ def test_an_interrupted_run_resumes_to_the_same_result(hyb_checkpoint_dir: Path,
         assert torch.equal(a.quantized[name].codes, b.quantized[name].codes), name
     steps = [json.loads(x)["step"] for x in (resumed / "qat_record.jsonl").read_text().splitlines()]
     assert steps == list(range(7))
+
+
+def test_qat_trains_a_biased_family_and_keeps_its_biases(builtin_tokenizer_dir: Path, calib_file: Path,
+                                                         tmp_path: Path):
+    """Qwen2 (q/k/v biases): the trained checkpoint keeps the PTQ biases, and the runtime serves it
+    computing what the trained student computes."""
+    from conftest import pack_tiny_model
+    from qat.sources import dense_model_from_checkpoint
+    from test_architectures import FAMILIES, random_source_model
+    from trellis_runtime.model import TrellisModel
+
+    model_type, extra = FAMILIES["qwen2"]
+    source = random_source_model(model_type, extra, tmp_path / "source", builtin_tokenizer_dir)
+    ptq_dir = pack_tiny_model(source, tmp_path / "ptq", "hyb")
+    out = tmp_path / "qat"
+    train_qat(ptq_dir, out, small_options(calib_file))
+    trained, ptq = load_checkpoint(out), load_checkpoint(ptq_dir)
+    biases = [name for name in ptq.dense if name.endswith(".bias")]
+    assert biases and all(torch.equal(trained.dense[name], ptq.dense[name]) for name in biases)
+    tokens = torch.arange(100, 120)
+    model = TrellisModel.from_checkpoint(trained)
+    cache = model.new_cache(max_slots=1, max_seq_len=20)
+    with torch.inference_mode():
+        ours = model(tokens, torch.arange(20), torch.full((20,), cache.allocate()), cache)
+        expected = dense_model_from_checkpoint(trained)(tokens[None]).logits[0]
+    assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -5,7 +5,7 @@ Layout:
 - tokenizer files, as the tokenizer saved them;
 - model.safetensors: per quantized linear `<module>.codes` (int32), `.input_signs`, `.output_signs`
   (int8), `.scale` (float32), `.code_table` (float16, table codes only); every other tensor
-  (embeddings, norms, untied lm_head) in bfloat16.
+  (embeddings, norms, biases, untied lm_head) in bfloat16.
 No pickle anywhere; nothing absolute.
 """
 
