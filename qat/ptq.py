@@ -135,17 +135,20 @@ class _GroupQuantizer:
 
     def __call__(self, layers: list[int], hessians: dict[str, torch.Tensor] | None,
                  progress: tqdm) -> dict[str, torch.Tensor]:
-        """The packed tensors of `layers`; hessians: theirs by hessian_key, None for plain Viterbi."""
+        """The packed tensors of `layers`; hessians: theirs by hessian_key, None for plain Viterbi. Each
+        Hessian is taken out of the dict once it became a feedback matrix, and each float weight is
+        dropped once rotated, so the group holds one copy of its weights and factors."""
         spec, options = self.options.spec, self.options
         jobs, members = [], []
         for layer in layers:
             for group, names in self.shape.input_groups().items():
-                weights = [self.weights.get(f"model.layers.{layer}.{n}.weight") for n in names]
-                in_features = weights[0].shape[1]
-                input_signs = random_signs(in_features, _seed(options.seed, f"{layer}.{group}.in"))
-                rows, parts = [], []
-                for name, weight in zip(names, weights):
+                rows, parts, input_signs = [], [], None
+                for name in names:
                     full = f"model.layers.{layer}.{name}"
+                    weight = self.weights.get(f"{full}.weight")
+                    if input_signs is None:  # one per group: its linears share their input rotation
+                        input_signs = random_signs(weight.shape[1],
+                                                   _seed(options.seed, f"{layer}.{group}.in"))
                     output_signs = random_signs(weight.shape[0], _seed(options.seed, full))
                     rotated = rotate_weight(weight, input_signs, output_signs)
                     scale = rotated.pow(2).mean().sqrt() / options.scale_ratio
@@ -153,7 +156,7 @@ class _GroupQuantizer:
                     parts.append((full, weight.shape[0], input_signs, output_signs, scale))
                 feedback = None
                 if hessians is not None:
-                    feedback = _rotated_feedback(hessians[hessian_key(layer, group)],
+                    feedback = _rotated_feedback(hessians.pop(hessian_key(layer, group)),
                                                  input_signs, options.damping)
                 jobs.append(LdlqJob(torch.cat(rows), feedback))
                 members.append(parts)

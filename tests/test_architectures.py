@@ -168,3 +168,29 @@ def test_serves_a_chat_request(packed: Path) -> None:
     answer = response.json()
     assert answer["choices"][0]["message"]["role"] == "assistant"
     assert answer["usage"]["completion_tokens"] >= 1
+
+
+def test_every_activation_a_config_may_name_is_implemented() -> None:
+    from trellis_runtime.architecture import ACTIVATIONS
+    from trellis_runtime.model import ACTIVATION_FUNCTIONS
+
+    assert set(ACTIVATION_FUNCTIONS) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize(("model_type", "extra", "message"), [
+    ("gpt2", {}, "unsupported architecture 'gpt2': supported model types are llama, mistral, qwen2"),
+    ("llama", {"hidden_act": "relu"}, "activation 'relu' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}},
+     "rope type 'proportional' is not supported"),
+    ("gemma3_text", {"use_bidirectional_attention": True}, "bidirectional attention is not supported"),
+    ("qwen2", {"layer_types": ["chunked_attention", "full_attention"]},
+     "layer type 'chunked_attention' is not supported"),
+    ("llama", {"num_key_value_heads": 3}, "do not share 3 kv heads evenly"),
+])
+def test_config_features_the_runtime_lacks_are_refused(model_type: str, extra: dict,
+                                                       message: str) -> None:
+    from trellis_runtime.architecture import ModelShape
+    from trellis_runtime.errors import SourceError
+
+    with pytest.raises(SourceError, match=message):
+        ModelShape.from_config({"model_type": model_type, **BASE, **extra})

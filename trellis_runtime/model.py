@@ -31,7 +31,7 @@ from trellis_runtime.rope import LENGTH_DEPENDENT, RotaryEmbedding
 
 logger = logging.getLogger("trellis_runtime")
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu,
+ACTIVATION_FUNCTIONS = {"silu": F.silu, "gelu": F.gelu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -57,7 +57,7 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.gate_up_proj = gate_proj, up_proj, gate_up_proj
         self.down_proj = down_proj
-        self.activation = ACTIVATIONS[activation]
+        self.activation = ACTIVATION_FUNCTIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
