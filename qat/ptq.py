@@ -40,7 +40,7 @@ from qat.weights import Weights
 from qat.workdir import atomic_save, prepare, publish, removed_unless_resumable
 from trellis_runtime.architecture import ModelShape, transformers_config
 from trellis_runtime.bitstream import pack_states
-from trellis_runtime.checkpoint import TOKENIZER_FILES, is_checkpoint, save_checkpoint
+from trellis_runtime.checkpoint import DENSE_DTYPE, TOKENIZER_FILES, is_checkpoint, save_checkpoint
 from trellis_runtime.codes import initial_table, state_values
 from trellis_runtime.devices import DEFAULT_DEVICE, Device
 from trellis_runtime.errors import SourceError, TrellisError
@@ -196,7 +196,9 @@ def _write_checkpoint(final: Path, weights: Weights, config: dict, tokenizer, sh
     config, into the empty directory `final`."""
     quantized = {name: quantized_from_tensors(tensors, name, options.spec)
                  for name in shape.all_linear_shapes()}
-    dense = {name: weights.get(name) for name in shape.dense_shapes()}
+    # In the checkpoint's dtype as they are read: an 8B model's embeddings and head are 2 GB each in
+    # float32, half that as stored.
+    dense = {name: weights.get(name, DENSE_DTYPE) for name in shape.dense_shapes()}
     config = {k: v for k, v in config.items() if k not in _DROPPED_CONFIG_KEYS}
     trellis = {"spec": options.spec.to_dict(), "hessian": options.hessian,
                "source": source.name, "scale_ratio": options.scale_ratio,

@@ -21,8 +21,8 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class Weights(Protocol):
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor `name` (a transformers parameter name) in float32."""
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor `name` (a transformers parameter name) in `dtype`."""
 
 
 class SafetensorsWeights:
@@ -43,13 +43,13 @@ class SafetensorsWeights:
         except (OSError, ValueError, KeyError, SafetensorError) as err:
             raise SourceError(f"cannot load the weights of {directory}: {err}") from None
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Opened per tensor, so no shard stays mapped (and resident) after its tensors are read."""
         path = self.file_of.get(name)
         if path is None:
             raise SourceError(f"{self.directory}: the weights hold no tensor {name!r}")
         with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(name).to(torch.float32)
+            return handle.get_tensor(name).to(dtype)
 
 
 class StateDictWeights:
@@ -58,7 +58,7 @@ class StateDictWeights:
     def __init__(self, model: torch.nn.Module) -> None:
         self.state = model.state_dict()
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if name not in self.state:
             raise SourceError(f"the model holds no tensor {name!r}")
-        return self.state[name].detach().to(torch.float32)
+        return self.state[name].detach().to(dtype)
