@@ -9,8 +9,9 @@ could never fit the context are refused with 400 by the route, before they occup
 While draining (after SIGTERM) every new /v1 request gets 503 and `/ready` reports not ready, and the
 server waits for `in_flight` to reach zero before it exits.
 
-A request counts from when it is admitted until its response has been sent in full, or its
-connection has dropped: the ASGI call's own lifetime, so no code path can leak a place in the queue.
+A request counts from when it is admitted, which is once its body has been read (server.limits runs
+first, under --body-timeout, so a slow upload holds no place), until its response has been sent in
+full, or its connection has dropped: the ASGI call's own lifetime, so no code path can leak a place.
 Everything runs on the event loop's thread, so plain integers suffice.
 """
 

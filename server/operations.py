@@ -51,9 +51,11 @@ def install_operations(app: FastAPI, config: AppConfig, admission: Admission,
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    # add_middleware wraps what is already there: the last added runs first.
+    # add_middleware wraps what is already there: the last added runs first. Admission is inside
+    # the body reader, so a request is counted only once its body is in.
     app.add_middleware(AdmissionMiddleware, admission=admission)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes,
+                       timeout=config.body_timeout)
     if config.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=config.api_key.get_secret_value(),
                            protect_probes=config.protect_probes)

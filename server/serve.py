@@ -9,6 +9,7 @@ from typing import Any
 import uvicorn
 
 from server.app import create_app
+from server.protocol import guarded_protocol
 from server.settings import ServerSettings
 from server.shutdown import DrainingServer
 
@@ -30,5 +31,6 @@ def serve(engine: Any, tokenizer: Any, model_name: str, settings: ServerSettings
     app = create_app(engine, tokenizer, model_name, settings.app_config())
     # uvicorn's own access log is replaced by trellis.access (one structured line per request).
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, access_log=False)
+                            log_level=settings.log_level, access_log=False,
+                            http=guarded_protocol(settings.header_timeout))
     DrainingServer(config, app.state.admission, settings.drain_timeout).run()

@@ -37,6 +37,9 @@ class AppConfig(BaseModel):
                               "get 429 with Retry-After")
     max_body_bytes: int = Field(
         1 << 20, ge=1, description="largest request body accepted; larger ones get 413")
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a client has to send a request's whole body once its "
+                                "headers are in; slower uploads get 408")
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds a SIGTERM waits for running requests before exiting")
     access_log: bool = Field(
@@ -64,6 +67,10 @@ class ServerSettings(BaseSettings, AppConfig):
     max_seq_len: Optional[int] = Field(
         None, ge=2, description="context length per sequence; none = the model's, capped at "
                                 f"{DEFAULT_MAX_SEQ_LEN}")
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection has to send a request's headers (from "
+                                "connecting, or from a kept-alive request's first byte); slower "
+                                "ones get 408 and are closed")
     served_model_name: Optional[str] = Field(None, description="model id in the API")
     device: Device = Field(DEFAULT_DEVICE, description="where the model runs")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

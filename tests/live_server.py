@@ -13,12 +13,12 @@ import uvicorn
 
 
 @contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Yield the base URL of `app` served over a real socket."""
+def live_server(app: Any, **options: Any) -> Iterator[str]:
+    """Yield the base URL of `app` served over a real socket; `options` go to uvicorn.Config."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

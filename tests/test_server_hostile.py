@@ -1,0 +1,151 @@
+"""The server under hostile or broken clients: slow uploads, floods of huge prompts, malformed text
+and headers. Every test talks to a real uvicorn over a socket running the tiny quantized checkpoint,
+with short timeouts set through the settings so that each runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from live_server import live_server
+from trellis_cli.serve_process import ServeProcess
+
+MODEL = "tiny-hostile"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint_dir: Path) -> tuple[Any, Any]:
+    from trellis_runtime.model import load_model
+
+    return load_model(tiny_checkpoint_dir, "cpu")
+
+
+@contextmanager
+def serving(loaded: tuple[Any, Any], header_timeout: float = 10.0, max_batch: int = 2,
+            **config: Any) -> Iterator[str]:
+    """The base URL of a fresh app with AppConfig(**config), behind the guarded HTTP protocol that
+    `trellis serve` uses."""
+    from server.app import create_app
+    from server.protocol import guarded_protocol
+    from server.settings import AppConfig
+    from trellis_runtime.engine import Engine
+
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=256)
+    app = create_app(engine, tokenizer, MODEL, AppConfig(**config))
+    with live_server(app, http=guarded_protocol(header_timeout)) as url:
+        yield url
+
+
+def completion(max_tokens: int = 2, **extra: Any) -> dict[str, Any]:
+    return {"prompt": "The river flows", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, **extra}
+
+
+def assert_openai_error(status: int, body: dict[str, Any], expected: int,
+                        code: str | None) -> dict[str, Any]:
+    assert status == expected, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code and body["error"]["message"]
+    return body["error"]
+
+
+def raw_connection(url: str, data: bytes) -> socket.socket:
+    """A socket to the server that has sent `data` and nothing more (a client stuck mid-request)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(data)
+    return sock
+
+
+def raw_answer(sock: socket.socket) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, JSON body) of the one response the server sends before closing."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def body_start(length: int = 200) -> bytes:
+    """The headers of a POST /v1/completions and the first bytes of its body, never finished."""
+    return (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n{{\"prompt\": ").encode()
+
+
+# ------------------------------------------------------------------------------------ slow clients
+
+
+def test_slow_uploads_hold_no_place_and_time_out(loaded: tuple[Any, Any]) -> None:
+    """Capacity for one request, 6 clients stuck mid-body and 2 mid-headers: an ordinary request is
+    still served at once, then every stuck client gets 408 in OpenAI's shape and is closed."""
+    with serving(loaded, header_timeout=1.5, max_batch=1, max_waiting=0,
+                 body_timeout=1.5) as url, ExitStack() as stack:
+        started = time.monotonic()
+        bodies = [stack.enter_context(raw_connection(url, body_start())) for _ in range(6)]
+        heads = [stack.enter_context(raw_connection(url, b"POST /v1/completions HTTP/1.1\r\nHo"))
+                 for _ in range(2)]
+        time.sleep(0.3)  # the stuck requests reached the app
+        served = httpx.post(f"{url}/v1/completions", json=completion(), timeout=60)
+        assert served.status_code == 200, served.text
+        assert time.monotonic() - started < 1.5, "served only after the slow clients timed out"
+        for sock in bodies:
+            status, headers, body = raw_answer(sock)
+            error = assert_openai_error(status, body, 408, "request_timeout")
+            assert "--body-timeout" in error["message"] and headers["connection"] == "close"
+            assert headers["x-request-id"]
+        for sock in heads:
+            status, headers, body = raw_answer(sock)
+            assert "--header-timeout" in assert_openai_error(status, body, 408,
+                                                             "request_timeout")["message"]
+        assert time.monotonic() - started < 10
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'status="408"' in metrics
+
+
+def test_idle_keep_alive_then_slow_headers_time_out(loaded: tuple[Any, Any]) -> None:
+    """On a kept-alive connection the header deadline restarts with the next request's first
+    byte."""
+    with serving(loaded, header_timeout=1.0) as url:
+        with raw_connection(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") as sock:
+            first = sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+            status, _, body = raw_answer(sock)
+            assert_openai_error(status, body, 408, "request_timeout")
+
+
+def test_oversized_header_gets_a_json_400(loaded: tuple[Any, Any]) -> None:
+    with serving(loaded) as url:
+        response = httpx.get(f"{url}/v1/models",
+                             headers={"Authorization": "Bearer " + "k" * 1_000_000})
+        assert response.headers["content-type"] == "application/json"
+        assert_openai_error(response.status_code, response.json(), 400, "invalid_http_request")
+
+
+def test_slow_upload_does_not_stretch_the_drain(tiny_checkpoint_dir: Path) -> None:
+    """A client stuck mid-body holds no place, so SIGTERM finds nothing in flight and the process
+    exits 0 within uvicorn's final grace, long before the body or drain timeouts."""
+    server = ServeProcess([str(tiny_checkpoint_dir), "--body-timeout", "60", "--header-timeout",
+                           "60", "--drain-timeout", "60"], timeout_s=120)
+    try:
+        with raw_connection(server.url, body_start()):
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert server.stop(timeout_s=30) == 0
+            assert time.monotonic() - started < 10
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
