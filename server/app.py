@@ -7,7 +7,9 @@ uvicorn owns the engine's whole life and a stopped server leaves no generation t
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -33,6 +35,10 @@ from server.trace import Trace, traced
 
 # Status for a request whose client left before the answer (nginx's convention; nobody receives it).
 CLIENT_CLOSED = 499
+# Threads that tokenize and apply chat templates, off the event loop: a 1 MiB prompt takes about a
+# second, which on the loop would stall every stream and probe. Bounded, so a burst of huge prompts
+# queues (each already holds an admission place) instead of taking a thread each.
+TOKENIZER_THREADS = 2
 
 
 async def _maybe_await(value: Any) -> None:
@@ -54,6 +60,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str,
     config = config or AppConfig()
     admission = Admission(engine.max_batch, config.max_waiting)
     metrics = Metrics(engine)
+    tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="trellis-tokenize")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -61,6 +68,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str,
         try:
             yield
         finally:
+            tokenizing.shutdown(wait=False, cancel_futures=True)
             await _maybe_await(engine.shutdown())
 
     app = FastAPI(title="trellis-runtime", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -89,12 +97,18 @@ def create_app(engine: Any, tokenizer: Any, model_name: str,
                   render: Callable[[list[int]], Any],
                   respond: Callable[[str, list[Any], Usage], Any]) -> Response:
         """What both routes share: checks, then one engine request per choice, streamed or
-        collected. `render(prompt_ids)` gives the route's choice rendering (server.choices)."""
+        collected. `prepare` (tokenizing, templating) and `render(prompt_ids)` (the route's choice
+        rendering, server.choices; it may decode the prompt) run on the tokenizer threads."""
         trace = Trace()
         check_model(body.model, model_name)
         refuse_unsupported(body)
-        prompt_ids, params = prepare()
-        rendering = render(prompt_ids)
+
+        def tokenize() -> tuple[list[int], Any, Any]:
+            prompt_ids, params = prepare()
+            return prompt_ids, params, render(prompt_ids)
+
+        prompt_ids, params, rendering = await asyncio.get_running_loop().run_in_executor(
+            tokenizing, tokenize)
         choices = [params.for_choice(i) for i in range(body.choices)]
         request_id = new_id(prefix)
         outputs = traced(start(engine, prompt_ids, choices, request_id, prompt_param), trace,

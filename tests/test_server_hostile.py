@@ -6,8 +6,11 @@ with short timeouts set through the settings so that each runs in seconds.
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
+import string
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -31,7 +34,7 @@ def loaded(tiny_checkpoint_dir: Path) -> tuple[Any, Any]:
 
 @contextmanager
 def serving(loaded: tuple[Any, Any], header_timeout: float = 10.0, max_batch: int = 2,
-            **config: Any) -> Iterator[str]:
+            max_seq_len: int = 256, **config: Any) -> Iterator[str]:
     """The base URL of a fresh app with AppConfig(**config), behind the guarded HTTP protocol that
     `trellis serve` uses."""
     from server.app import create_app
@@ -40,7 +43,7 @@ def serving(loaded: tuple[Any, Any], header_timeout: float = 10.0, max_batch: in
     from trellis_runtime.engine import Engine
 
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=256)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
     app = create_app(engine, tokenizer, MODEL, AppConfig(**config))
     with live_server(app, http=guarded_protocol(header_timeout)) as url:
         yield url
@@ -149,3 +152,57 @@ def test_slow_upload_does_not_stretch_the_drain(tiny_checkpoint_dir: Path) -> No
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
+
+
+# ------------------------------------------------------------------------------------ huge prompts
+
+
+def big_prompt(size: int) -> str:
+    """`size` characters of random words: slow to tokenize, and far beyond any context."""
+    rng = random.Random(0)
+    words = ("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
+             for _ in range(size))
+    return " ".join(words)[:size]
+
+
+def test_huge_prompts_do_not_stall_health_or_streams(loaded: tuple[Any, Any]) -> None:
+    """Eight prompts of nearly 1 MiB (each about a second of tokenizing) sent at once: each gets its
+    400, while /health keeps answering at once and streams keep flowing (one after another, for
+    as long as the burst lasts)."""
+    prompt = big_prompt(1_000_000)
+    arrivals: list[float] = []
+    burst_over = threading.Event()
+    with serving(loaded, max_batch=2, max_seq_len=1024, max_waiting=16) as url:
+        def read_stream() -> None:
+            while not burst_over.is_set():
+                with httpx.stream("POST", f"{url}/v1/completions",
+                                  json=completion(1000, stream=True), timeout=120) as stream:
+                    for line in stream.iter_lines():
+                        if line.startswith("data: "):
+                            arrivals.append(time.monotonic())
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        while not arrivals:
+            time.sleep(0.01)
+        statuses: list[int] = []
+        burst = [threading.Thread(target=lambda: statuses.append(httpx.post(
+            f"{url}/v1/completions", json=completion(prompt=prompt), timeout=120).status_code))
+            for _ in range(8)]
+        burst_start = time.monotonic()
+        for thread in burst:
+            thread.start()
+        health_waits = []
+        while any(thread.is_alive() for thread in burst):
+            started = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+            health_waits.append(time.monotonic() - started)
+            time.sleep(0.05)
+        burst_end = time.monotonic()
+        burst_over.set()
+        reader.join(timeout=120)
+    assert statuses == [400] * 8
+    assert len(health_waits) >= 5 and max(health_waits) < 1.0, health_waits
+    during = [t for t in arrivals if burst_start <= t <= burst_end]
+    gaps = [b - a for a, b in zip([burst_start, *during], [*during, burst_end])]
+    assert max(gaps) < 1.0, max(gaps)
