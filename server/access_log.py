@@ -1,7 +1,8 @@
 """One structured line per request on the `trellis.access` logger, and the X-Request-Id header.
 
 The outermost middleware: it sees every answer, including the refusals of the middlewares inside it
-(401, 413, 429, 503), so the log and the request counters miss nothing. A client's X-Request-Id (a
+(401, 408, 413, 429, 503), and turns an unhandled error into the 500 in OpenAI's shape, so the log
+and the request counters miss nothing. A client's X-Request-Id (a
 short token of safe characters) is kept, otherwise one is made; either way it is echoed on the
 response and is the `request_id` of the log line, so one request can be followed from a gateway's
 logs into ours. Generation routes leave a Trace in the request state; its token counts and time to
@@ -20,9 +21,11 @@ from typing import Any, Callable, Optional, Sequence
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import APIError, send_error
 from server.trace import Trace
 
 access_log = logging.getLogger("trellis.access")
+log = logging.getLogger("trellis.server")
 REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 # The key under which a route leaves its Trace in the ASGI scope's state (request.state.trace).
@@ -73,6 +76,14 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if status is not None:
+                raise  # the answer has begun; the server can only close the connection
+            # Answered here rather than by Starlette's outermost handler, so that the 500 carries
+            # the request id and is logged and counted as a 500.
+            log.exception("unhandled error while serving a request")
+            await send_error(send_with_id, APIError(
+                "The server had an error while processing the request.", status=500))
         finally:
             # No status: the client left before an answer began (nginx's 499).
             final = 499 if status is None else status

@@ -20,7 +20,8 @@ from server.access_log import TRACE_KEY
 from server.admission import Admission
 from server.choices import ChatChoices, CompletionChoices
 from server.errors import install_error_handlers
-from server.inputs import chat_inputs, check_model, completion_inputs, refuse_unsupported
+from server.inputs import (chat_inputs, check_model, completion_inputs, refuse_invalid_text,
+                           refuse_unsupported)
 from server.logprobs import TokenText
 from server.metrics import Metrics
 from server.openapi import GENERATION_RESPONSES, MODEL_RESPONSES, MODELS_RESPONSES
@@ -100,6 +101,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str,
         collected. `prepare` (tokenizing, templating) and `render(prompt_ids)` (the route's choice
         rendering, server.choices; it may decode the prompt) run on the tokenizer threads."""
         trace = Trace()
+        refuse_invalid_text(body)
         check_model(body.model, model_name)
         refuse_unsupported(body)
 

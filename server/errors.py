@@ -3,14 +3,14 @@
 openai-python (and every client modelled on it) turns the status into a typed exception and reads
 error.type / .param / .code, so the shape must hold for our own refusals, for FastAPI's validation
 errors (whose default is 422 {"detail": [...]}), for malformed JSON, for unknown routes and for bugs.
-Bad input is always a 4xx; 500 is reserved for faults of ours and never carries a traceback.
+Bad input is always a 4xx; 500 is reserved for faults of ours and never carries a traceback (it is
+sent by server.access_log, which sees every exception no handler here took).
 `code` is a string or null, as OpenAI sends it (vLLM's integer codes break clients that switch on it).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -18,8 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
-
-log = logging.getLogger("trellis.server")
 
 # The OpenAI `type` that goes with each status we send.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -97,9 +95,3 @@ def install_error_handlers(app: FastAPI) -> None:
                           else "invalid_request_error")
         return JSONResponse(error_body(message, type), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _bug(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error while serving a request")
-        return JSONResponse(error_body("The server had an error while processing the request.",
-                                       "server_error"), status_code=500)

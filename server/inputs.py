@@ -30,6 +30,33 @@ def check_model(requested: Optional[str], served: str) -> None:
                        status=404, param="model", code="model_not_found")
 
 
+def refuse_invalid_text(request: SamplingFields) -> None:
+    """JSON may spell a lone UTF-16 surrogate (\\ud800); it is no Unicode character, so neither the
+    tokenizer nor any answer that repeats the text could encode it. A 400 names the field."""
+    param = _lone_surrogate(request.model_dump(), "")
+    if param is not None:
+        raise APIError(f"Invalid value for '{param}': the text holds a lone UTF-16 surrogate, "
+                       f"which is not a Unicode character.", param=param)
+
+
+def _lone_surrogate(value: Any, path: str) -> Optional[str]:
+    """The path ("messages[0].content") of the first string in `value` that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    return next((found for item_path, item in items
+                 if (found := _lone_surrogate(item, item_path)) is not None), None)
+
+
 def refuse_unsupported(request: SamplingFields) -> None:
     """Fields that would change the answer but that we cannot honour get a 400, not silence."""
     field = request.unsupported()

@@ -6,6 +6,7 @@ with short timeouts set through the settings so that each runs in seconds.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import signal
 import socket
@@ -206,3 +207,47 @@ def test_huge_prompts_do_not_stall_health_or_streams(loaded: tuple[Any, Any]) ->
     during = [t for t in arrivals if burst_start <= t <= burst_end]
     gaps = [b - a for a, b in zip([burst_start, *during], [*during, burst_end])]
     assert max(gaps) < 1.0, max(gaps)
+
+
+# ------------------------------------------------------------------------------------ statuses
+
+
+def test_lone_surrogate_is_a_400_naming_the_field(loaded: tuple[Any, Any]) -> None:
+    json_type = {"Content-Type": "application/json"}
+    with serving(loaded) as url:
+        for route, body, param in [
+                ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+                ("/v1/completions", '{"prompt": "hi", "model": "\\udfff"}', "model"),
+                ("/v1/completions", '{"prompt": "hi", "stop": ["ok", "\\ud800"]}', "stop[1]"),
+                ("/v1/chat/completions",
+                 '{"messages": [{"role": "user", "content": "x\\ud83d"}]}', "messages[0].content")]:
+            response = httpx.post(f"{url}{route}", content=body, headers=json_type, timeout=60)
+            error = assert_openai_error(response.status_code, response.json(), 400, None)
+            assert error["param"] == param and "surrogate" in error["message"]
+        paired = httpx.post(f"{url}/v1/completions", headers=json_type, timeout=60,
+                            content='{"prompt": "\\ud83d\\ude00", "max_tokens": 2}')
+        assert paired.status_code == 200  # a surrogate pair is one character (an emoji)
+
+
+def test_a_server_fault_is_a_500_logged_and_counted_as_500(
+        loaded: tuple[Any, Any], caplog: pytest.LogCaptureFixture) -> None:
+    from server.app import create_app
+    from trellis_runtime.engine import Engine
+
+    caplog.set_level(logging.INFO, logger="trellis.access")
+    model, tokenizer = loaded
+    app = create_app(Engine(model, tokenizer, max_batch=1, max_seq_len=64), tokenizer, MODEL)
+
+    @app.get("/fault")
+    async def fault() -> None:
+        raise RuntimeError("a bug")
+
+    with live_server(app) as url:
+        response = httpx.get(f"{url}/fault", headers={"X-Request-Id": "fault-1"})
+        metrics = httpx.get(f"{url}/metrics").text
+    assert_openai_error(response.status_code, response.json(), 500, None)
+    assert response.json()["error"]["type"] == "server_error"
+    assert "a bug" not in response.text and response.headers["x-request-id"] == "fault-1"
+    assert 'trellis:http_requests_total{endpoint="/fault",method="GET",status="500"} 1.0' in metrics
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "trellis.access"]
+    assert [line["status"] for line in lines if line["request_id"] == "fault-1"] == [500]
