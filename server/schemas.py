@@ -60,7 +60,8 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """What both routes share: the model name, sampling knobs and streaming switches."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Python's JSON reader takes NaN and Infinity; no sampling knob means anything with them.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: Optional[str] = None  # None: the one model this server serves
     max_tokens: Optional[StrictInt] = None

@@ -47,9 +47,13 @@ class AppConfig(BaseModel):
 
     @field_validator("api_key", mode="before")
     @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        """TRELLIS_API_KEY= (set but empty) means no key, not a key that is the empty string."""
-        return None if value == "" else value
+    def _not_empty(cls, value: object) -> object:
+        """TRELLIS_API_KEY= (set but empty) is refused: read as "no key" it would silently serve
+        without auth what its operator meant to protect (a secret that failed to load, say)."""
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(secret, str) and not secret.strip():
+            raise ValueError("is set but empty; unset it to serve without a key")
+        return value
 
 
 class ServerSettings(BaseSettings, AppConfig):

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import signal
 import socket
 import string
+import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -251,3 +254,26 @@ def test_a_server_fault_is_a_500_logged_and_counted_as_500(
     assert 'trellis:http_requests_total{endpoint="/fault",method="GET",status="500"} 1.0' in metrics
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "trellis.access"]
     assert [line["status"] for line in lines if line["request_id"] == "fault-1"] == [500]
+
+
+# ------------------------------------------------------------------------------------ smaller gaps
+
+
+def test_non_finite_sampling_values_are_400(loaded: tuple[Any, Any]) -> None:
+    json_type = {"Content-Type": "application/json"}
+    with serving(loaded) as url:
+        for field, value in [("temperature", "Infinity"), ("top_p", "NaN"),
+                             ("presence_penalty", "-Infinity")]:
+            response = httpx.post(f"{url}/v1/completions", headers=json_type, timeout=60,
+                                  content=f'{{"prompt": "hi", "{field}": {value}}}')
+            error = assert_openai_error(response.status_code, response.json(), 400, None)
+            assert error["param"] == field and "finite" in error["message"]
+
+
+def test_serve_refuses_an_empty_api_key_in_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "trellis_cli", "serve"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TRELLIS_API_KEY": ""})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("trellis: error: ")
+    assert "TRELLIS_API_KEY" in result.stderr and "empty" in result.stderr

@@ -301,6 +301,9 @@ def test_settings_flags_over_environment_over_defaults(monkeypatch: pytest.Monke
     assert settings.port == 8000 and settings.host == "127.0.0.1"
     assert settings.app_config().max_waiting == 9
     monkeypatch.setenv("TRELLIS_API_KEY", "")
+    with pytest.raises(ValueError, match="TRELLIS_API_KEY.*set but empty"):
+        settings_from_arguments(parser.parse_args([]))
+    monkeypatch.delenv("TRELLIS_API_KEY")
     assert settings_from_arguments(parser.parse_args([])).api_key is None
     monkeypatch.setenv("TRELLIS_DRAIN_TIMEOUT", "-1")
     with pytest.raises(ValueError, match="drain_timeout"):
