@@ -7,7 +7,8 @@ piling onto a queue whose wait only grows (TGI's behaviour; vLLM's long-standing
 could never fit the context are refused with 400 by the route, before they occupy anything.
 
 While draining (after SIGTERM) every new /v1 request gets 503 and `/ready` reports not ready, and the
-server waits for `in_flight` to reach zero before it exits.
+server waits for `in_flight` to reach zero before it exits; if the drain deadline passes first,
+`streams_cut` is set and running streams end with an error event before the server stops.
 
 A request counts from when it is admitted, which is once its body has been read (server.limits runs
 first, under --body-timeout, so a slow upload holds no place), until its response has been sent in
@@ -16,6 +17,8 @@ Everything runs on the event loop's thread, so plain integers suffice.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -35,6 +38,8 @@ class Admission:
         self.max_waiting = max_waiting
         self.in_flight = 0
         self.draining = False
+        # Set when the drain deadline passes: running streams end with an error event.
+        self.streams_cut = asyncio.Event()
 
     @property
     def capacity(self) -> int:

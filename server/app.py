@@ -120,7 +120,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str,
             writer = ChunkWriter(request_id, now(), model_name, chat=prefix == "chatcmpl",
                                  include_usage=body.include_usage)
             return EventStreamResponse(events(outputs, writer, rendering, len(choices),
-                                              len(prompt_ids)))
+                                              len(prompt_ids), admission.streams_cut))
         try:
             answer = await until_disconnected(request,
                                               collect(outputs, len(choices), len(prompt_ids)))

@@ -9,8 +9,9 @@ requests finish within a deadline, then exit cleanly.
 
 So the first SIGTERM or SIGINT only starts the drain; the server keeps ticking until nothing is in
 flight or `drain_timeout` has passed, and then runs uvicorn's ordinary shutdown, in which requests
-still running after the deadline are cancelled. A second signal stops at once. No signal is
-re-raised, so `trellis serve` returns 0.
+still running after the deadline are cancelled; streams among them first end with an error event
+(within FINAL_GRACE_SECONDS). A second signal stops at once. No signal is re-raised, so
+`trellis serve` returns 0.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class DrainingServer(uvicorn.Server):
                 log.info("drained: no request in flight")
                 self.should_exit = True
             elif time.monotonic() >= self.drain_deadline:
-                log.warning("drain timeout: cancelling %d request(s) still in flight",
-                            self.admission.in_flight)
+                log.warning("drain timeout: cutting streams and cancelling %d request(s) still "
+                            "in flight", self.admission.in_flight)
+                self.admission.streams_cut.set()
                 self.should_exit = True
         return await super().on_tick(counter)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Protocol, Sequence, TypeVar
 
@@ -40,6 +41,10 @@ DONE = "data: [DONE]\n\n"
 
 class ClientGone(Exception):
     """The client closed the connection before the answer was ready; there is no one to reply to."""
+
+
+class StreamCut(Exception):
+    """The server's drain deadline passed while the stream was still running."""
 
 
 def start(engine: Any, prompt_ids: list[int], choices: Sequence[Any], request_id: str,
@@ -181,25 +186,56 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+async def until_cut(outputs: AsyncIterator[T], cut: asyncio.Event) -> AsyncIterator[T]:
+    """`outputs` as they come, ended by StreamCut as soon as `cut` is set (the drain deadline), so
+    that a stream the server must stop still ends with an error event rather than a dropped
+    connection. Stopping the pending read cancels `outputs`, which aborts its engine requests."""
+    cutting = asyncio.ensure_future(cut.wait())
+    step: asyncio.Future[T] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(outputs))
+            await asyncio.wait({step, cutting}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                raise StreamCut()
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:  # cut, or our reader cancelled: the pending read must end before outputs is closed
+        cutting.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(step, return_exceptions=True)
+
+
 async def events(outputs: AsyncIterator[ChoiceOutput], writer: ChunkWriter, render: ChoiceRenderer,
-                 choices: int, prompt_tokens: int) -> AsyncIterator[str]:
+                 choices: int, prompt_tokens: int, cut: asyncio.Event) -> AsyncIterator[str]:
     """The SSE body: per choice [an opening chunk], content chunks, its finishing chunk (choices
-    interleaved as they are generated); then [the usage chunk] and [DONE]."""
+    interleaved as they are generated); then [the usage chunk] and [DONE]. Cut at the drain
+    deadline, it ends with an error event and [DONE]."""
     usage = Usage.of(prompt_tokens, 0)
     finished = 0
     try:
         for index in range(choices):
             for chunk in render.opening(index):
                 yield writer.chunk(chunk)
-        async for choice in outputs:
-            usage = Usage.of(choice.output.prompt_tokens, choice.completion_tokens)
-            for chunk in render.chunks(choice):
-                yield writer.chunk(chunk)
-            finished += choice.output.finish_reason is not None
+        async with aclosing(until_cut(outputs, cut)) as arriving:
+            async for choice in arriving:
+                usage = Usage.of(choice.output.prompt_tokens, choice.completion_tokens)
+                for chunk in render.chunks(choice):
+                    yield writer.chunk(chunk)
+                finished += choice.output.finish_reason is not None
         if finished < choices:
             raise RuntimeError("the engine ended the request without a finish reason")
         if writer.include_usage:
             yield writer.usage(usage)
+    except StreamCut:
+        yield _event(error_body("The server is shutting down and stopped this stream at its drain "
+                                "deadline; retry on another replica.", "service_unavailable_error",
+                                code="server_shutting_down"))
     except Exception:  # the 200 is already out: report in-band, as vLLM and openai-python expect
         log.exception("generation failed mid-stream")
         yield _event(error_body("The server had an error while generating the response.",

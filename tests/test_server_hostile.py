@@ -277,3 +277,25 @@ def test_serve_refuses_an_empty_api_key_in_one_line() -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("trellis: error: ")
     assert "TRELLIS_API_KEY" in result.stderr and "empty" in result.stderr
+
+
+def test_stream_cut_at_the_drain_deadline_ends_with_an_error_event(
+        tiny_checkpoint_dir: Path) -> None:
+    server = ServeProcess([str(tiny_checkpoint_dir), "--max-seq-len", "1024",
+                           "--drain-timeout", "0.3"], timeout_s=120)
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/completions",
+                          json=completion(1000, stream=True), timeout=60) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            server.process.send_signal(signal.SIGTERM)
+            events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))
+        assert_openai_error(503, error, 503, "server_shutting_down")
+        assert len(events) < 900, "the stream finished before the deadline: the test shows nothing"
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
