@@ -97,3 +97,35 @@ def test_config_mismatch(copy: Path) -> None:
     config["trellis"]["spec"]["bits"] = 7
     (copy / CONFIG_FILE).write_text(json.dumps(config))
     expect_error(copy, CONFIG_FILE, "K=7")
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "model.norm.weight",
+                                  "model.layers.1.post_attention_layernorm.weight"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_dense_tensor(copy: Path, name: str, bad: float) -> None:
+    rewrite_weights(copy, lambda t: t[name].view(-1).__setitem__(7, bad))
+    expect_error(copy, WEIGHTS_FILE, name, "NaN or infinite")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scale(copy: Path, bad: float) -> None:
+    name = "model.layers.0.mlp.down_proj.scale"
+    rewrite_weights(copy, lambda t: t[name].fill_(bad))
+    expect_error(copy, WEIGHTS_FILE, name, "finite positive")
+
+
+@pytest.mark.parametrize("field, value, tensor", [
+    ("hidden_size", 128, "model.embed_tokens.weight"),
+    ("intermediate_size", 256, "model.layers.0.mlp.gate_proj.output_signs"),
+    ("vocab_size", 50000, "model.embed_tokens.weight")])
+def test_config_disagreeing_with_tensors_is_blamed_on_config(copy: Path, field: str, value: int,
+                                                             tensor: str) -> None:
+    config = json.loads((copy / CONFIG_FILE).read_text())
+    config[field] = value
+    (copy / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(copy)
+    message = str(info.value)
+    assert message.startswith(f"{CONFIG_FILE} says {field}={value}, but {WEIGHTS_FILE} holds "), \
+        message
+    assert repr(tensor) in message and "\n" not in message

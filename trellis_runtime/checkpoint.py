@@ -101,11 +101,38 @@ def _read_config(directory: Path) -> tuple[dict, dict, TrellisSpec]:
     return config, trellis, spec
 
 
-def _expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-        raise CheckpointError(
-            f"{WEIGHTS_FILE}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
-            f"expected {dtype} {tuple(shape)}")
+def _config_dimensions(shape: ModelShape) -> dict[str, int]:
+    """The config.json fields that tensor shapes are made of, to name when a shape disagrees."""
+    return {"hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
+            "vocab_size": shape.vocab, "head_dim": shape.head_dim}
+
+
+def _expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+            config_dims: dict[str, int] | None = None) -> None:
+    """A tensor of the wrong shape is blamed on config.json when a config field is what the
+    expected size comes from (the tensors agree with each other, the config does not), otherwise on
+    model.safetensors."""
+    if tuple(tensor.shape) == tuple(shape) and tensor.dtype == dtype:
+        return
+    if tensor.dtype == dtype and tensor.dim() == len(shape):
+        wanted = {want for want, held in zip(shape, tensor.shape) if want != held}
+        said = [f"{key}={value}" for key, value in (config_dims or {}).items() if value in wanted]
+        if said:
+            raise CheckpointError(
+                f"{CONFIG_FILE} says {', '.join(said)}, but {WEIGHTS_FILE} holds "
+                f"{tuple(tensor.shape)} for tensor {name!r} (expected {tuple(shape)}): the config "
+                f"does not describe these weights")
+    raise CheckpointError(
+        f"{WEIGHTS_FILE}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+        f"expected {dtype} {tuple(shape)}")
+
+
+def _expect_finite(name: str, tensor: torch.Tensor) -> None:
+    """Flipped bits in a float tensor show up as NaN or inf, which would silently poison every
+    answer; refuse them at load."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{WEIGHTS_FILE}: tensor {name!r} holds NaN or infinite values "
+                              f"(a corrupt file)")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -133,36 +160,41 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
                     raise CheckpointError(f"{weights}: tensor {name!r} is missing")
                 return handle.get_tensor(name)
 
-            quantized = {name: _load_quantized(take, name, out_in, spec)
-                         for name, out_in in shape.all_linear_shapes().items()}
+            dims = _config_dimensions(shape)
             dense = {}
             for name, expected in shape.dense_shapes().items():
                 dense[name] = take(name)
-                _expect(name, dense[name], expected, DENSE_DTYPE)
+                _expect(name, dense[name], expected, DENSE_DTYPE, dims)
+                _expect_finite(name, dense[name])
+            quantized = {name: _load_quantized(take, name, out_in, spec, dims)
+                         for name, out_in in shape.all_linear_shapes().items()}
     except SafetensorError as err:
         raise CheckpointError(f"{weights}: unreadable, truncated or corrupt ({err})") from None
     return Checkpoint(config=config, trellis=trellis, spec=spec, quantized=quantized, dense=dense)
 
 
-def _load_quantized(take, name: str, out_in: tuple[int, int], spec: TrellisSpec) -> QuantizedWeight:
+def _load_quantized(take, name: str, out_in: tuple[int, int], spec: TrellisSpec,
+                    config_dims: dict[str, int]) -> QuantizedWeight:
     out_features, in_features = out_in
+    signs = {}  # first: their sizes are the config's dimensions themselves, easy to name
+    for side, size in (("input_signs", in_features), ("output_signs", out_features)):
+        signs[side] = take(f"{name}.{side}")
+        _expect(f"{name}.{side}", signs[side], (size,), torch.int8, config_dims)
+        if not bool((signs[side].abs() == 1).all()):
+            raise CheckpointError(f"{WEIGHTS_FILE}: tensor '{name}.{side}' holds values other than +-1")
     codes = take(f"{name}.codes")
     _expect(f"{name}.codes", codes, tiles_to_codes_shape(out_features, in_features, spec),
             torch.int32)
-    signs = {}
-    for side, size in (("input_signs", in_features), ("output_signs", out_features)):
-        signs[side] = take(f"{name}.{side}")
-        _expect(f"{name}.{side}", signs[side], (size,), torch.int8)
-        if not bool((signs[side].abs() == 1).all()):
-            raise CheckpointError(f"{WEIGHTS_FILE}: tensor '{name}.{side}' holds values other than +-1")
     scale = take(f"{name}.scale")
     _expect(f"{name}.scale", scale, (1,), torch.float32)
     if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
-        raise CheckpointError(f"{WEIGHTS_FILE}: tensor '{name}.scale' is not a positive number")
+        raise CheckpointError(f"{WEIGHTS_FILE}: tensor '{name}.scale' is not a finite positive "
+                              f"number")
     table = None
     expected_table = table_shape(spec)
     if expected_table is not None:
         table = take(f"{name}.code_table")
         _expect(f"{name}.code_table", table, expected_table, torch.float16)
+        _expect_finite(f"{name}.code_table", table)
     return QuantizedWeight(spec=spec, codes=codes, input_signs=signs["input_signs"],
                            output_signs=signs["output_signs"], scale=scale, table=table)
