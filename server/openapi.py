@@ -55,6 +55,7 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
                 "(code context_length_exceeded)."),
     404: _error("Unknown model (code model_not_found)."),
     413: _error("The request body is larger than --max-body-bytes."),
+    408: _error("The body was not received within --body-timeout (code request_timeout)."),
     429: _error("Too many requests waiting (--max-waiting).", retry_after=True),
     **_UNAUTHORIZED, **_DRAINING, **_OTHER}
 PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {
