@@ -206,10 +206,13 @@ def test_huge_prompts_do_not_stall_health_or_streams(loaded: tuple[Any, Any]) ->
         burst_over.set()
         reader.join(timeout=120)
     assert statuses == [400] * 8
-    assert len(health_waits) >= 5 and max(health_waits) < 1.0, health_waits
+    # Tokenized on the event loop, this burst stalled /health for ~10 s and a stream for ~6 s; off
+    # it, both keep answering within a fraction of a second on an idle machine. The bound leaves room
+    # for a machine busy with other work, and still fails the blocking server.
+    assert len(health_waits) >= 5 and max(health_waits) < 3.0, health_waits
     during = [t for t in arrivals if burst_start <= t <= burst_end]
     gaps = [b - a for a, b in zip([burst_start, *during], [*during, burst_end])]
-    assert max(gaps) < 1.0, max(gaps)
+    assert max(gaps) < 3.0, max(gaps)
 
 
 # ------------------------------------------------------------------------------------ statuses
