@@ -83,6 +83,11 @@ def rope_parameters(config, layer_type: str) -> dict:
     return params
 
 
+def rope_type(params: dict) -> str:
+    """The scaling type a rope parameter dict names (older configs spell its key `type`)."""
+    return params.get("rope_type", params.get("type", "default"))
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The dimensions and features of one model, read from its config."""
@@ -159,11 +164,11 @@ class ModelShape:
                 raise SourceError(f"{where}: layer type {kind!r} is not supported: supported are "
                                   f"{', '.join(LAYER_TYPES)}")
             params = rope_parameters(parsed, kind)
-            rope_type = params.get("rope_type", params.get("type", "default"))
+            kind_rope = rope_type(params)
             if params.get("partial_rotary_factor", 1.0) != 1.0 and not self.family.fused_qkv:
                 raise SourceError(f"{where}: partial_rotary_factor is supported for phi3 only")
-            if rope_type not in ROPE_TYPES:
-                raise SourceError(f"{where}: rope type {rope_type!r} is not supported: supported "
+            if kind_rope not in ROPE_TYPES:
+                raise SourceError(f"{where}: rope type {kind_rope!r} is not supported: supported "
                                   f"types are {', '.join(ROPE_TYPES)}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise SourceError(f"{where}: sliding-attention layers but no sliding_window size")

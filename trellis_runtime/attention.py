@@ -137,8 +137,8 @@ class AttentionLayout:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What one layer's attention computes besides Llama's: all fields at their Llama values mean a
-    plain Llama attention, which the fused CPU decode kernel also computes."""
+    """What one layer's attention computes besides Llama's (ModelShape.llama_layer says when all of
+    it is at Llama's values, which the fused CPU decode kernel also computes)."""
 
     heads: int
     kv_heads: int
@@ -146,10 +146,6 @@ class AttentionSpec:
     scale: float  # multiplies q.k before the softmax
     softcap: float | None = None  # scores become softcap * tanh(scores / softcap)
     window: int | None = None  # attend to the last `window` positions only
-
-    @property
-    def plain(self) -> bool:
-        return self.softcap is None and self.window is None and self.scale == self.head_dim ** -0.5
 
 
 class Attention(nn.Module):

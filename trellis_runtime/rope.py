@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trellis_runtime.architecture import rope_parameters
+from trellis_runtime.architecture import rope_parameters, rope_type
 
 LENGTH_DEPENDENT = ("dynamic", "longrope")
 
@@ -43,8 +43,8 @@ def rope_frequencies(config, layer_type: str, seq_len: int | None = None
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = rope_parameters(config, layer_type)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":  # over the whole head unless partial_rotary_factor says less (Phi-3)
+    kind = rope_type(params)
+    if kind == "default":  # over the whole head unless partial_rotary_factor says less (Phi-3)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         return default_frequencies(float(params["rope_theta"]), dim), 1.0
@@ -52,7 +52,7 @@ def rope_frequencies(config, layer_type: str, seq_len: int | None = None
     kwargs = {"layer_type": layer_type} if has_layer_types else {}
     if seq_len is not None:
         kwargs["seq_len"] = seq_len
-    frequencies, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+    frequencies, scaling = ROPE_INIT_FUNCTIONS[kind](config, None, **kwargs)
     return frequencies.to(torch.float32), float(scaling)
 
 
@@ -63,7 +63,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config, self.layer_type = config, layer_type
         params = rope_parameters(config, layer_type)
-        self.rope_type = params.get("rope_type", params.get("type", "default"))
+        self.rope_type = rope_type(params)
         frequencies, self.scaling = rope_frequencies(config, layer_type)
         self.register_buffer("frequencies", frequencies, persistent=False)
         # Where the length-dependent types change: longrope's own original context, and for dynamic
