@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from trellis_cli.kernel_suite import random_weight
-from trellis_kernels.cpu import KernelsUnavailable, MAX_TOKENS, dense_linear, library_path
+from trellis_kernels.cpu import LIBRARY, KernelsUnavailable, MAX_TOKENS, dense_linear
 from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
                                          cpu_kernels_loaded, dense_product, fused_decoder_layer,
                                          kernels_unavailable_reason, state_lut)
@@ -110,11 +110,9 @@ def test_kernels_refuse_bad_inputs() -> None:
 
 
 def test_missing_compiler_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trellis_kernels import cpu
-
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(KernelsUnavailable, match="no C\\+\\+ compiler"):
-        cpu._build(library_path(tmp_path))
+        LIBRARY.build(LIBRARY.path(tmp_path))
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 

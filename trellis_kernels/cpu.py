@@ -30,86 +30,27 @@ imports the project: the caller chooses the build directory.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from trellis_kernels.cpu_build import CppLibrary, KernelsUnavailable
+from trellis_kernels.cpu_build import load as load_library
+
 HERE = Path(__file__).parent
-SOURCES = [HERE / "trellis_cpu.cpp", HERE / "trellis_cpu_layer.cpp"]
-HEADERS = [HERE / "trellis_cpu.h"]
 MAX_TOKENS = 16  # rows of x per call: decode batches; larger products belong to a GEMM
-FLAGS = ["-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw",
-         "-mavx512dq", "-mavx512vl", "-mf16c", "-mfma", "-DNDEBUG"]
-BUILD_TIMEOUT_S = 600
+LIBRARY = CppLibrary(
+    name="trellis_cpu", sources=(HERE / "trellis_cpu.cpp", HERE / "trellis_cpu_layer.cpp"),
+    headers=(HERE / "trellis_cpu.h",),
+    flags=("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mf16c", "-mfma"),
+    needs_avx512=True)
 
-_loaded: str | None = None  # path of the library loaded into this process
-
-
-class KernelsUnavailable(RuntimeError):
-    """The CPU kernels cannot run here; the message says why."""
-
-
-def _compiler() -> str:
-    return os.environ.get("CXX", "g++")
-
-
-def library_path(build_dir: Path) -> Path:
-    """Where the library for these sources, compiler, torch and Python is cached."""
-    key = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), _compiler().encode(),
-                 " ".join(FLAGS).encode(), torch.__version__.encode(), sys.version.encode(),
-                 platform.machine().encode()):
-        key.update(part)
-    return build_dir / f"trellis_cpu-{key.hexdigest()[:16]}.so"
-
-
-def _build(target: Path) -> None:
-    """Compile the sources into `target`, atomically: a failed or concurrent build leaves no torn file."""
-    from torch.utils.cpp_extension import include_paths, library_paths
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        partial = Path(work) / target.name
-        command = [_compiler(), *FLAGS, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES),
-                   "-o", str(partial), *(f"-L{p}" for p in library_paths()),
-                   *(f"-Wl,-rpath,{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        except FileNotFoundError:
-            raise KernelsUnavailable(f"no C++ compiler: {_compiler()!r} was not found") from None
-        except subprocess.TimeoutExpired:
-            raise KernelsUnavailable(f"compiling the CPU kernels took over {BUILD_TIMEOUT_S} s") from None
-        if result.returncode != 0:
-            errors = [line for line in result.stderr.splitlines() if "error" in line]
-            raise KernelsUnavailable("compiling the CPU kernels failed: "
-                                     f"{(errors or result.stderr.splitlines() or ['?'])[0]}")
-        os.replace(partial, target)
-    for stale in target.parent.glob("trellis_cpu-*.so"):  # builds of older sources
-        if stale != target:
-            stale.unlink(missing_ok=True)
+__all__ = ["KernelsUnavailable", "LIBRARY", "MAX_TOKENS", "dense_linear", "load", "trellis_linear"]
 
 
 def load(build_dir: Path) -> None:
     """Make torch.ops.trellis_cpu available in this process, compiling into build_dir if needed."""
-    global _loaded
-    if _loaded is not None:
-        return
-    if platform.machine() not in ("x86_64", "AMD64"):
-        raise KernelsUnavailable(f"the CPU kernels need x86-64, not {platform.machine()}")
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        raise KernelsUnavailable(f"the CPU kernels need AVX-512; this CPU offers {capability}")
-    target = library_path(build_dir)
-    if not target.exists():
-        _build(target)
-    torch.ops.load_library(str(target))
-    _loaded = str(target)
+    load_library(LIBRARY, build_dir)
 
 
 def trellis_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
