@@ -6,6 +6,12 @@ Layout:
 - model.safetensors: per quantized linear `<module>.codes` (int32), `.input_signs`, `.output_signs`
   (int8), `.scale` (float32), `.code_table` (float16, table codes only); every other tensor
   (embeddings, norms, biases, untied lm_head) in bfloat16.
+
+Format versions. Version 1 stores the input and output vectors as int8 ±1 signs, as quantization
+makes them. Version 2 (written by end-to-end fine-tuning, qat/finetune.py) stores them as float16
+real numbers under the same names; every backend multiplies by them the same way, so only loading
+differs. A checkpoint is written as version 1 whenever all its vectors are signs, so quantization's
+output stays byte-identical and readable by older versions.
 No pickle anywhere; nothing absolute.
 """
 
@@ -27,7 +33,9 @@ from trellis_runtime.errors import CheckpointError, SourceError, UnsupportedSpec
 from trellis_runtime.quantized import QuantizedWeight, tiles_to_codes_shape
 from trellis_runtime.trellis import TrellisSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes
+SIGNS_VERSION = 1  # written when every vector is a ±1 sign vector
+VECTOR_DTYPES = {1: (torch.int8,), 2: (torch.int8, torch.float16)}  # what each version may hold
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -73,8 +81,15 @@ def save_checkpoint(directory: Path, config: dict, trellis: dict,
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # readable like any other file the user writes, for copying
     full = dict(config)
-    full["trellis"] = {"format_version": FORMAT_VERSION, **trellis}
+    full["trellis"] = {"format_version": format_version(quantized), **trellis}
     (directory / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+
+
+def format_version(quantized: dict[str, QuantizedWeight]) -> int:
+    """1 while every input/output vector is an int8 sign vector, else 2 (real float16 vectors)."""
+    signs = all(weight.input_signs.dtype == torch.int8 and weight.output_signs.dtype == torch.int8
+                for weight in quantized.values())
+    return SIGNS_VERSION if signs else FORMAT_VERSION
 
 
 def _read_config(directory: Path) -> tuple[dict, dict, TrellisSpec]:
@@ -89,9 +104,9 @@ def _read_config(directory: Path) -> tuple[dict, dict, TrellisSpec]:
     if not isinstance(trellis, dict):
         raise CheckpointError(f"{path}: no 'trellis' block; not a packed trellis checkpoint")
     version = trellis.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in VECTOR_DTYPES:
         raise CheckpointError(f"{path}: trellis format_version {version!r} is not supported "
-                              f"(this version reads {FORMAT_VERSION})")
+                              f"(this version reads {', '.join(map(str, VECTOR_DTYPES))})")
     try:
         spec = TrellisSpec(**trellis["spec"])
     except (KeyError, TypeError) as err:
@@ -166,22 +181,32 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
                 dense[name] = take(name)
                 _expect(name, dense[name], expected, DENSE_DTYPE, dims)
                 _expect_finite(name, dense[name])
-            quantized = {name: _load_quantized(take, name, out_in, spec, dims)
+            version = trellis["format_version"]
+            quantized = {name: _load_quantized(take, name, out_in, spec, dims, version)
                          for name, out_in in shape.all_linear_shapes().items()}
     except SafetensorError as err:
         raise CheckpointError(f"{weights}: unreadable, truncated or corrupt ({err})") from None
     return Checkpoint(config=config, trellis=trellis, spec=spec, quantized=quantized, dense=dense)
 
 
+def _load_vector(take, name: str, size: int, config_dims: dict[str, int], version: int
+                 ) -> torch.Tensor:
+    """An input or output vector: int8 ±1 signs, or (format 2) finite float16 numbers."""
+    vector = take(name)
+    allowed = VECTOR_DTYPES[version]
+    _expect(name, vector, (size,), vector.dtype if vector.dtype in allowed else allowed[0],
+            config_dims)
+    if vector.dtype == torch.int8 and not bool((vector.abs() == 1).all()):
+        raise CheckpointError(f"{WEIGHTS_FILE}: tensor '{name}' holds values other than +-1")
+    _expect_finite(name, vector)
+    return vector
+
+
 def _load_quantized(take, name: str, out_in: tuple[int, int], spec: TrellisSpec,
-                    config_dims: dict[str, int]) -> QuantizedWeight:
+                    config_dims: dict[str, int], version: int) -> QuantizedWeight:
     out_features, in_features = out_in
-    signs = {}  # first: their sizes are the config's dimensions themselves, easy to name
-    for side, size in (("input_signs", in_features), ("output_signs", out_features)):
-        signs[side] = take(f"{name}.{side}")
-        _expect(f"{name}.{side}", signs[side], (size,), torch.int8, config_dims)
-        if not bool((signs[side].abs() == 1).all()):
-            raise CheckpointError(f"{WEIGHTS_FILE}: tensor '{name}.{side}' holds values other than +-1")
+    signs = {side: _load_vector(take, f"{name}.{side}", size, config_dims, version)
+             for side, size in (("input_signs", in_features), ("output_signs", out_features))}
     codes = take(f"{name}.codes")
     _expect(f"{name}.codes", codes, tiles_to_codes_shape(out_features, in_features, spec),
             torch.int32)

@@ -23,8 +23,10 @@ TENSOR_SUFFIXES = ("codes", "input_signs", "output_signs", "scale", "code_table"
 class QuantizedWeight:
     spec: TrellisSpec
     codes: torch.Tensor  # int32 (out/16, in/16, 8K): tiles row-major, one bitstream each
-    input_signs: torch.Tensor  # int8 (in,) of +-1
-    output_signs: torch.Tensor  # int8 (out,) of +-1
+    # The input and output vectors: int8 +-1 signs from quantization, or float16 real numbers once
+    # fine-tuned (checkpoint format 2). Either way W = diag(output) H^T W_rot H diag(input).
+    input_signs: torch.Tensor  # (in,)
+    output_signs: torch.Tensor  # (out,)
     scale: torch.Tensor  # float32 (1,): multiplies the unit-variance code values
     table: torch.Tensor | None  # float16 code table for hyb/lut, else None
 
