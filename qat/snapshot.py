@@ -1,7 +1,7 @@
-"""The resume snapshot of a QAT run: its counters, the trained parameters and AdamW's moments.
+"""The resume snapshot of a training run: its counters, the trained parameters and AdamW's moments.
 
-One safetensors file in the work directory, rewritten atomically at step 0 and at every hardened
-evaluation. The run's counters travel as the file's JSON metadata; the optimizer state is stored
+One safetensors file in the work directory, rewritten atomically at step 0 and at every evaluation
+(BCJR-QAT's hardened snapshots, fine-tuning's scored ones). The run's counters travel as the file's JSON metadata; the optimizer state is stored
 too, so a resumed run takes exactly the steps the interrupted one would have taken.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
-from qat.soft_linear import SoftTrellisLinear
 from qat.workdir import atomic_save, read_metadata
 
 SNAPSHOT_FILE = "snapshot.safetensors"
@@ -33,8 +33,9 @@ class RunState:
     radii: dict[str, float] = field(default_factory=dict)
 
 
-def save_snapshot(path: Path, run: RunState, soft: dict[str, SoftTrellisLinear],
+def save_snapshot(path: Path, run: object, soft: dict[str, nn.Module],
                   optimizer: torch.optim.Optimizer) -> None:
+    """`run` is the run's dataclass of counters (RunState here, FinetuneState for fine-tuning)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in soft.items():
         for pname, param in module.named_parameters():
@@ -52,14 +53,16 @@ def read_run_state(path: Path) -> RunState:
     return RunState(**read_metadata(path))
 
 
-def load_snapshot(path: Path, soft: dict[str, SoftTrellisLinear],
-                  optimizer: torch.optim.Optimizer) -> None:
-    """Restore the trained parameters and the optimizer's state from the snapshot at `path`."""
+def load_snapshot(path: Path, soft: dict[str, nn.Module],
+                  optimizer: torch.optim.Optimizer | None) -> None:
+    """Restore the trained parameters and (unless None) the optimizer's state from `path`."""
     tensors = load_file(str(path))
     with torch.no_grad():
         for name, module in soft.items():
             for pname, param in module.named_parameters():
                 param.copy_(tensors[f"{name}.{pname}"])
+    if optimizer is None:
+        return
     state = optimizer.state_dict()
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

@@ -16,7 +16,7 @@ from qat.distill import TextWindows, layer_gains
 from qat.drift import budgets, suggested_lr, voronoi_radius
 from qat.snapshot import RunState
 from qat.soft_linear import SoftTrellisLinear
-from trellis_runtime.checkpoint import Checkpoint, is_checkpoint, load_checkpoint
+from trellis_runtime.checkpoint import SIGNS_VERSION, Checkpoint, is_checkpoint, load_checkpoint
 from trellis_runtime.errors import TrellisError
 
 # Layers trained by default on a CPU: the one whose quantization costs the most KL (see
@@ -35,6 +35,10 @@ def load_trainable(checkpoint_dir: Path, train_table: bool) -> Checkpoint:
         raise TrellisError(f"{checkpoint_dir} is not a packed trellis checkpoint; run "
                            f"`trellis quantize` first and train its output")
     checkpoint = load_checkpoint(checkpoint_dir)
+    if checkpoint.trellis["format_version"] != SIGNS_VERSION:
+        raise TrellisError(f"{checkpoint_dir} has fine-tuned real input/output vectors (format "
+                           f"{checkpoint.trellis['format_version']}); BCJR-QAT trains the codes of "
+                           f"a sign-vector checkpoint: run it before fine-tuning")
     if train_table and checkpoint.spec.code not in ("hyb", "lut"):
         raise TrellisError(f"--train-table needs a table code (hyb or lut); this checkpoint "
                            f"uses {checkpoint.spec.code}")
