@@ -14,6 +14,7 @@ from trellis_runtime.errors import TrellisError
 
 
 Loss = Literal["kl", "mse"]
+STAGES = ("bcjr", "finetune")  # in the order a recipe runs them
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class QatOptions:
     """What `trellis qat` takes: each field is a flag (trellis_cli/options.py) with this help,
     except those marked "flag": False, which only a library caller sets."""
 
+    stages: str = field(default="bcjr,finetune", metadata={
+        "help": "comma-separated stages, run in this order: bcjr (train the codes through the soft "
+                "trellis), finetune (distil the vectors, norms and tables end to end, codes frozen)"})
     layers: str = field(default="auto", metadata={
         "help": "all, auto (CPU: the layer whose quantization costs the most; CUDA: all) or "
                 "comma-separated layer indices"})
@@ -42,6 +46,11 @@ class QatOptions:
         "help": "kl: full-vocabulary KL to the teacher; mse: per-layer output MSE"})
     train_table: bool = field(default=False, metadata={"help": "also train the code table"})
     train_scale: bool = field(default=False, metadata={"help": "also train each matrix's scale"})
+    finetune_steps: int = field(default=64, metadata={
+        "help": "fine-tuning steps, one text window of --finetune-ctx tokens each"})
+    finetune_lr: float = field(default=1e-3, metadata={
+        "help": "fine-tuning AdamW learning rate of the vectors and norms (cosine decay)"})
+    finetune_ctx: int = field(default=512, metadata={"help": "tokens per fine-tuning window"})
     clip: float = field(default=1.0, metadata={"flag": False})
     seed: int = 0
     device: Device = DEFAULT_DEVICE
@@ -52,7 +61,21 @@ class QatOptions:
             return self.t_end
         return self.t_start * (self.t_end / self.t_start) ** (step / (self.steps - 1))
 
+    def stage_list(self) -> list[str]:
+        """The stages to run, in order; a TrellisError for an unknown, repeated or misordered one."""
+        stages = [part.strip() for part in self.stages.split(",") if part.strip()]
+        unknown = [stage for stage in stages if stage not in STAGES]
+        if not stages or unknown or len(set(stages)) != len(stages) or \
+                stages != sorted(stages, key=STAGES.index):
+            raise TrellisError(f"--stages must name some of {', '.join(STAGES)} once each, in "
+                               f"that order; got {self.stages!r}")
+        return stages
+
     def check(self) -> None:
+        self.stage_list()
+        if self.finetune_steps < 1 or self.finetune_ctx < 2 or not self.finetune_lr > 0:
+            raise TrellisError("--finetune-steps must be at least 1, --finetune-ctx at least 2 and "
+                               "--finetune-lr positive")
         if self.steps < 1:
             raise TrellisError(f"--steps must be at least 1, got {self.steps}")
         if self.lr is not None and not self.lr > 0:

@@ -173,7 +173,7 @@ def test_qat_writes_a_servable_checkpoint_with_its_record(hyb_checkpoint_dir: Pa
 
 def _qat_command(checkpoint: Path, out: Path, calib: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "trellis_cli", "qat", str(checkpoint), "--out", str(out),
-            "--layers", "0", "--calib-text", str(calib), "--ctx", "64", *extra]
+            "--stages", "bcjr", "--layers", "0", "--calib-text", str(calib), "--ctx", "64", *extra]
 
 
 def test_refuses_what_cannot_be_trained(hyb_checkpoint_dir: Path, tiny_model_dir: Path,

@@ -32,17 +32,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_qat(args: argparse.Namespace) -> int:
     require_device(args.device)
+    from qat.recipe import run_recipe
     from qat.text import read_text_file
-    from qat.train import QatOptions, train_qat
+    from qat.train import QatOptions
 
     if args.calib_text is not None:
         read_text_file(args.calib_text)  # fail on bad text before loading any model
-    summary = train_qat(args.checkpoint, args.out, options_from_arguments(QatOptions, args))
-    ppl = summary["validation_ppl"]
-    print(f"wrote {args.out}: validation perplexity {ppl['ptq']:.3f} (PTQ) -> "
-          f"{ppl['best_hardened']:.3f} (hardened, step {summary['best_step']}) in "
-          f"{summary['seconds']:.0f} s; escape condition held: "
-          f"{summary['drift_budget']['escape_condition_held']}")
+    summaries = run_recipe(args.checkpoint, args.out, options_from_arguments(QatOptions, args))
+    for stage, summary in summaries.items():
+        ppl = summary["validation_ppl"]
+        if stage == "bcjr":
+            print(f"bcjr: validation perplexity {ppl['ptq']:.3f} (PTQ) -> "
+                  f"{ppl['best_hardened']:.3f} (hardened, step {summary['best_step']}) in "
+                  f"{summary['seconds']:.0f} s; escape condition held: "
+                  f"{summary['drift_budget']['escape_condition_held']}")
+        else:
+            print(f"finetune: validation perplexity {ppl['start']:.3f} -> {ppl['best']:.3f} "
+                  f"(step {summary['best_step']}) in {summary['seconds']:.0f} s")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -88,8 +95,8 @@ def qat_arguments(parser: argparse.ArgumentParser) -> None:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     commands.add_parser("quantize", help="quantize a float model to a packed checkpoint",
                         arguments=quantize_arguments).set_defaults(run=cmd_quantize)
-    commands.add_parser("qat", help="BCJR-QAT: train a PTQ checkpoint through the soft trellis "
-                        "against its float model, then harden with Viterbi",
+    commands.add_parser("qat", help="train a PTQ checkpoint against its float model: BCJR-QAT "
+                        "of the codes, then end-to-end fine-tuning of the rest",
                         arguments=qat_arguments).set_defaults(run=cmd_qat)
 
     evaluate = commands.add_parser("eval", help="evaluate a model")
