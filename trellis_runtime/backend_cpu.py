@@ -21,12 +21,15 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trellis_kernels.cpu import MAX_TOKENS
+from trellis_kernels.cpu_build import KernelsUnavailable
 from trellis_runtime.codes import state_values
 from trellis_runtime.hadamard import rotation_plan, small_factor
 from trellis_runtime.paths import cache_dir
@@ -42,22 +45,28 @@ logger = logging.getLogger("trellis_runtime")
 # benchmarks/results/runtime_decode.json.
 KERNEL_MAX_ROWS = 2
 DENSE_KERNEL_MAX_ROWS = MAX_TOKENS  # the most rows one call of the C++ dense kernel takes
-DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use the dense float32 product everywhere
+DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use torch everywhere: dense products, Viterbi
+
+
+def library_unavailable_reason(load: Callable[[Path], None], fallback: str) -> str | None:
+    """None when `load` makes a C++ library available from the kernel cache, else why not, logged
+    with `fallback` (what runs instead). DISABLE_VARIABLE=0 turns every CPU library off."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return f"disabled by {DISABLE_VARIABLE}=0"
+    try:
+        load(cache_dir() / "kernels")
+    except KernelsUnavailable as error:
+        logger.warning("%s: %s", fallback, error)
+        return str(error)
+    return None
 
 
 @functools.lru_cache(maxsize=None)
 def kernels_unavailable_reason() -> str | None:
     """None when the CPU kernels are loaded in this process, else why not (logged once)."""
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return f"disabled by {DISABLE_VARIABLE}=0"
-    from trellis_kernels.cpu import KernelsUnavailable, load
+    from trellis_kernels.cpu import load
 
-    try:
-        load(cache_dir() / "kernels")
-    except KernelsUnavailable as error:
-        logger.warning("CPU kernels unavailable, using dense float32 weights: %s", error)
-        return str(error)
-    return None
+    return library_unavailable_reason(load, "CPU kernels unavailable, using dense float32 weights")
 
 
 def cpu_kernels_loaded() -> bool:
