@@ -18,14 +18,21 @@ argmin is the one the forward pass implied. Branch costs drop the constant |x_t|
 |c_s|^2 - 2<c_s, x_t>.
 
 On CUDA `encode` runs the path searches in the Triton kernel (trellis_kernels/viterbi.py, several times
-faster there), which returns the same paths; `viterbi` itself stays the torch reference that the
-kernel is tested and benchmarked against.
+faster there), and on CPU in C++ (trellis_kernels/viterbi_cpu.py, many times faster: the figures are in
+benchmarks/results/viterbi_speed.json) where that library builds; both return the same paths up to
+near-ties. `viterbi` itself stays the torch reference that the kernels are tested and benchmarked
+against. The `kernel` argument picks the search: False torch, True Triton, "cpu" C++.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Literal
+
 import torch
 
+from trellis_kernels import viterbi_cpu
+from trellis_runtime.backend_cpu import library_unavailable_reason
 from trellis_runtime.backend_triton import kernels_available
 from trellis_runtime.trellis import TrellisSpec
 
@@ -35,6 +42,8 @@ HISTORY_BUDGET_BYTES = 256 << 20
 STEP_BUDGET_ELEMENTS = 1 << 18
 # A GPU wants as many tiles per step as memory allows: each step is a few kernel launches.
 CUDA_HISTORY_BUDGET_BYTES = 4 << 30
+
+Kernel = bool | Literal["cpu"]  # False: torch; True: the Triton kernel; "cpu": the C++ search
 
 
 def chunk_size(spec: TrellisSpec, steps: int, device: torch.device | str = "cpu") -> int:
@@ -117,17 +126,20 @@ class _Layout:
 
 def viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
             overlap: torch.Tensor | None = None, history: torch.Tensor | None = None,
-            kernel: bool = False) -> torch.Tensor:
+            kernel: Kernel = False) -> torch.Tensor:
     """Best state path (B, T/V) int64 for sequences x (B, T) against state values (2^L, V).
 
     Without `overlap` the path's start and end are free. With `overlap` (B,) the path is forced to
     be tail-biting through those L-KV bits: the first state's top bits and the last state's low bits
     both equal it. Processes all B sequences at once; see `encode` for chunking. `history`, a
     reusable buffer of at least (T/V - 1) * 2^(L-KV) * B floats, saves re-allocating it per call.
-    With `kernel` the Triton kernel finds the paths instead (it needs no `history`). Both break
-    ties alike (the lowest last state, then the lowest predecessor), but a near-tie may fall either
-    way by float rounding, as the two sum their costs differently.
+    With `kernel` True the Triton kernel finds the paths instead, with "cpu" the C++ search (neither
+    needs `history`). All break ties alike (the lowest last state, then the lowest predecessor), but
+    a near-tie may fall either way by float rounding, as they sum their costs differently.
     """
+    if kernel == "cpu":
+        return viterbi_cpu.viterbi_paths(x.to(torch.float32), values.to(torch.float32),
+                                         spec.state_bits, spec.bits, spec.vec, overlap=overlap)
     if kernel:
         from trellis_kernels.viterbi import viterbi_paths  # imports triton
 
@@ -178,15 +190,19 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
 
 
 def tail_biting_viterbi(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
-                        history: torch.Tensor | None = None, kernel: bool = False
+                        history: torch.Tensor | None = None, kernel: Kernel = False
                         ) -> torch.Tensor:
     """QTIP's two-pass tail-biting: guess the wrap-around bits, then encode under that constraint.
 
     Pass 1 encodes the sequence rotated by half its length with free ends; the middle of a path is
     insensitive to its boundaries, so the state it picks at the seam (original step 0) gives a good
     guess of the L-KV bits shared by the last and first states. Pass 2 is exact given that guess.
-    Both passes run in the Triton kernel when `kernel` (see `viterbi`).
+    Both passes run in the Triton kernel when `kernel` is True, in one C++ call when it is "cpu"
+    (see `viterbi`).
     """
+    if kernel == "cpu":
+        return viterbi_cpu.tail_biting_paths(x.to(torch.float32), values.to(torch.float32),
+                                             spec.state_bits, spec.bits, spec.vec)
     B, T = x.shape
     steps = T // spec.vec
     half = steps // 2
@@ -231,21 +247,38 @@ def kernel_encodes(spec: TrellisSpec, device: torch.device, triton_available: bo
     return supports(spec.state_bits, spec.step_bits)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_search_unavailable_reason() -> str | None:
+    """None when the C++ search is loaded in this process, else why not (logged once)."""
+    return library_unavailable_reason(viterbi_cpu.load, "C++ Viterbi unavailable, encoding in torch")
+
+
+def default_kernel(spec: TrellisSpec, device: torch.device) -> Kernel:
+    """The search `encode` runs unless told: Triton where `kernel_encodes`, C++ for CPU tensors where
+    its library loads and takes the spec, else torch."""
+    if kernel_encodes(spec, device, kernels_available()):
+        return True
+    if device.type == "cpu" and viterbi_cpu.supports(spec.state_bits, spec.step_bits, spec.vec) \
+            and cpu_search_unavailable_reason() is None:
+        return "cpu"
+    return False
+
+
 def encode(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec,
-           kernel: bool | None = None) -> torch.Tensor:
+           kernel: Kernel | None = None) -> torch.Tensor:
     """Tail-biting paths (B, T/V) for sequences x (B, T), in memory-bounded chunks.
 
-    `kernel` runs the path searches in the Triton kernel; None leaves it to `kernel_encodes`.
+    `kernel` picks the search as in `viterbi`; None leaves it to `default_kernel`.
     """
     if kernel is None:
-        kernel = kernel_encodes(spec, x.device, kernels_available())
+        kernel = default_kernel(spec, x.device)
     steps = x.shape[1] // spec.vec
-    # The torch path's chunks bound the kernel too: per tile it stores one byte per group and step
-    # where the history holds a float, and its two 2^L cost arrays replace the torch path's cost
-    # and start penalty.
+    # The torch path's chunks bound the kernels too: per tile the Triton kernel stores one byte per
+    # group and step where the history holds a float, and its two 2^L cost arrays replace the torch
+    # path's cost and start penalty; the C++ search holds one tile per thread.
     size = chunk_size(spec, steps, x.device)
     values = values.to(x.device)
-    history = None if kernel else torch.empty(
+    history = None if kernel is not False else torch.empty(
         (steps - 1) * spec.num_groups * min(size, x.shape[0]), device=x.device)
     parts = [tail_biting_viterbi(x[i:i + size], values, spec, history, kernel)
              for i in range(0, x.shape[0], size)]
