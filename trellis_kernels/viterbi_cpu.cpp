@@ -79,12 +79,24 @@ template <int VEC>
 void step(const Trellis& t, const float* __restrict planes, const float* __restrict x,
           const float* __restrict cost, float* __restrict minima, float* __restrict next) {
   const int64_t groups = t.groups(), fan = t.fan(), states = t.states();
-  std::copy(cost, cost + groups, minima);
-  for (int64_t j = 1; j < fan; ++j) {
-    const float* __restrict candidates = cost + j * groups;
-    for (int64_t h = 0; h < groups; ++h) {
-      minima[h] = candidates[h] < minima[h] ? candidates[h] : minima[h];
+  // Groups in blocks of kBlock keep a block's running minima in registers across the F
+  // predecessors; fewer groups than a block (K*V near L) take the plain loop.
+  constexpr int64_t kBlock = 16;
+  const int64_t blocked = groups - groups % kBlock;
+  for (int64_t h0 = 0; h0 < blocked; h0 += kBlock) {
+    float m[kBlock];
+    for (int64_t b = 0; b < kBlock; ++b) m[b] = cost[h0 + b];
+    for (int64_t j = 1; j < fan; ++j) {
+      const float* __restrict candidates = cost + j * groups + h0;
+#pragma omp simd
+      for (int64_t b = 0; b < kBlock; ++b) m[b] = candidates[b] < m[b] ? candidates[b] : m[b];
     }
+    for (int64_t b = 0; b < kBlock; ++b) minima[h0 + b] = m[b];
+  }
+  for (int64_t h = blocked; h < groups; ++h) {
+    float m = cost[h];
+    for (int64_t j = 1; j < fan; ++j) m = cost[j * groups + h] < m ? cost[j * groups + h] : m;
+    minima[h] = m;
   }
   if (fan >= 8) {  // whole vectors share one group minimum
     for (int64_t h = 0; h < groups; ++h) {
