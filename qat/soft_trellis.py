@@ -26,21 +26,34 @@ Boundaries.
 
 Memory stays bounded: tiles run in chunks (chunk_tiles, or chosen from a budget), the forward keeps
 only the output, and the backward recomputes each chunk's messages (trellis_kernels/bcjr.py stores only
-group-sized messages per step, never (tiles, steps, 2^L)). The per-chunk work runs either in plain
-torch (any device) or in the fused Triton kernels (CUDA).
+group-sized messages per step, never (tiles, steps, 2^L)). The per-chunk work runs in plain torch
+(any device; the reference), in the fused Triton kernels (CUDA) or in the compiled C++ kernels
+(trellis_kernels/bcjr_cpu.cpp, CPU), all three with one contract.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 
-from trellis_kernels import bcjr
+from trellis_kernels import bcjr, bcjr_cpu
+from trellis_runtime.backend_cpu import DISABLE_VARIABLE
+from trellis_runtime.paths import cache_dir
 from trellis_runtime.trellis import TrellisSpec
 
+logger = logging.getLogger("qat")
+
 BOUNDARIES = ("free", "tail_biting")
-BACKENDS = ("auto", "torch", "triton")
-# Working set per chunk on CPU: one (tiles, 2^L) step buffer near the size that stays in L2 cache.
+BACKENDS = ("auto", "torch", "triton", "cpp")
+# Working set per chunk of the torch backend on CPU: one (tiles, 2^L) step buffer near the size
+# that stays in L2 cache.
 CPU_STEP_ELEMENTS = 1 << 18
+# Tiles per call of the C++ kernels: they keep their own per-thread buffers whatever the chunk, so
+# a chunk only bounds the messages torch holds around a call; large ones amortise the call.
+CPP_CHUNK_TILES = 4096
 # On a GPU the chunk is bounded by the stored group messages (two per step), two (tiles, 2^L) step
 # buffers and the kernels' per-tile codebook gradient; bigger chunks keep more of the GPU busy.
 CUDA_CHUNK_BYTES = 4 << 30
@@ -52,23 +65,54 @@ def warmup_steps(steps: int) -> int:
 
 
 def chunk_tiles_for(state_bits: int, step_bits: int, chain_steps: int,
-                    device: torch.device) -> int:
-    """Tiles per chunk: cache-sized step buffers on CPU, a memory budget on CUDA."""
+                    device: torch.device, backend: str = "torch") -> int:
+    """Tiles per chunk: a memory budget on CUDA, cache-sized step buffers for torch on CPU, and
+    large calls for the C++ kernels (the choice is measured by benchmarks/bcjr_speed.py)."""
     states, groups = 1 << state_bits, 1 << (state_bits - step_bits)
     if device.type == "cuda":
         per_tile = (2 * chain_steps * groups + 4 * states) * 4
         return max(1, CUDA_CHUNK_BYTES // per_tile)
+    if backend == "cpp":
+        return CPP_CHUNK_TILES
     return max(1, CPU_STEP_ELEMENTS // states)
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    """Whether to run the fused kernels: "auto" picks them on CUDA (float32) and plain torch
-    elsewhere; "triton" forces them (on CPU they run only under TRITON_INTERPRET=1, for tests)."""
+@functools.lru_cache(maxsize=None)
+def cpp_unavailable_reason() -> str | None:
+    """None when the C++ BCJR kernels are loaded in this process, else why not (logged once)."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return f"disabled by {DISABLE_VARIABLE}=0"
+    try:
+        bcjr_cpu.load(cache_dir() / "kernels")
+    except bcjr_cpu.KernelsUnavailable as error:
+        logger.warning("C++ BCJR kernels unavailable, the soft trellis runs in torch: %s", error)
+        return str(error)
+    return None
+
+
+def _implementation(backend: str, x: torch.Tensor) -> str:
+    """Which implementation runs: "auto" picks Triton on CUDA (float32), C++ on CPU when it loads,
+    plain torch otherwise; "triton" forces the fused kernels (on CPU they run only under
+    TRITON_INTERPRET=1, for tests) and "cpp" the C++ ones (CPU tensors)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "auto":
-        return x.is_cuda and x.dtype == torch.float32
-    return backend == "triton"
+        if x.is_cuda:
+            return "triton" if x.dtype == torch.float32 else "torch"
+        return "cpp" if x.device.type == "cpu" and cpp_unavailable_reason() is None else "torch"
+    if backend == "cpp":
+        if x.device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on CPU tensors, not {x.device}")
+        if cpp_unavailable_reason() is not None:
+            raise ValueError(f"backend 'cpp' is unavailable: {cpp_unavailable_reason()}")
+    return backend
+
+
+FUNCTIONS = {  # implementation -> (forward, backward), one contract (trellis_kernels/bcjr.py)
+    "torch": (bcjr.forward_reference, bcjr.backward_reference),
+    "triton": (bcjr.forward_triton, bcjr.backward_triton),
+    "cpp": (bcjr_cpu.forward, bcjr_cpu.backward),
+}
 
 
 class _Chains(torch.autograd.Function):
@@ -76,22 +120,22 @@ class _Chains(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chains: torch.Tensor, values: torch.Tensor, state_bits: int, step_bits: int,
-                temperature: float, start: int, stop: int, chunk: int, triton: bool
+                temperature: float, start: int, stop: int, chunk: int, implementation: str
                 ) -> torch.Tensor:
-        forward_fn = bcjr.forward_triton if triton else bcjr.forward_reference
+        forward_fn = FUNCTIONS[implementation][0]
         out = chains.new_empty(chains.shape[0], stop - start, chains.shape[2])
         for i in range(0, chains.shape[0], chunk):
             out[i:i + chunk] = forward_fn(chains[i:i + chunk], values, state_bits, step_bits,
                                           temperature, start, stop)[0]
         ctx.save_for_backward(chains, values, out)
-        ctx.args = (state_bits, step_bits, temperature, start, chunk, triton)
+        ctx.args = (state_bits, step_bits, temperature, start, chunk, implementation)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         chains, values, out = ctx.saved_tensors
-        state_bits, step_bits, temperature, start, chunk, triton = ctx.args
-        backward_fn = bcjr.backward_triton if triton else bcjr.backward_reference
+        state_bits, step_bits, temperature, start, chunk, implementation = ctx.args
+        backward_fn = FUNCTIONS[implementation][1]
         values_grad = ctx.needs_input_grad[1]
         grad_out = grad_out.contiguous()
         dchains = torch.empty_like(chains)
@@ -150,13 +194,14 @@ def posterior_mean(seq: torch.Tensor, values: torch.Tensor, state_bits: int, ste
     """
     _check_inputs(seq, values, state_bits, step_bits, temperature, chunk_tiles)
     values = values.to(seq.dtype)
-    triton = _use_triton(backend, seq)
+    implementation = _implementation(backend, seq)
     chains, start, stop = _chains(seq, boundary, warmup)
     if seq.shape[0] == 0:
         return seq.new_zeros(seq.shape) + 0 * values.sum()
-    chunk = chunk_tiles or chunk_tiles_for(state_bits, step_bits, chains.shape[1], seq.device)
+    chunk = chunk_tiles or chunk_tiles_for(state_bits, step_bits, chains.shape[1], seq.device,
+                                           implementation)
     return _Chains.apply(chains, values, state_bits, step_bits, float(temperature), start, stop,
-                         chunk, triton)
+                         chunk, implementation)
 
 
 def _tile_steps(x: torch.Tensor, spec: TrellisSpec) -> torch.Tensor:
@@ -172,9 +217,10 @@ def soft_reconstruct(x: torch.Tensor, values: torch.Tensor, spec: TrellisSpec, t
 
     values: (2^L, V) state values (`trellis_runtime.codes.state_values`). Differentiable w.r.t. x
     and values. boundary "free" or "tail_biting" (module doc); chunk_tiles bounds memory (chosen
-    automatically when None); backend "auto" uses the Triton kernels on CUDA and plain torch
-    elsewhere; warmup overrides the tail-biting warm-up length in steps. Computes in x's dtype
-    (float32; float64 is accepted for numerical checks on the torch backend).
+    automatically when None); backend "auto" uses the Triton kernels on CUDA, the C++ kernels on
+    CPU when they load, plain torch otherwise; warmup overrides the tail-biting warm-up length in
+    steps. Computes in x's dtype (float32; float64 is accepted for numerical checks on the torch
+    and C++ backends).
     """
     out = posterior_mean(_tile_steps(x, spec), values, spec.state_bits, spec.step_bits,
                          temperature, boundary, chunk_tiles, backend=backend, warmup=warmup)
