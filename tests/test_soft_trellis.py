@@ -1,4 +1,6 @@
-"""Tests for the soft trellis (qat/soft_trellis.py and the torch BCJR in trellis_kernels/bcjr.py).
+"""Tests for the soft trellis (qat/soft_trellis.py, the torch BCJR in trellis_kernels/bcjr.py and,
+where parametrized by backend, the C++ one in trellis_kernels/bcjr_cpu.cpp; "auto" picks the latter
+on CPU when it loads).
 
 The oracles are independent of the implementation: enumeration of every path (free ends, or every
 circular bitstream for tail-biting) on trellises small enough to list, a dense transfer-matrix
@@ -11,12 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qat.soft_trellis import posterior_entropy, posterior_mean, soft_reconstruct
+from qat.soft_trellis import (cpp_unavailable_reason, posterior_entropy, posterior_mean,
+                              soft_reconstruct)
 from trellis_runtime.codes import state_values
 from trellis_runtime.trellis import TrellisSpec
 from trellis_runtime.viterbi import tail_biting_viterbi, viterbi
 
 F64 = torch.float64
+CPU_BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
+    cpp_unavailable_reason() is not None,
+    reason=f"C++ BCJR unavailable: {cpp_unavailable_reason()}"))]
 
 
 def free_paths(L: int, kv: int, steps: int) -> torch.Tensor:
@@ -104,14 +110,16 @@ def observations(tiles: int, steps: int, V: int, seed: int, dtype=F64) -> torch.
 
 @pytest.mark.parametrize("L,kv,V,steps", [(4, 1, 1, 10), (4, 2, 2, 5), (5, 2, 1, 6), (6, 3, 2, 4)])
 @pytest.mark.parametrize("temperature", [2.0, 0.3])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_free_boundary_matches_enumeration(L: int, kv: int, V: int, steps: int,
-                                           temperature: float) -> None:
+                                           temperature: float, backend: str) -> None:
     values = lut_values(L, V, seed=L * 10 + kv)
     seq = observations(3, steps, V, seed=steps)
     expected = enumerated_mean(seq, values, free_paths(L, kv, steps), temperature)
-    got = posterior_mean(seq, values, L, kv, temperature, "free")
+    got = posterior_mean(seq, values, L, kv, temperature, "free", backend=backend)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    got32 = posterior_mean(seq.float(), values.float(), L, kv, temperature, "free")
+    got32 = posterior_mean(seq.float(), values.float(), L, kv, temperature, "free",
+                           backend=backend)
     torch.testing.assert_close(got32.double(), expected, rtol=0, atol=1e-5)
 
 
@@ -152,8 +160,10 @@ def test_cyclic_oracle_matches_enumeration(L: int, kv: int, V: int, steps: int) 
 
 @pytest.mark.parametrize("L,kv,V,steps", [(4, 1, 1, 16), (4, 2, 2, 8)])
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tail_biting_on_tiny_circles_is_close_to_enumeration(L: int, kv: int, V: int, steps: int,
-                                                              temperature: float) -> None:
+                                                              temperature: float,
+                                                              backend: str) -> None:
     """A full wrap-around warm-up pass gets the circle's marginals far closer than free ends.
 
     (Not exact: a circle only a few state lengths long constrains paths more than any warm-up
@@ -162,8 +172,9 @@ def test_tail_biting_on_tiny_circles_is_close_to_enumeration(L: int, kv: int, V:
     values = lut_values(L, V, seed=9)
     seq = observations(4, steps, V, seed=10)
     exact = enumerated_mean(seq, values, cyclic_paths(L, kv, steps), temperature)
-    circular = posterior_mean(seq, values, L, kv, temperature, "tail_biting", warmup=steps)
-    free = posterior_mean(seq, values, L, kv, temperature, "free")
+    circular = posterior_mean(seq, values, L, kv, temperature, "tail_biting", backend=backend,
+                              warmup=steps)
+    free = posterior_mean(seq, values, L, kv, temperature, "free", backend=backend)
     assert (circular - exact).abs().max() < (free - exact).abs().max() / 5
 
 
@@ -198,12 +209,15 @@ def test_zero_temperature_limit_is_the_viterbi_reconstruction(boundary: str) -> 
 
 
 @pytest.mark.parametrize("boundary,warmup", [("free", None), ("tail_biting", 3)])
-def test_gradients_match_finite_differences(boundary: str, warmup: int | None) -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradients_match_finite_differences(boundary: str, warmup: int | None,
+                                            backend: str) -> None:
     L, kv, V, steps = 4, 2, 2, 6
     seq = observations(2, steps, V, seed=14).requires_grad_()
     values = lut_values(L, V, seed=15).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda s, v: posterior_mean(s, v, L, kv, 0.7, boundary, warmup=warmup), (seq, values))
+        lambda s, v: posterior_mean(s, v, L, kv, 0.7, boundary, backend=backend, warmup=warmup),
+        (seq, values))
 
 
 def test_gradients_through_soft_reconstruct_match_finite_differences() -> None:
