@@ -1,7 +1,10 @@
 """Soft-trellis (BCJR) speed: one training step's forward + backward over a layer's tiles.
 
-CPU (the torch backend, what QAT uses here): L=12 hyb, tail-biting, seconds per 1,000 tiles and
-the projection to one SmolLM2-135M decoder layer (13,824 tiles), per training step.
+CPU: L=12 hyb, tail-biting and free, the torch backend (the reference) and the C++ backend (what
+QAT uses here) side by side on the same tiles: seconds per 1,000 tiles for each, their ratio, their
+parity (max |diff| / max |ref| of the output and the input gradient) and the projection to one
+SmolLM2-135M decoder layer (13,824 tiles) per training step; then the C++ backend's time against
+its chunk size (tiles per call; qat/soft_trellis.py CPP_CHUNK_TILES is chosen from it).
 CUDA: L=16 hyb, a whole SmolLM2-135M layer, the fused Triton kernels against the eager torch
 backend on the same GPU (CUDA events), their ratio, and their parity (max |diff| / max |ref|).
 
@@ -61,39 +64,62 @@ class Timer:
         return b - a
 
 
-def step(x, values, grad, spec, boundary, backend, timer):
+def step(x, values, grad, spec, boundary, backend, timer, chunk=None):
     """One forward + backward; returns (forward s, backward s, output, input gradient)."""
     xi = x.clone().requires_grad_()
     t0 = timer.mark()
-    out = soft_reconstruct(xi, values, spec, TEMPERATURE, boundary, backend=backend)
+    out = soft_reconstruct(xi, values, spec, TEMPERATURE, boundary, chunk, backend=backend)
     t1 = timer.mark()
     out.backward(grad)
     t2 = timer.mark()
     return timer.seconds(t0, t1), timer.seconds(t1, t2), out.detach(), xi.grad
 
 
-def measure(spec, tiles, device, boundary, backend, rounds):
+def measure(spec, tiles, device, boundary, backend, rounds, chunk=None):
     x, values, grad = inputs(spec, tiles, device)
     timer = Timer(device)
     step(x[:8], values, grad[:8], spec, boundary, backend, timer)  # warm-up (kernel compile)
-    runs = [step(x, values, grad, spec, boundary, backend, timer) for _ in range(rounds)]
+    runs = [step(x, values, grad, spec, boundary, backend, timer, chunk) for _ in range(rounds)]
     fwd = statistics.median(r[0] for r in runs)
     bwd = statistics.median(r[1] for r in runs)
     return {"forward_s": fwd, "backward_s": bwd, "step_s": fwd + bwd}, runs[-1][2:]
+
+
+def cpu_row(spec, tiles, boundary, backend, rounds, chunk=None):
+    row, result = measure(spec, tiles, "cpu", boundary, backend, rounds, chunk)
+    row["per_1k_tiles_s"] = row["step_s"] * 1000 / tiles
+    row["smollm2_layer_step_s"] = row["step_s"] * SMOLLM2_LAYER_TILES / tiles
+    return row, result
 
 
 def cpu_section(tiles: int, rounds: int) -> dict:
     spec = TrellisSpec(state_bits=12, bits=2, vec=2, code="hyb")
     rows = {}
     for boundary in ("tail_biting", "free"):
-        row, _ = measure(spec, tiles, "cpu", boundary, "torch", rounds)
-        row["per_1k_tiles_s"] = row["step_s"] * 1000 / tiles
-        row["smollm2_layer_step_s"] = row["step_s"] * SMOLLM2_LAYER_TILES / tiles
+        row = {}
+        for backend in ("torch", "cpp"):
+            row[backend], result = cpu_row(spec, tiles, boundary, backend, rounds)
+            print(f"cpu L=12 {boundary:<12} {backend:<5} {tiles} tiles: forward "
+                  f"{row[backend]['forward_s']:.2f} s, backward {row[backend]['backward_s']:.2f} s;"
+                  f" {row[backend]['per_1k_tiles_s']:.2f} s per 1k tiles, "
+                  f"{row[backend]['smollm2_layer_step_s']:.1f} s per SmolLM2 layer step",
+                  flush=True)
+            if backend == "torch":
+                reference = result
+        row["speedup"] = row["torch"]["step_s"] / row["cpp"]["step_s"]
+        row["parity_out"] = max_rel_err(result[0], reference[0])
+        row["parity_dx"] = max_rel_err(result[1], reference[1])
+        print(f"cpu L=12 {boundary:<12} C++ {row['speedup']:.1f}x faster; parity out "
+              f"{row['parity_out']:.1e} dx {row['parity_dx']:.1e}", flush=True)
         rows[boundary] = row
-        print(f"cpu L=12 {boundary:<12} {tiles} tiles: forward {row['forward_s']:.2f} s, "
-              f"backward {row['backward_s']:.2f} s; {row['per_1k_tiles_s']:.2f} s per 1k tiles, "
-              f"{row['smollm2_layer_step_s']:.0f} s per SmolLM2 layer step", flush=True)
-    return {"spec": str(spec), "tiles": tiles, "threads": torch.get_num_threads(), **rows}
+    sweep = {}
+    for chunk in sorted({64, 256, tiles}):
+        chunk_row, _ = cpu_row(spec, tiles, "tail_biting", "cpp", rounds, chunk)
+        sweep[str(chunk)] = chunk_row["per_1k_tiles_s"]
+        print(f"cpu L=12 tail_biting cpp chunk {chunk}: {sweep[str(chunk)]:.2f} s per 1k tiles",
+              flush=True)
+    return {"spec": str(spec), "tiles": tiles, "threads": torch.get_num_threads(), **rows,
+            "cpp_per_1k_tiles_s_by_chunk": sweep}
 
 
 def cuda_section(tiles: int, rounds: int) -> dict:
