@@ -34,17 +34,12 @@ group-sized messages per step, never (tiles, steps, 2^L)). The per-chunk work ru
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import torch
 
 from trellis_kernels import bcjr, bcjr_cpu
-from trellis_runtime.backend_cpu import DISABLE_VARIABLE
-from trellis_runtime.paths import cache_dir
+from trellis_runtime.backend_cpu import library_unavailable_reason
 from trellis_runtime.trellis import TrellisSpec
-
-logger = logging.getLogger("qat")
 
 BOUNDARIES = ("free", "tail_biting")
 BACKENDS = ("auto", "torch", "triton", "cpp")
@@ -80,14 +75,8 @@ def chunk_tiles_for(state_bits: int, step_bits: int, chain_steps: int,
 @functools.lru_cache(maxsize=None)
 def cpp_unavailable_reason() -> str | None:
     """None when the C++ BCJR kernels are loaded in this process, else why not (logged once)."""
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return f"disabled by {DISABLE_VARIABLE}=0"
-    try:
-        bcjr_cpu.load(cache_dir() / "kernels")
-    except bcjr_cpu.KernelsUnavailable as error:
-        logger.warning("C++ BCJR kernels unavailable, the soft trellis runs in torch: %s", error)
-        return str(error)
-    return None
+    return library_unavailable_reason(bcjr_cpu.load,
+                                      "C++ BCJR kernels unavailable, the soft trellis runs in torch")
 
 
 def _implementation(backend: str, x: torch.Tensor) -> str:
