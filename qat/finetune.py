@@ -32,7 +32,7 @@ from qat.hardened_eval import VALIDATION_CTX
 from qat.perplexity import perplexity
 from qat.record import Record, plot
 from qat.snapshot import load_snapshot, save_snapshot
-from qat.text import calibration_text
+from qat.text import training_text
 from qat.workdir import atomic_save, prepare, publish, read_metadata, removed_unless_resumable, work_dir
 from trellis_runtime.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, save_checkpoint
 from trellis_runtime.errors import TrellisError
@@ -45,10 +45,12 @@ BEST_FILE = "finetune-best.safetensors"
 class FinetuneOptions:
     """One end-to-end distillation run."""
 
-    steps: int = 64
-    lr: float = 1e-3  # vectors and norms (both are ~1 in size)
-    table_lr: float = 1e-4
+    steps: int = 128
+    lr: float = 2e-3  # vectors and norms (both are ~1 in size)
+    table_lr: float = 5e-4  # table entries are ~1 in size, and each moves many weights
     train_table: bool = False
+    embedding_lr: float = 5e-5  # embedding entries are ~0.05 in size
+    train_embeddings: bool = False
     ctx: int = 512
     eval_every: int = 16
     validation_tokens: int = 8192
@@ -61,9 +63,9 @@ class FinetuneOptions:
         if self.steps < 1 or self.eval_every < 1:
             raise TrellisError(f"fine-tuning needs steps >= 1 and eval_every >= 1, got "
                                f"{self.steps} and {self.eval_every}")
-        if not (self.lr > 0 and self.table_lr > 0):
-            raise TrellisError(f"fine-tuning learning rates must be positive, got {self.lr} and "
-                               f"{self.table_lr}")
+        if not (self.lr > 0 and self.table_lr > 0 and self.embedding_lr > 0):
+            raise TrellisError(f"fine-tuning learning rates must be positive, got {self.lr}, "
+                               f"{self.table_lr} and {self.embedding_lr}")
 
     def learning_rate_factor(self, step: int) -> float:
         """Cosine decay from 1 to 0 over the steps (step counts from 0)."""
@@ -79,19 +81,21 @@ class FinetuneState:
 
 
 def _optimizer(modules: dict[str, nn.Module], options: FinetuneOptions) -> torch.optim.Optimizer:
-    """AdamW over the trained parameters, each once (input vectors are shared within a group)."""
+    """AdamW over the trained parameters, each once (input vectors are shared within a group), with
+    one learning rate per kind: vectors and norms, code tables, embeddings."""
     seen: set[int] = set()
-    plain, tables = [], []
+    kinds: dict[str, list[nn.Parameter]] = {"plain": [], "table": [], "embedding": []}
     for module in modules.values():
         for name, param in module.named_parameters():
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
-            (tables if name == "table" else plain).append(param)
-    groups = [{"params": plain, "lr": options.lr}]
-    if tables:
-        groups.append({"params": tables, "lr": options.table_lr})
-    return torch.optim.AdamW(groups, weight_decay=0.0)
+            kind = "table" if name == "table" else (
+                "embedding" if isinstance(module, (nn.Embedding, nn.Linear)) else "plain")
+            kinds[kind].append(param)
+    rates = {"plain": options.lr, "table": options.table_lr, "embedding": options.embedding_lr}
+    return torch.optim.AdamW([{"params": params, "lr": rates[kind]}
+                              for kind, params in kinds.items() if params], weight_decay=0.0)
 
 
 @torch.no_grad()
@@ -114,7 +118,7 @@ class Finetuner:
         options, checkpoint = self.options, self.checkpoint
         options.check()
         started = time.time()
-        text = calibration_text(options.calib_text)
+        text = training_text(options.calib_text)
         if self.out.exists():
             raise TrellisError(f"{self.out} already exists; remove it or choose another --out")
         with removed_unless_resumable(self.out, lambda work: (work / SNAPSHOT_FILE).is_file()):
@@ -126,7 +130,8 @@ class Finetuner:
             windows = TextWindows.from_text(tokenizer, text, options.ctx, options.steps,
                                             options.validation_tokens, options.seed)
             student = dense_student(checkpoint, options.device)
-            modules = trained_modules(student, make_tuned(student, checkpoint, options.train_table))
+            modules = trained_modules(student, make_tuned(student, checkpoint, options.train_table),
+                                      options.train_embeddings)
             optimizer = _optimizer(modules, options)
             if resuming:
                 state = FinetuneState(**read_metadata(self.work / SNAPSHOT_FILE))
@@ -143,7 +148,7 @@ class Finetuner:
             self._train(state, student, teacher, modules, optimizer, windows)
             load_snapshot(self.work / BEST_FILE, modules, None)
             summary = {"steps": options.steps, "lr": options.lr, "train_table": options.train_table,
-                       "ctx": options.ctx, "best_step": state.best_step,
+                       "train_embeddings": options.train_embeddings, "ctx": options.ctx, "best_step": state.best_step,
                        "validation_ppl": {"start": state.start_ppl, "best": state.best_ppl},
                        "seconds": round(time.time() - started, 1)}
             quantized, dense = exported(checkpoint, modules)

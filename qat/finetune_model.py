@@ -5,8 +5,10 @@ quantized linear swapped for a FrozenCodesLinear and the RMSNorm weights unfroze
 - per linear, a real output vector; per input group of a layer (q/k/v, gate/up, o, down), one real
   input vector its linears share;
 - every RMSNorm weight (the layers' and the final one);
-- the code tables, when asked.
-Nothing else moves: the codes, the embeddings and the head stay as quantization left them.
+- the code tables, when asked;
+- the embeddings and the head (one matrix when tied), when asked: they stay in 16-bit floats, so
+  training them costs no bits, only optimizer memory.
+Nothing else moves: the codes stay as quantization left them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from trellis_runtime.quantized import QuantizedWeight
 
 def make_tuned(model: nn.Module, checkpoint: Checkpoint, train_table: bool
                ) -> dict[str, FrozenCodesLinear]:
-    """Swap every quantized linear of `model` for a FrozenCodesLinear, in place; by module name."""
+    """Swap every quantized linear of `model` for a FrozenCodesLinear, in place; by module name.
+    train_table trains the tables of the codes that have one (hyb, lut) and is moot for the rest."""
     tuned: dict[str, FrozenCodesLinear] = {}
     shape = checkpoint.shape
     for layer in range(shape.layers):
@@ -34,7 +37,7 @@ def make_tuned(model: nn.Module, checkpoint: Checkpoint, train_table: bool
                 if not torch.equal(weight.input_signs, first.input_signs):
                     raise ValueError(f"{name} does not share its group's input vector")
                 module = FrozenCodesLinear(weight, vector, model.get_submodule(name).bias,
-                                           train_table)
+                                           train_table and weight.table is not None)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, module)
                 tuned[name] = module
@@ -48,12 +51,24 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
                 getattr(module, "weight", None), nn.Parameter)}
 
 
-def trained_modules(model: nn.Module, tuned: dict[str, FrozenCodesLinear]) -> dict[str, nn.Module]:
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The input embedding and the output head of `model`, by module name; one entry when tied."""
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(module is w for w in wanted) and not any(
+                other.weight is module.weight for other in found.values()):
+            found[name] = module
+    return found
+
+
+def trained_modules(model: nn.Module, tuned: dict[str, FrozenCodesLinear],
+                    train_embeddings: bool) -> dict[str, nn.Module]:
     """Every module with trained parameters, by name, in a fixed order (snapshots rely on it)."""
-    norms = norm_modules(model)
-    for module in norms.values():
+    dense = {**norm_modules(model), **(embedding_modules(model) if train_embeddings else {})}
+    for module in dense.values():
         module.weight.requires_grad_(True)
-    return {**tuned, **norms}
+    return {**tuned, **dense}
 
 
 @torch.no_grad()

@@ -32,9 +32,11 @@ SUMMARY_FILES = {"bcjr": "qat_summary.json", "finetune": "finetune_summary.json"
 
 def finetune_options(options: QatOptions) -> FinetuneOptions:
     """The fine-tuning stage's options, from the recipe's."""
+    steps = options.finetune_step_count()
     return FinetuneOptions(
-        steps=options.finetune_steps, lr=options.finetune_lr, ctx=options.finetune_ctx,
-        eval_every=max(1, options.finetune_steps // 4), train_table=options.train_table,
+        steps=steps, lr=options.finetune_lr, ctx=options.finetune_ctx,
+        eval_every=max(1, steps // 4), train_table=options.finetune_table,
+        train_embeddings=options.finetune_embeddings,
         validation_tokens=options.validation_tokens, calib_text=options.calib_text,
         teacher=options.teacher, seed=options.seed, device=options.device)
 

@@ -1,9 +1,11 @@
-"""Calibration and evaluation text for quantization.
+"""Calibration, training and evaluation text.
 
 No dataset hub is reachable where this runs, so the default corpus is the Wikipedia excerpt
-(about 106 articles, CC BY-SA) that ships as test data inside the gensim wheel on PyPI. It is
-fetched once with pip, reduced to plain text, and cached; the wheel itself is not kept.
-Users can supply their own UTF-8 text file instead.
+(about 106 articles, CC BY-SA) that ships as test data inside the gensim wheel on PyPI; its head is
+the evaluation part, the rest calibration. Training (BCJR-QAT, fine-tuning) reads more: the Lee news
+corpus from the same wheel (about 350 short Australian news articles, 64k words) before the
+calibration part. Both are fetched once with pip, reduced to plain text, and cached; the wheel
+itself is not kept. Users can supply their own UTF-8 text file instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from trellis_runtime.paths import cache_dir
 GENSIM_VERSION = "4.4.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CORPUS_NAME = f"enwiki-gensim-{GENSIM_VERSION}.txt"
+NEWS_MEMBERS = ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data/lee.cor")
+NEWS_NAME = f"lee-news-gensim-{GENSIM_VERSION}.txt"
 
 # Each pattern matches an innermost construct (no nested opener inside), so applying it until
 # nothing changes removes nested constructs from the inside out.
@@ -110,8 +114,15 @@ def _articles(xml_stream: IO[bytes]) -> list[str]:
     return articles
 
 
-def _build_corpus(workdir: Path) -> str:
-    """Download the gensim wheel into workdir and return its Wikipedia excerpt as plain text."""
+def _news_articles(lines: IO[bytes]) -> list[str]:
+    """The Lee corpus holds one plain-text article per line, in Latin-1 (its one non-ASCII byte is
+    a pound sign)."""
+    return [line.decode("latin-1").strip() for line in lines if line.strip()]
+
+
+def _build_corpora(workdir: Path) -> dict[str, str]:
+    """Download the gensim wheel into workdir; its Wikipedia excerpt and its news articles as plain
+    text, by cache file name (one download fills both)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
            f"gensim=={GENSIM_VERSION}", "-d", str(workdir)]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -124,13 +135,18 @@ def _build_corpus(workdir: Path) -> str:
     if not wheels:
         raise TextError(f"pip did not fetch a gensim=={GENSIM_VERSION} wheel for this platform")
     try:
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(WIKI_MEMBER) as packed:
-            articles = _articles(bz2.open(packed))
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            with wheel.open(WIKI_MEMBER) as packed:
+                articles = _articles(bz2.open(packed))
+            news = []
+            for member in NEWS_MEMBERS:
+                with wheel.open(member) as lines:
+                    news += _news_articles(lines)
     except (KeyError, OSError, zipfile.BadZipFile, ElementTree.ParseError) as exc:
-        raise TextError(f"cannot read the Wikipedia excerpt from {wheels[0].name}: {exc}") from exc
-    if not articles:
-        raise TextError(f"the Wikipedia excerpt in {wheels[0].name} holds no articles")
-    return "\n\n".join(articles) + "\n"
+        raise TextError(f"cannot read the text corpora from {wheels[0].name}: {exc}") from exc
+    if not articles or not news:
+        raise TextError(f"the text corpora in {wheels[0].name} hold no articles")
+    return {CORPUS_NAME: "\n\n".join(articles) + "\n", NEWS_NAME: "\n\n".join(news) + "\n"}
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -145,19 +161,30 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def default_corpus() -> str:
-    """The cleaned Wikipedia excerpt, built on first use and then read from the cache."""
-    target = cache_dir() / "text" / CORPUS_NAME
+def _cached_corpus(name: str) -> str:
+    """A corpus of the gensim wheel by cache file name, built on first use, then read from the cache."""
+    target = cache_dir() / "text" / name
     if target.is_file():
         return target.read_text(encoding="utf-8")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="download-") as workdir:
-            text = _build_corpus(Path(workdir))
-        _write_atomically(target, text)
+            corpora = _build_corpora(Path(workdir))
+        for file_name, text in corpora.items():
+            _write_atomically(target.parent / file_name, text)
     except OSError as exc:
         raise TextError(f"cannot build the default corpus in {cache_dir()}: {exc}") from exc
-    return text
+    return corpora[name]
+
+
+def default_corpus() -> str:
+    """The cleaned Wikipedia excerpt: evaluation and calibration text."""
+    return _cached_corpus(CORPUS_NAME)
+
+
+def news_corpus() -> str:
+    """The Lee news articles, one paragraph each: extra training text, never evaluated on."""
+    return _cached_corpus(NEWS_NAME)
 
 
 def split_corpus(text: str, eval_fraction: float = 0.1) -> tuple[str, str]:
@@ -215,6 +242,21 @@ def calibration_text(path: str | None) -> str:
     if path is not None:
         return read_text_file(path)
     return split_corpus(_default_corpus_or_hint("--calib-text FILE"))[0]
+
+
+def training_text(path: str | None) -> str:
+    """A user's file whole, or the news corpus followed by the calibration part of the default
+    corpus. The calibration part comes last so that the held-out validation tail training cuts
+    from the end (qat.distill.TextWindows) is the same Wikipedia text with or without the news."""
+    if path is not None:
+        return read_text_file(path)
+    calibration = calibration_text(None)
+    try:
+        news = news_corpus()
+    except TextError as err:
+        raise TextError(f"the default text cannot be obtained ({err}); give your own UTF-8 text "
+                        f"file with --calib-text FILE") from None
+    return news + "\n" + calibration
 
 
 def evaluation_text(path: str | None) -> str:

@@ -33,7 +33,7 @@ from qat.hardened_eval import BEST_FILE, score_ptq
 from qat.record import Record
 from qat.snapshot import SNAPSHOT_FILE, RunState, load_snapshot, read_run_state, save_snapshot
 from qat.soft_linear import SoftTrellisLinear
-from qat.text import calibration_text
+from qat.text import training_text
 from qat.train_loop import make_optimizer, train
 from qat.train_options import QatOptions
 from qat.train_output import summarize, trained_weights, write_checkpoint
@@ -57,7 +57,7 @@ class Trainer:
         started = time.time()
         checkpoint = load_trainable(self.checkpoint_dir, options.train_table)
         layers = parse_layers(options.layers, checkpoint.shape.layers, options.device)
-        text = calibration_text(options.calib_text)
+        text = training_text(options.calib_text)
         if self.out.exists():
             raise TrellisError(f"{self.out} already exists; remove it or choose another --out")
         # Worth resuming once the first snapshot is saved; refused before that, nothing stays.

@@ -15,6 +15,10 @@ from trellis_runtime.errors import TrellisError
 
 Loss = Literal["kl", "mse"]
 STAGES = ("bcjr", "finetune")  # in the order a recipe runs them
+# Fine-tuning steps by device: the CPU default fits the recipe's time on 2 cores (README, Measured);
+# a GPU runs the same steps in seconds, so it takes more text.
+FINETUNE_STEPS = {"cpu": 128, "cuda": 1024}
+FINETUNE_EMBEDDINGS = False
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class QatOptions:
     t_start: float = field(default=0.3, metadata={"help": "first temperature"})
     t_end: float = field(default=0.05, metadata={"help": "last temperature (exponential)"})
     calib_text: str | None = field(default=None, metadata={
-        "help": "UTF-8 text file (default: the built-in Wikipedia calibration text)"})
+        "help": "UTF-8 text file (default: the built-in news articles and Wikipedia calibration "
+                "text)"})
     teacher: str | None = field(default=None, metadata={
         "help": "float model to distil from (default: the checkpoint's source)"})
     ctx: int = field(default=1024, metadata={"help": "tokens per training window"})
@@ -46,11 +51,16 @@ class QatOptions:
         "help": "kl: full-vocabulary KL to the teacher; mse: per-layer output MSE"})
     train_table: bool = field(default=False, metadata={"help": "also train the code table"})
     train_scale: bool = field(default=False, metadata={"help": "also train each matrix's scale"})
-    finetune_steps: int = field(default=64, metadata={
-        "help": "fine-tuning steps, one text window of --finetune-ctx tokens each"})
-    finetune_lr: float = field(default=1e-3, metadata={
+    finetune_steps: int | None = field(default=None, metadata={
+        "help": f"fine-tuning steps, one text window of --finetune-ctx tokens each (default: "
+                f"{FINETUNE_STEPS['cpu']} on CPU, {FINETUNE_STEPS['cuda']} on CUDA)"})
+    finetune_lr: float = field(default=2e-3, metadata={
         "help": "fine-tuning AdamW learning rate of the vectors and norms (cosine decay)"})
     finetune_ctx: int = field(default=512, metadata={"help": "tokens per fine-tuning window"})
+    finetune_table: bool = field(default=True, metadata={
+        "help": "fine-tune the code tables (hyb, lut) with the vectors and norms"})
+    finetune_embeddings: bool = field(default=FINETUNE_EMBEDDINGS, metadata={
+        "help": "fine-tune the embeddings and the output head too (16-bit, no bits added)"})
     clip: float = field(default=1.0, metadata={"flag": False})
     seed: int = 0
     device: Device = DEFAULT_DEVICE
@@ -60,6 +70,12 @@ class QatOptions:
         if self.steps == 1:
             return self.t_end
         return self.t_start * (self.t_end / self.t_start) ** (step / (self.steps - 1))
+
+    def finetune_step_count(self) -> int:
+        """--finetune-steps, or the device's default."""
+        if self.finetune_steps is not None:
+            return self.finetune_steps
+        return FINETUNE_STEPS["cuda" if str(self.device).startswith("cuda") else "cpu"]
 
     def stage_list(self) -> list[str]:
         """The stages to run, in order; a TrellisError for an unknown, repeated or misordered one."""
@@ -73,7 +89,7 @@ class QatOptions:
 
     def check(self) -> None:
         self.stage_list()
-        if self.finetune_steps < 1 or self.finetune_ctx < 2 or not self.finetune_lr > 0:
+        if self.finetune_step_count() < 1 or self.finetune_ctx < 2 or not self.finetune_lr > 0:
             raise TrellisError("--finetune-steps must be at least 1, --finetune-ctx at least 2 and "
                                "--finetune-lr positive")
         if self.steps < 1:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from qat.distill import dense_student
 from qat.finetune import FinetuneOptions, finetune
-from qat.finetune_model import make_tuned
+from qat.finetune_model import embedding_modules, make_tuned
 from trellis_runtime.checkpoint import WEIGHTS_FILE, load_checkpoint
 from trellis_runtime.errors import CheckpointError
 
@@ -41,7 +41,8 @@ def small_options(calib_file: Path, **overrides) -> FinetuneOptions:
 def tuned_dir(hyb_checkpoint_dir: Path, calib_file: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("finetune") / "tuned"
-    return out, finetune(hyb_checkpoint_dir, out, small_options(calib_file, train_table=True))
+    return out, finetune(hyb_checkpoint_dir, out, small_options(calib_file, train_table=True,
+                                                            train_embeddings=True))
 
 
 def test_the_untrained_student_computes_the_dequantized_model(hyb_checkpoint_dir: Path):
@@ -63,6 +64,9 @@ def test_the_untrained_student_computes_the_dequantized_model(hyb_checkpoint_dir
     first = tuned["model.layers.0.self_attn.q_proj"].input_vector
     assert tuned["model.layers.0.self_attn.v_proj"].input_vector is first  # one per input group
     assert tuned["model.layers.0.self_attn.o_proj"].input_vector is not first
+    tied = checkpoint.shape.tied_embeddings
+    assert list(embedding_modules(student)) == (
+        ["model.embed_tokens"] if tied else ["model.embed_tokens", "lm_head"])
 
 
 def test_finetuning_writes_a_format_2_checkpoint_the_runtime_serves(
@@ -80,6 +84,9 @@ def test_finetuning_writes_a_format_2_checkpoint_the_runtime_serves(
         changed_tables += not torch.equal(weight.table, before.table)
     assert changed_vectors and changed_tables
     assert not torch.equal(tuned.dense["model.norm.weight"], ptq.dense["model.norm.weight"])
+    embedding = "model.embed_tokens.weight"
+    assert not torch.equal(tuned.dense[embedding], ptq.dense[embedding])
+    assert tuned.dense.keys() == ptq.dense.keys()  # a tied head stays tied: one matrix
     lines = [json.loads(x) for x in (out / "finetune_record.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2, 3, 4]
 

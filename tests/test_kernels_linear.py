@@ -7,6 +7,7 @@ the CPU here; select_backend picks it only on CUDA.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,3 +102,28 @@ def test_block_diagonal_widths_agree_across_backends(shape: tuple[int, int]) -> 
     for backend in (DenseBackend(weight, cpu, torch.float32),
                     TritonBackend(weight, cpu, torch.float32)):
         torch.testing.assert_close(backend(x).double(), reference, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("rows,dense_min_rows", [(1, 128), (3, 128), (20, 128), (20, 16)],
+                         ids=["gemv-fp32", "gemv", "gemm", "decode-dense"])
+def test_real_vectors_of_format_2_run_on_every_path(rows: int, dense_min_rows: int) -> None:
+    """Fine-tuned checkpoints hold real float16 input/output vectors where format 1 holds ±1 signs;
+    the rotation kernels multiply them in the same place, on every row-count path."""
+    weight = random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 128, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    for name in ("input_signs", "output_signs"):
+        signs = getattr(weight, name)
+        real = signs.float() * (0.5 + torch.rand(signs.shape, generator=gen))
+        setattr(weight, name, real.to(torch.float16))
+    backend = TritonBackend(weight, torch.device("cpu"), torch.float32, dense_min_rows=dense_min_rows)
+    x = torch.randn(rows, 128, generator=gen)
+    reference = x.double() @ weight.dequantize().double().T
+    assert not torch.allclose(reference, x.double() @ _signs_only(weight).dequantize().double().T,
+                              atol=0.1)  # the vectors matter to the result
+    torch.testing.assert_close(backend(x).double(), reference, rtol=1e-2, atol=1e-2)
+
+
+def _signs_only(weight):
+    """The same weight with its vectors replaced by their signs (format 1)."""
+    return replace(weight, input_signs=weight.input_signs.sign().to(torch.int8),
+                   output_signs=weight.output_signs.sign().to(torch.int8))

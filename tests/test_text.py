@@ -1,4 +1,4 @@
-"""Calibration/evaluation text: the wiki cleaner, the split, user files and the default corpus."""
+"""Calibration/training/evaluation text: the wiki cleaner, the split, user files and the corpora."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import pytest
 
 from qat.text import (
     CORPUS_NAME,
+    NEWS_NAME,
     cache_dir,
     clean_wikitext,
     default_corpus,
     calibration_text,
     evaluation_text,
+    news_corpus,
     read_text_file,
     split_corpus,
+    training_text,
 )
 from trellis_runtime.errors import TextError
 
@@ -117,15 +120,32 @@ def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert cache_dir() == tmp_path / "home" / ".cache" / "trellis-runtime"
 
 
-def test_default_corpus_reads_the_cache_without_downloading(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("read,name", [(default_corpus, CORPUS_NAME), (news_corpus, NEWS_NAME)])
+def test_each_corpus_reads_the_cache_without_downloading(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, read, name: str
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))  # any download would fail
-    cached = tmp_path / "trellis-runtime" / "text" / CORPUS_NAME
+    cached = tmp_path / "trellis-runtime" / "text" / name
     cached.parent.mkdir(parents=True)
     cached.write_text("First article.\n\nSecond article.\n", encoding="utf-8")
-    assert default_corpus() == "First article.\n\nSecond article.\n"
+    assert read() == "First article.\n\nSecond article.\n"
+
+
+def test_training_text_is_news_then_calibration_never_evaluation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    text = tmp_path / "trellis-runtime" / "text"
+    text.mkdir(parents=True)
+    wiki = "".join(f"Article {i} says {'x' * 50}.\n\n" for i in range(40))
+    (text / CORPUS_NAME).write_text(wiki, encoding="utf-8")
+    (text / NEWS_NAME).write_text("News one.\n\nNews two.\n", encoding="utf-8")
+    training = training_text(None)
+    assert training == "News one.\n\nNews two.\n\n" + calibration_text(None)
+    assert evaluation_text(None) not in training
+    assert training_text(str(text / NEWS_NAME)) == "News one.\n\nNews two.\n"  # a file, whole
 
 
 def test_default_corpus_reports_a_failed_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -170,6 +190,9 @@ def test_default_corpus_from_the_gensim_wheel() -> None:
     assert (cache_dir() / "text" / CORPUS_NAME).read_text(encoding="utf-8") == corpus
     assert not list(cache_dir().rglob("*.whl"))
     assert default_corpus() == corpus
+    news = news_corpus()
+    assert len(news.split()) > 60_000 and (cache_dir() / "text" / NEWS_NAME).is_file()
+    assert training_text(None) == news + "\n" + calibration_text(None)
 
     calibration, evaluation = calibration_text(None), evaluation_text(None)
     assert evaluation + "\n\n" + calibration == corpus
