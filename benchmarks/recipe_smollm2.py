@@ -10,7 +10,8 @@ snapshots on held-out calibration text, never on this). Rows:
     bcjr_one_layer   BCJR-QAT alone on the layer that costs the most KL, 12 steps
     finetune         end-to-end fine-tuning alone (codes frozen)
     bcjr_all_layers  BCJR-QAT alone on every layer
-    recipe           `trellis qat` with no flags (the default stages)
+    bcjr_then_finetune  BCJR-QAT of one layer, then fine-tuning
+    recipe           `trellis qat` with no flags (the default stages: on CPU the finetune row's)
 
 Each row reports perplexity, its ratio to float, the wall time and the bits per quantized weight
 with every piece of side data counted (codes, vectors, scale, table); trained rows also give each
@@ -45,6 +46,7 @@ RESULTS = Path(__file__).parent / "results" / "recipe_smollm2.json"
 TRAINED_ROWS = {"bcjr_one_layer": ["--stages", "bcjr", "--layers", "auto", "--steps", "12"],
                 "finetune": ["--stages", "finetune"],
                 "bcjr_all_layers": ["--stages", "bcjr", "--layers", "all"],
+                "bcjr_then_finetune": ["--stages", "bcjr,finetune"],
                 "recipe": []}
 ROWS = ("float", "ptq", *TRAINED_ROWS)
 

@@ -49,7 +49,7 @@ class FinetuneOptions:
     lr: float = 2e-3  # vectors and norms (both are ~1 in size)
     table_lr: float = 5e-4  # table entries are ~1 in size, and each moves many weights
     train_table: bool = False
-    embedding_lr: float = 5e-5  # embedding entries are ~0.05 in size
+    embedding_lr: float = 1e-4  # embedding entries are ~0.1 in size
     train_embeddings: bool = False
     ctx: int = 512
     eval_every: int = 16

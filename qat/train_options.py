@@ -18,6 +18,10 @@ STAGES = ("bcjr", "finetune")  # in the order a recipe runs them
 # Fine-tuning steps by device: the CPU default fits the recipe's time on 2 cores (README, Measured);
 # a GPU runs the same steps in seconds, so it takes more text.
 FINETUNE_STEPS = {"cpu": 128, "cuda": 1024}
+# The default stages by device. On CPU BCJR-QAT reaches one layer in the recipe's time, and fine-tuning
+# after it ended worse than fine-tuning the PTQ checkpoint directly (README, Measured); a GPU runs
+# BCJR-QAT over every layer first.
+DEFAULT_STAGES = {"cpu": "finetune", "cuda": "bcjr,finetune"}
 FINETUNE_EMBEDDINGS = False
 
 
@@ -26,9 +30,10 @@ class QatOptions:
     """What `trellis qat` takes: each field is a flag (trellis_cli/options.py) with this help,
     except those marked "flag": False, which only a library caller sets."""
 
-    stages: str = field(default="bcjr,finetune", metadata={
+    stages: str | None = field(default=None, metadata={
         "help": "comma-separated stages, run in this order: bcjr (train the codes through the soft "
-                "trellis), finetune (distil the vectors, norms and tables end to end, codes frozen)"})
+                "trellis), finetune (distil the vectors, norms and tables end to end, codes frozen); "
+                f"default {DEFAULT_STAGES['cpu']} on CPU, {DEFAULT_STAGES['cuda']} on CUDA"})
     layers: str = field(default="auto", metadata={
         "help": "all, auto (CPU: the layer whose quantization costs the most; CUDA: all) or "
                 "comma-separated layer indices"})
@@ -71,15 +76,19 @@ class QatOptions:
             return self.t_end
         return self.t_start * (self.t_end / self.t_start) ** (step / (self.steps - 1))
 
+    def _device_kind(self) -> str:
+        return "cuda" if str(self.device).startswith("cuda") else "cpu"
+
     def finetune_step_count(self) -> int:
         """--finetune-steps, or the device's default."""
         if self.finetune_steps is not None:
             return self.finetune_steps
-        return FINETUNE_STEPS["cuda" if str(self.device).startswith("cuda") else "cpu"]
+        return FINETUNE_STEPS[self._device_kind()]
 
     def stage_list(self) -> list[str]:
         """The stages to run, in order; a TrellisError for an unknown, repeated or misordered one."""
-        stages = [part.strip() for part in self.stages.split(",") if part.strip()]
+        text = self.stages if self.stages is not None else DEFAULT_STAGES[self._device_kind()]
+        stages = [part.strip() for part in text.split(",") if part.strip()]
         unknown = [stage for stage in stages if stage not in STAGES]
         if not stages or unknown or len(set(stages)) != len(stages) or \
                 stages != sorted(stages, key=STAGES.index):

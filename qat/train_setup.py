@@ -23,9 +23,10 @@ from trellis_runtime.errors import TrellisError
 # distill.layer_gains). Every step runs one BCJR forward+backward over all of a trained layer's tiles
 # (13,824 for a SmolLM2-135M layer at L=12), so the cost grows with layers x steps; on a CPU the
 # default is one layer x 12 steps with its snapshots, which keeps the default run of the built-in
-# model within a CPU session. The time of one layer's step is in benchmarks/results/bcjr_speed.json
-# (cpu, smollm2_layer_step_s), that of the default run in benchmarks/results/qat_smollm2.json
-# (wall_seconds) and the README's Measured section. A GPU trains all of them.
+# model to about 11 minutes on 2 cores with the C++ BCJR. The time of one layer's step is in
+# benchmarks/results/bcjr_speed.json (cpu, smollm2_layer_step_s), that of the default stage in
+# benchmarks/results/recipe_smollm2.json (row bcjr_one_layer) and the README's Measured section.
+# A GPU trains all of them.
 AUTO_LAYERS_CPU = 1
 
 

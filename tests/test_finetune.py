@@ -144,7 +144,7 @@ def test_loading_checks_the_vectors_of_each_format(hyb_checkpoint_dir: Path,
 def _recipe_command(checkpoint: Path, out: Path, calib: Path) -> list[str]:
     """Both stages, small: BCJR-QAT of layer 0 for 4 steps, then 6 fine-tuning steps."""
     return [sys.executable, "-m", "trellis_cli", "qat", str(checkpoint), "--out", str(out),
-            "--layers", "0", "--steps", "4", "--eval-every", "2", "--lr", "0.1", "--ctx", "64",
+            "--stages", "bcjr,finetune", "--layers", "0", "--steps", "4", "--eval-every", "2", "--lr", "0.1", "--ctx", "64",
             "--finetune-steps", "6", "--finetune-ctx", "64", "--finetune-lr", "0.03",
             "--calib-text", str(calib)]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trellis_cli.kernel_suite import random_weight
+from trellis_cli.kernel_suite import random_weight, with_real_vectors
 from trellis_kernels.cpu import LIBRARY, KernelsUnavailable, MAX_TOKENS, dense_linear
 from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
                                          cpu_kernels_loaded, dense_product, fused_decoder_layer,
@@ -53,6 +53,17 @@ def test_kernel_matches_dequantized_product(spec: TrellisSpec, shape: tuple[int,
         x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens))
         # float32 throughout, as the dense float32 product: only the summation order differs.
         assert relative_error(backend(x), x.double() @ dense.T) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("spec", [TrellisSpec(12, 2, 2, "hyb"), TrellisSpec(16, 2, 1, "1mad")], ids=str)
+def test_kernel_multiplies_the_real_vectors_of_format_2(spec: TrellisSpec) -> None:
+    """A fine-tuned checkpoint's float16 vectors go where the signs went, in both directions."""
+    weight = with_real_vectors(random_weight(spec, 48, 192, seed=5), seed=6)
+    backend = CpuBackend(weight, max_rows=MAX_TOKENS)
+    for tokens in (1, 9):
+        x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(tokens))
+        assert relative_error(backend(x), x.double() @ weight.dequantize().double().T) < 1e-5
 
 
 @needs_kernels

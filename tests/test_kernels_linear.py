@@ -7,12 +7,11 @@ the CPU here; select_backend picks it only on CUDA.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 
-from trellis_cli.kernel_suite import CASES, random_weight
+from trellis_cli.kernel_suite import CASES, random_weight, with_real_vectors
 from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.backend_triton import TritonBackend, kernel_support_error
 from trellis_runtime.linear import select_backend
@@ -109,21 +108,11 @@ def test_block_diagonal_widths_agree_across_backends(shape: tuple[int, int]) -> 
 def test_real_vectors_of_format_2_run_on_every_path(rows: int, dense_min_rows: int) -> None:
     """Fine-tuned checkpoints hold real float16 input/output vectors where format 1 holds ±1 signs;
     the rotation kernels multiply them in the same place, on every row-count path."""
-    weight = random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 128, seed=4)
-    gen = torch.Generator().manual_seed(5)
-    for name in ("input_signs", "output_signs"):
-        signs = getattr(weight, name)
-        real = signs.float() * (0.5 + torch.rand(signs.shape, generator=gen))
-        setattr(weight, name, real.to(torch.float16))
+    signs = random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 128, seed=4)
+    weight = with_real_vectors(signs, seed=5)
     backend = TritonBackend(weight, torch.device("cpu"), torch.float32, dense_min_rows=dense_min_rows)
-    x = torch.randn(rows, 128, generator=gen)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(6))
     reference = x.double() @ weight.dequantize().double().T
-    assert not torch.allclose(reference, x.double() @ _signs_only(weight).dequantize().double().T,
-                              atol=0.1)  # the vectors matter to the result
+    # the vectors matter to the result: the signs alone are far from it
+    assert not torch.allclose(reference, x.double() @ signs.dequantize().double().T, atol=0.1)
     torch.testing.assert_close(backend(x).double(), reference, rtol=1e-2, atol=1e-2)
-
-
-def _signs_only(weight):
-    """The same weight with its vectors replaced by their signs (format 1)."""
-    return replace(weight, input_signs=weight.input_signs.sign().to(torch.int8),
-                   output_signs=weight.output_signs.sign().to(torch.int8))

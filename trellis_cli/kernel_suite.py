@@ -12,7 +12,7 @@ the output's scale, so outputs that happen to be near zero do not blow it up.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -54,6 +54,19 @@ def random_weight(spec: TrellisSpec, out_features: int, in_features: int, seed: 
         input_signs=signs(in_features, 1).to(device), output_signs=signs(out_features, 2).to(device),
         scale=torch.tensor([scale], dtype=torch.float32, device=device),
         table=None if table is None else table.to(device))
+
+
+def with_real_vectors(weight: QuantizedWeight, seed: int) -> QuantizedWeight:
+    """The weight with its ±1 signs scaled by random magnitudes in [0.5, 1.5) and stored in float16:
+    the real input/output vectors of a fine-tuned (format 2) checkpoint."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def real(signs: torch.Tensor) -> torch.Tensor:
+        magnitude = 0.5 + torch.rand(signs.shape, generator=gen)
+        return (signs.float().cpu() * magnitude).to(torch.float16).to(signs.device)
+
+    return replace(weight, input_signs=real(weight.input_signs),
+                   output_signs=real(weight.output_signs))
 
 
 def random_checkpoint(config: dict, spec: TrellisSpec, device: torch.device, seed: int = 0):
