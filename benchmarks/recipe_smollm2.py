@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+from ptq_smollm2 import evaluate as evaluate_model
 
-from qat.perplexity import perplexity
 from qat.recipe import SUMMARY_FILES
 from qat.sources import load_any_model
 from qat.text import evaluation_text
@@ -52,9 +52,8 @@ ROWS = ("float", "ptq", *TRAINED_ROWS)
 
 
 def evaluate(source: str, text: str, max_tokens: int) -> float:
-    model, tokenizer = load_any_model(source)
-    tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
-    return perplexity(model, tokens, ctx=512, max_tokens=max_tokens)[0]
+    """The PTQ table's protocol (benchmarks/ptq_smollm2.py) on any model source."""
+    return evaluate_model(*load_any_model(source), text, max_tokens)
 
 
 def bits_per_weight(directory: Path) -> float:

@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "training_gpu.json"
+TRELLIS = [sys.executable, "-m", "trellis_cli"]
 
 
 def run(results: dict, name: str, command: list[str], limit_s: int) -> bool:
@@ -45,8 +46,7 @@ def run(results: dict, name: str, command: list[str], limit_s: int) -> bool:
 
 
 def perplexity(results: dict, name: str, checkpoint: Path) -> None:
-    trellis = [sys.executable, "-m", "trellis_cli"]
-    if run(results, f"ppl_{name}", [*trellis, "eval", "ppl", str(checkpoint), "--device", "cuda",
+    if run(results, f"ppl_{name}", [*TRELLIS, "eval", "ppl", str(checkpoint), "--device", "cuda",
                                     "--max-tokens", "16384", "--json"], 40):
         line = results["steps"][f"ppl_{name}"]["tail"][-1]
         results.setdefault("ppl", {})[name] = json.loads(line)["ppl"]
@@ -65,19 +65,18 @@ def main() -> None:
                             text=True).stdout.strip()
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": {}}
-    trellis = [sys.executable, "-m", "trellis_cli"]
     run(results, "bcjr_kernel_tests", [sys.executable, "-m", "pytest", "-q", "-x",
                                        "tests/test_kernels_bcjr.py"], 100)
     run(results, "bcjr_speed_cuda", [sys.executable, "benchmarks/bcjr_speed.py", "--device", "cuda"],
         60)
     ptq, bcjr, tuned = work / "ptq-L16", work / "bcjr-layer0", work / "finetune"
-    if not run(results, "quantize_cuda", [*trellis, "quantize", "smollm2-135m", "--out", str(ptq),
+    if not run(results, "quantize_cuda", [*TRELLIS, "quantize", "smollm2-135m", "--out", str(ptq),
                                           "--device", "cuda"], 150):
         return
     perplexity(results, "ptq", ptq)
-    if run(results, "bcjr_layer0_cuda", [*trellis, "qat", str(ptq), "--out", str(bcjr), "--stages",
+    if run(results, "bcjr_layer0_cuda", [*TRELLIS, "qat", str(ptq), "--out", str(bcjr), "--stages",
                                          "bcjr", "--layers", "0", "--device", "cuda"], 60):
-        if run(results, "finetune_cuda", [*trellis, "qat", str(bcjr), "--out", str(tuned),
+        if run(results, "finetune_cuda", [*TRELLIS, "qat", str(bcjr), "--out", str(tuned),
                                           "--stages", "finetune", "--finetune-steps",
                                           str(args.finetune_steps), "--device", "cuda"], 60):
             perplexity(results, "finetune", tuned)

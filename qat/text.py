@@ -227,11 +227,11 @@ def read_text_file(path: str | os.PathLike) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _default_corpus_or_hint(flag: str) -> str:
-    """The default corpus; when it cannot be obtained (offline, no pip), the error names `flag`,
-    the command's way to give a text file instead."""
+def _default_corpus_or_hint(flag: str, read: Callable[[], str] = default_corpus) -> str:
+    """A built-in corpus (`read`); when it cannot be obtained (offline, no pip), the error names
+    `flag`, the command's way to give a text file instead."""
     try:
-        return default_corpus()
+        return read()
     except TextError as err:
         raise TextError(f"the default text cannot be obtained ({err}); give your own UTF-8 text "
                         f"file with {flag}") from None
@@ -250,13 +250,7 @@ def training_text(path: str | None) -> str:
     from the end (qat.distill.TextWindows) is the same Wikipedia text with or without the news."""
     if path is not None:
         return read_text_file(path)
-    calibration = calibration_text(None)
-    try:
-        news = news_corpus()
-    except TextError as err:
-        raise TextError(f"the default text cannot be obtained ({err}); give your own UTF-8 text "
-                        f"file with --calib-text FILE") from None
-    return news + "\n" + calibration
+    return _default_corpus_or_hint("--calib-text FILE", news_corpus) + "\n" + calibration_text(None)
 
 
 def evaluation_text(path: str | None) -> str:

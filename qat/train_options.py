@@ -22,7 +22,6 @@ FINETUNE_STEPS = {"cpu": 128, "cuda": 1024}
 # after it ended worse than fine-tuning the PTQ checkpoint directly (README, Measured); a GPU runs
 # BCJR-QAT over every layer first.
 DEFAULT_STAGES = {"cpu": "finetune", "cuda": "bcjr,finetune"}
-FINETUNE_EMBEDDINGS = False
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class QatOptions:
     finetune_ctx: int = field(default=512, metadata={"help": "tokens per fine-tuning window"})
     finetune_table: bool = field(default=True, metadata={
         "help": "fine-tune the code tables (hyb, lut) with the vectors and norms"})
-    finetune_embeddings: bool = field(default=FINETUNE_EMBEDDINGS, metadata={
+    finetune_embeddings: bool = field(default=False, metadata={
         "help": "fine-tune the embeddings and the output head too (16-bit, no bits added)"})
     clip: float = field(default=1.0, metadata={"flag": False})
     seed: int = 0
@@ -76,18 +75,15 @@ class QatOptions:
             return self.t_end
         return self.t_start * (self.t_end / self.t_start) ** (step / (self.steps - 1))
 
-    def _device_kind(self) -> str:
-        return "cuda" if str(self.device).startswith("cuda") else "cpu"
-
     def finetune_step_count(self) -> int:
         """--finetune-steps, or the device's default."""
         if self.finetune_steps is not None:
             return self.finetune_steps
-        return FINETUNE_STEPS[self._device_kind()]
+        return FINETUNE_STEPS[self.device]
 
     def stage_list(self) -> list[str]:
         """The stages to run, in order; a TrellisError for an unknown, repeated or misordered one."""
-        text = self.stages if self.stages is not None else DEFAULT_STAGES[self._device_kind()]
+        text = self.stages if self.stages is not None else DEFAULT_STAGES[self.device]
         stages = [part.strip() for part in text.split(",") if part.strip()]
         unknown = [stage for stage in stages if stage not in STAGES]
         if not stages or unknown or len(set(stages)) != len(stages) or \
