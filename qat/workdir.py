@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,14 +33,47 @@ def removed_unless_resumable(out: Path, resumable: Callable[[Path], bool]) -> It
     and `resumable(work)` says the directory holds finished work, it is kept and the error ends
     with how to resume; otherwise it is removed."""
     work = work_dir(out)
+    with _ctrl_c_watched() as ctrl_c_pressed:
+        try:
+            yield work
+        except BaseException as caught:
+            # Native code can turn the KeyboardInterrupt raised inside it into another error
+            # (safetensors reading a tensor gives a ValueError): a Ctrl-C is still reported as one.
+            interrupted = ctrl_c_pressed() and not isinstance(caught, KeyboardInterrupt)
+            err = KeyboardInterrupt() if interrupted else caught
+            if work.is_dir() and resumable(work):
+                _add_resume_hint(err, f"run the same command again to resume from {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+            if err is caught:
+                raise
+            raise err from caught
+
+
+_ctrl_c_count = 0
+
+
+def _count_ctrl_c(signum: int, frame: object) -> None:
+    global _ctrl_c_count
+    _ctrl_c_count += 1
+    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without this handler
+
+
+@contextmanager
+def _ctrl_c_watched() -> Iterator[Callable[[], bool]]:
+    """Yield a test for "Ctrl-C was pressed since entry". Ctrl-C still raises KeyboardInterrupt;
+    the handler only counts it on the way. Where someone else owns SIGINT (a server, another
+    thread) nothing is installed and the test only sees the counts of an enclosing watch."""
+    start = _ctrl_c_count
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if install:
+        signal.signal(signal.SIGINT, _count_ctrl_c)
     try:
-        yield work
-    except BaseException as err:
-        if work.is_dir() and resumable(work):
-            _add_resume_hint(err, f"run the same command again to resume from {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+        yield lambda: _ctrl_c_count > start
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _add_resume_hint(err: BaseException, hint: str) -> None:
