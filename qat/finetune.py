@@ -48,7 +48,7 @@ class FinetuneOptions:
     steps: int = 128
     lr: float = 2e-3  # vectors and norms (both are ~1 in size)
     table_lr: float = 5e-4  # table entries are ~1 in size, and each moves many weights
-    train_table: bool = False
+    train_table: bool = True  # moot for computed codes (no table)
     embedding_lr: float = 1e-4  # embedding entries are ~0.1 in size
     train_embeddings: bool = False
     ctx: int = 512

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.code_table import current_table, hold_code_table
 from trellis_runtime.bitstream import unpack_states
 from trellis_runtime.codes import code_values
 from trellis_runtime.hadamard import rotate, unrotate
@@ -45,18 +46,13 @@ class FrozenCodesLinear(nn.Module):
         self.input_vector = input_vector
         self.output_vector = nn.Parameter(weight.output_signs.to(torch.float32).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        if train_table and weight.table is None:
-            raise ValueError(f"code {weight.spec.code} has no table to train")
-        table = None if weight.table is None else weight.table.to(torch.float32).clone()
-        self.table = nn.Parameter(table) if train_table else None
-        self.register_buffer("frozen_table", None if train_table else table)
+        hold_code_table(self, weight, train_table)
         self.register_buffer("states", unpack_states(weight.codes, weight.spec))
         self.register_buffer("frozen_tiles", None if train_table else self.rotated_tiles().detach())
 
     def rotated_tiles(self) -> torch.Tensor:
         """scale T (out, in): the rotated matrix the codes decode to, differentiable in a trained table."""
-        table = self.table if self.table is not None else self.frozen_table
-        values = code_values(self.weight_spec, self.states, table)  # (rt, ct, steps, V)
+        values = code_values(self.weight_spec, self.states, current_table(self))  # (rt, ct, steps, V)
         return tiles_to_matrix(values.flatten(2)) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +62,7 @@ class FrozenCodesLinear(nn.Module):
 
     def export(self) -> QuantizedWeight:
         """The packed weight with the trained vectors and table in their stored dtypes."""
-        table = self.table if self.table is not None else self.frozen_table
+        table = current_table(self)
         return QuantizedWeight(
             spec=self.weight_spec, codes=self.codes,
             input_signs=self.input_vector.detach().to(VECTOR_DTYPE).clone(),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.code_table import current_table, hold_code_table
 from qat.soft_trellis import soft_reconstruct
 from trellis_runtime.bitstream import pack_states
 from trellis_runtime.codes import state_values
@@ -45,21 +46,13 @@ class SoftTrellisLinear(nn.Module):
             self.scale = nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
-        table = None if weight.table is None else weight.table.to(torch.float32).clone()
-        if train_table and table is None:
-            raise ValueError(f"code {self.spec.code} has no table to train")
-        self.table = nn.Parameter(table) if train_table else None
-        self.register_buffer("frozen_table", None if train_table else table)
+        hold_code_table(self, weight, train_table)
         self.temperature = 1.0
         self.hard_weight: torch.Tensor | None = None  # set by use_hard() for evaluation
 
-    @property
-    def current_table(self) -> torch.Tensor | None:
-        return self.table if self.table is not None else self.frozen_table
-
     def values(self) -> torch.Tensor:
         """Every state's reconstruction values (2^L, V), differentiable in a trained table."""
-        return state_values(self.spec, self.current_table)
+        return state_values(self.spec, current_table(self))
 
     def unit_tiles(self) -> torch.Tensor:
         """The latent in the rotated, unit-scaled basis, as trellis tiles (tiles, 256)."""
@@ -75,7 +68,7 @@ class SoftTrellisLinear(nn.Module):
     @torch.no_grad()
     def harden(self) -> QuantizedWeight:
         """Viterbi re-encoding of the latent: the packed weight a checkpoint stores."""
-        table = self.current_table
+        table = current_table(self)
         table = None if table is None else table.detach().to(torch.float16)  # as it is stored
         states = encode(self.unit_tiles(), state_values(self.spec, table), self.spec)
         rows, cols = self.latent.shape[0] // TILE_ROWS, self.latent.shape[1] // TILE_COLS

@@ -62,7 +62,8 @@ class QatOptions:
         "help": "fine-tuning AdamW learning rate of the vectors and norms (cosine decay)"})
     finetune_ctx: int = field(default=512, metadata={"help": "tokens per fine-tuning window"})
     finetune_table: bool = field(default=True, metadata={
-        "help": "fine-tune the code tables (hyb, lut) with the vectors and norms"})
+        "help": "keep the code tables (hyb, lut) as quantized; by default fine-tuning trains them "
+                "with the vectors and norms"})
     finetune_embeddings: bool = field(default=False, metadata={
         "help": "fine-tune the embeddings and the output head too (16-bit, no bits added)"})
     clip: float = field(default=1.0, metadata={"flag": False})
