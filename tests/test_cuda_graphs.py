@@ -42,9 +42,10 @@ def test_buckets() -> None:
     assert buckets(100, 100) == [100]
 
 
-def _check_steps(device: str, tiny_checkpoint_dir: Path) -> None:
+def _check_steps(device: str, tiny_checkpoint_dir: Path, in_place_attention: bool | None = None
+                 ) -> None:
     model, cache, lengths = _prefilled(device, tiny_checkpoint_dir)
-    graphs = DecodeGraphs(model, cache, max_batch=6)
+    graphs = DecodeGraphs(model, cache, max_batch=6, in_place_attention=in_place_attention)
     for step in range(2):  # the second step replays the same buckets with new inputs
         slots = [3, 1, 4]  # three sequences: padded to the bucket of 4
         tokens = [17 + step, 2, 999]
@@ -60,6 +61,12 @@ def _check_steps(device: str, tiny_checkpoint_dir: Path) -> None:
 
 def test_static_steps_equal_the_forward_on_cpu(tiny_checkpoint_dir: Path) -> None:
     _check_steps("cpu", tiny_checkpoint_dir)
+
+
+def test_static_steps_reading_the_cache_in_place_equal_the_forward(tiny_checkpoint_dir: Path
+                                                                    ) -> None:
+    """The decode-attention kernel (in Triton's interpreter here) in the model's padded steps."""
+    _check_steps("cpu", tiny_checkpoint_dir, in_place_attention=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -24,7 +24,7 @@ from trellis_runtime.trellis import TrellisSpec
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("_matmul_kernel", "_hadamard_kernel", "_start_kernel",
            "_step_kernel", "_trace_kernel", "_alpha_kernel", "_beta_forward_kernel",
-           "_beta_backward_kernel")
+           "_beta_backward_kernel", "_decode_attention_kernel")
 
 
 def run_aot(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:

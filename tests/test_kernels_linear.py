@@ -116,3 +116,24 @@ def test_real_vectors_of_format_2_run_on_every_path(rows: int, dense_min_rows: i
     # the vectors matter to the result: the signs alone are far from it
     assert not torch.allclose(reference, x.double() @ signs.dequantize().double().T, atol=0.1)
     torch.testing.assert_close(backend(x).double(), reference, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dense_min_rows", [16, 128], ids=["decode-dense", "gemm"])
+def test_a_massive_activation_token_stays_finite(dense_min_rows: int) -> None:
+    """One token of the batch carries a massive activation (as tokens do before down_proj): its
+    product, far beyond float16's range, comes out finite and right, and so do the other rows."""
+    weight = random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 1024, seed=7)
+    backend = TritonBackend(weight, torch.device("cpu"), torch.float32, dense_min_rows=dense_min_rows)
+    x = torch.randn(20, 1024, generator=torch.Generator().manual_seed(8))
+    x[3, 17] = 2e5
+    reference = x.double() @ weight.dequantize().double().T
+    # Before the output rotation and scale the product has the same length over the scale: its
+    # root mean square, a lower bound of its largest entry, is far past float16's largest value.
+    unit_product_rms = reference[3].norm() / weight.scale.double() / math.sqrt(64)
+    assert unit_product_rms > 2 * torch.finfo(torch.float16).max
+    result = backend(x).double()
+    assert torch.isfinite(result).all()
+    torch.testing.assert_close(result[3], reference[3], rtol=1e-2,
+                               atol=1e-2 * reference[3].abs().max().item())
+    others = [r for r in range(20) if r != 3]
+    torch.testing.assert_close(result[others], reference[others], rtol=1e-2, atol=1e-2)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from trellis_runtime.backend_triton import TritonBackend, kernel_code
 from trellis_runtime.codes import state_values, table_shape
@@ -218,6 +219,50 @@ def _graphs_case(device: torch.device) -> float:
     return max_rel_err(got, expected)
 
 
+ATTENTION_CACHE = (5, 2, 200)  # slots, kv heads, positions
+
+
+def random_attention_inputs(group: int, head_dim: int, dtype: torch.dtype, seed: int,
+                            device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+    """queries, keys, values, slots, positions of a decode step over a random cache: slot 3 twice
+    (a padding row repeats the last sequence), positions on either side of the kernel's blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    slots_total, kv_heads, length = ATTENTION_CACHE
+    keys, values = (torch.randn(slots_total, kv_heads, length, head_dim, generator=generator)
+                    for _ in range(2))
+    slots, positions = torch.tensor([4, 0, 3, 3]), torch.tensor([0, 63, 64, 199])
+    queries = torch.randn(len(slots), kv_heads, group, head_dim, generator=generator)
+    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                 for t in (queries, keys, values, slots, positions))
+
+
+def attention_reference(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        slots: torch.Tensor, positions: torch.Tensor, scale: float,
+                        window: int | None, softcap: float | None) -> torch.Tensor:
+    """The model's own attention (trellis_runtime/attention.py) over the gathered rows, float64."""
+    from trellis_runtime.attention import additive_mask, softcapped_attention, window_visibility
+
+    context = int(positions.max()) + 1
+    keys, values = keys.double()[slots, :, :context], values.double()[slots, :, :context]
+    batch, _, group, _ = queries.shape
+    mask = additive_mask(window_visibility(positions, context, window)[:, None, None, :]
+                         .expand(batch, 1, group, context), torch.float64)
+    if softcap is None:
+        return F.scaled_dot_product_attention(queries.double(), keys, values, attn_mask=mask,
+                                              scale=scale)
+    return softcapped_attention(queries.double(), keys, values, mask, scale, softcap)
+
+
+def _attention_case(group: int, head_dim: int, window: int | None, softcap: float | None,
+                    seed: int, device: torch.device) -> float:
+    from trellis_kernels.attention import decode_attention
+
+    inputs = random_attention_inputs(group, head_dim, torch.float32, seed, device)
+    scale = 3 * head_dim ** -0.5  # sharper than usual, so the softmax is not near-uniform
+    got = decode_attention(*inputs, scale, window, softcap)
+    return max_rel_err(got, attention_reference(*inputs, scale, window, softcap))
+
+
 def _cases() -> list[Case]:
     cases: list[Case] = []
     for i, (spec, shape) in enumerate([("16,2,2,hyb", (48, 80)), ("16,3,1,3inst", (32, 48)),
@@ -287,6 +332,13 @@ def _cases() -> list[Case]:
         cases.append(Case("viterbi", f"{spec} T={length} {'tail-biting' if constrained else 'free'}",
                           1e-5, lambda dev, s=spec, n=length, c=constrained, i=i:
                           _viterbi_case(s, n, c, 40 + i, dev)))
+    for i, (group, head_dim, window, softcap) in enumerate([
+            (1, 64, None, None), (3, 48, 50, None), (4, 128, None, 30.0), (2, 64, 70, 20.0)]):
+        name = (f"group={group} head_dim={head_dim}" + (f" window={window}" if window else "")
+                + (f" softcap={softcap:g}" if softcap else ""))
+        cases.append(Case("attention", name, 1e-5,
+                          lambda dev, g=group, d=head_dim, w=window, c=softcap, i=i:
+                          _attention_case(g, d, w, c, 60 + i, dev)))
     cases.append(Case("cuda_graphs", "2-layer hyb model, decode step of 3 sequences", 1e-2,
                       _graphs_case))
     return cases

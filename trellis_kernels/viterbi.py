@@ -43,6 +43,7 @@ def _branch_cost(values_ptr, state, x_ptr, step, batch, batch_ok, batch_stride, 
 def _start_kernel(values_ptr, x_ptr, overlap_ptr, cost_ptr, batch_size, batch_stride,
                   STATE_BITS: tl.constexpr, FAN_BITS: tl.constexpr, VEC: tl.constexpr,
                   CONSTRAINED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    batch_stride = batch_stride.to(tl.int64)
     state = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     batch = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     batch_ok = batch < batch_size
@@ -60,6 +61,7 @@ def _step_kernel(values_ptr, x_ptr, cost_ptr, next_ptr, back_ptr, step, batch_si
                  BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr):
     GROUPS: tl.constexpr = 1 << (STATE_BITS - FAN_BITS)
     FAN: tl.constexpr = 1 << FAN_BITS
+    batch_stride = batch_stride.to(tl.int64)  # back-pointer offsets reach steps * 2^L * batch
     group = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     batch = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     batch_ok = batch < batch_size
@@ -85,6 +87,7 @@ def _step_kernel(values_ptr, x_ptr, cost_ptr, next_ptr, back_ptr, step, batch_si
 def _trace_kernel(back_ptr, last_ptr, path_ptr, steps, batch_size, batch_stride,
                   STATE_BITS: tl.constexpr, FAN_BITS: tl.constexpr, BLOCK_B: tl.constexpr):
     GROUPS: tl.constexpr = 1 << (STATE_BITS - FAN_BITS)
+    batch_stride = batch_stride.to(tl.int64)
     batch = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     ok = batch < batch_size
     state = tl.load(last_ptr + batch, mask=ok, other=0)

@@ -59,6 +59,9 @@ class AttentionLayout:
     # Padded decode batches (CUDA-graph buckets) repeat a slot in their padding rows and rely on
     # the mask, so the fused CPU decode kernel, which takes one token per sequence, cannot run them.
     padded: bool = False
+    # Decode steps whose attention reads each sequence's cache rows in place (the Triton kernel,
+    # trellis_kernels/attention.py) instead of gathering the context bucket; masks then go unused.
+    in_place: bool = False
 
     @classmethod
     def plan(cls, position_list: list[int], slot_list: list[int], positions: torch.Tensor,
@@ -110,15 +113,19 @@ class AttentionLayout:
 
     @classmethod
     def padded_decode(cls, positions: torch.Tensor, slots: torch.Tensor, context: int, group: int,
-                      windows: frozenset[int | None], dtype: torch.dtype) -> "AttentionLayout":
+                      windows: frozenset[int | None], dtype: torch.dtype,
+                      in_place: bool = False) -> "AttentionLayout":
         """A decode step (one token per sequence, any slots, padding rows allowed) attending to the
-        first `context` cache positions, built on the device from tensors alone (CUDA graphs)."""
+        first `context` cache positions, built on the device from tensors alone (CUDA graphs).
+        in_place: attention reads the cache where it lies, up to each sequence's own position."""
         batch = positions.shape[0]
-        masks = {window: additive_mask(window_visibility(positions, context, window)[:, None, None, :]
-                                       .expand(batch, 1, group, context), dtype)
-                 for window in windows}
+        masks = {} if in_place else {
+            window: additive_mask(window_visibility(positions, context, window)[:, None, None, :]
+                                  .expand(batch, 1, group, context), dtype)
+            for window in windows}
         return cls(sequences=batch, tokens_per_sequence=1, key_length=context, cache_rows=slots,
-                   masks=masks, sequence_of_token=None, row_of_token=None, padded=True)
+                   masks=masks, sequence_of_token=None, row_of_token=None, padded=True,
+                   in_place=in_place)
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (sequences, tokens_per_sequence, ...)."""
@@ -188,6 +195,13 @@ class Attention(nn.Module):
         # Write first, then read: a prefill's tokens see each other through the cache.
         cached_keys[slots, :, positions] = k
         cached_values[slots, :, positions] = v.view(n, spec.kv_heads, spec.head_dim)
+        if layout.in_place:
+            from trellis_kernels.attention import decode_attention
+
+            grouped = q.reshape(n, spec.kv_heads, self.group, spec.head_dim)
+            out = decode_attention(grouped, cached_keys, cached_values, slots, positions,
+                                   spec.scale, spec.window, spec.softcap)
+            return self.o_proj(out.reshape(n, spec.heads * spec.head_dim))
         keys = cached_keys[layout.cache_rows, :, :layout.key_length]
         values = cached_values[layout.cache_rows, :, :layout.key_length]
 

@@ -12,8 +12,8 @@ The product depends on how many rows arrive:
 - 2 to GEMV_MAX_ROWS (trellis_kernels/matmul.py) rows: the GEMV on the tensor cores, input
   rotated to float16;
 - up to DENSE_MIN_ROWS: the fused GEMM (tl.dot), float16 input;
-- more: decode C once to float16 and let cuBLAS multiply (the GEMM re-decodes C for every block
-  of 64 rows, which stops paying once there are enough rows).
+- more: decode C once to float16 and let cuBLAS multiply rows scaled to unit length (the GEMM
+  re-decodes C for every block of 64 rows, which stops paying once there are enough rows).
 float16 rather than bfloat16 inside: rotated activations and unit-variance code values are far
 from float16's range limits, and its 3 extra mantissa bits are free.
 """
@@ -105,6 +105,17 @@ def shared_rotation(signs: torch.Tensor) -> InputRotation:
     return rotation
 
 
+def unit_row_product(rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """rows @ dense^T in float32, multiplied in float16 with each row scaled to unit length.
+
+    A float16 product of unscaled rows overflows where a token carries a massive activation (such
+    tokens reach 1e4 before down_proj): the float16 result must then hold ||row|| ||code row||. With
+    unit rows each result is bounded by its code row's length (Cauchy-Schwarz), a few hundred at
+    most, and the row's length goes back on in float32."""
+    lengths = rows.float().norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return F.linear((rows.float() / lengths).to(dense.dtype), dense).float() * lengths
+
+
 class TritonBackend(nn.Module):
     """Multiply with the Triton kernels; holds only the packed weight on the device."""
 
@@ -152,7 +163,7 @@ class TritonBackend(nn.Module):
             product = gemm(rotated, self.codes, self.code)
         else:
             dense = decode_matrix(self.codes, self.code, self.unit_scale, dtype=INNER_DTYPE)
-            product = F.linear(rotated, dense)
+            product = unit_row_product(rotated, dense)
         y = unrotate_rows(product, self.output_signs, self.small_out, self.scale, x.dtype,
                           norm=self.out_norm)
         return y.reshape(*x.shape[:-1], self.out_features)
