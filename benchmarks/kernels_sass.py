@@ -18,8 +18,16 @@ Llama-3-8B-sized matrix on an H200 (132 SMs).
   often as it turns), its tensor-core instructions and barriers: a latency-bound kernel's
   critical path grows with them.
 
-A proxy, not a timing: it sees neither stalls nor bank conflicts nor cache misses
-(benchmarks/kernels_gpu.py times the kernels on a GPU). Results: benchmarks/results/kernels_sass.json.
+A per-pipe model turns the GEMV's and the decode's loop counts into a predicted bandwidth on the
+packed bytes: each SASS instruction occupies its pipe (integer ALU, FMA-heavy, FMA, shared memory,
+global load/store, tensor cores, conversions, and the schedulers' issue slots) for a stated number
+of SM clocks, so a loop iteration of one warp costs the most loaded pipe's clocks; a second bound
+is the bytes the resident programs keep in flight against DRAM latency (Little's law), a third the
+DRAM itself. The smallest names what binds. The rates are assumptions written down below, made
+before any GPU timed these kernels: the GPU run (benchmarks/kernels_gpu.py) confirms or refutes them.
+
+A proxy, not a timing: it sees neither stalls nor bank conflicts nor cache misses, so its figures
+are ceilings. Results: benchmarks/results/kernels_sass.json.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import argparse
 import collections
 import datetime
 import json
+import math
 import re
 import subprocess
 import sys
@@ -45,7 +54,35 @@ SHAPE = (4096, 4096)
 # ((L, K, V, code), rows): the runtime's HYB at 2 and 4 bits, the computed codes, 16 rows.
 CASES = [((16, 2, 2, "hyb"), 1), ((16, 4, 2, "hyb"), 1), ((16, 2, 1, "3inst"), 1),
          ((16, 2, 1, "1mad"), 1), ((16, 2, 2, "hyb"), 16)]
-INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;")
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)"
+                         r"[^;]*;")
+
+# The per-pipe model of one sm_90 SM (H200: 132 SMs). Each pipe's cost is the SM clocks one warp
+# instruction occupies it, SM-wide: the integer ALU and the FMA-heavy half (IMAD) take 64 lanes a
+# clock, the FMA pipe (heavy and lite together) 128, shared memory and the L1 load/store path 128
+# bytes a clock (so a 64-bit access of 32 lanes takes 2), conversions 16 lanes; an m16n8k16 MMA
+# (2,048 multiply-adds) takes 2 clocks at mma.sync's 1,024 a clock; four schedulers issue one
+# warp instruction each a clock. Branches, barriers and the uniform datapath cost issue only.
+CLOCK_HZ = 1.85e9
+DRAM_BYTES_PER_S = 4.8e12
+DRAM_LATENCY_S = 1e-6  # loaded, for bytes in flight
+MAX_WARPS, REGISTERS, SHARED_BYTES = 64, 65536, 228 * 1024  # per SM
+ISSUE_CLOCKS = 0.25
+PIPES = {
+    "alu": (0.5, {"LOP3", "SHF", "IADD3", "PRMT", "LEA", "SEL", "ISETP", "SGXT", "VIADD",
+                  "VIMNMX", "PLOP3", "MOV", "F2FP", "FSETP", "FSEL", "FMNMX", "IABS", "BMSK",
+                  "POPC", "FLO", "P2R", "R2P"}),
+    "fma_heavy": (0.5, {"IMAD", "IMUL", "I2FP"}),
+    # IMAD runs on the heavy half only, and takes its share of the whole FMA pipe as well
+    "fma": (0.25, {"FFMA", "FADD", "FMUL", "HADD2", "HFMA2", "HMUL2", "IMAD", "IMUL", "I2FP"}),
+    "shared": (1.0, {"LDS", "STS", "LDSM", "SHFL", "ATOMS"}),  # x width / 32 bits
+    "global": (1.0, {"LDG", "STG", "LDGSTS", "LD", "ST", "RED", "ATOMG"}),  # x width / 32 bits
+    "tensor": (1.0, {"HMMA"}),  # x (16816: 2, 1688: 1)
+    "convert": (2.0, {"MUFU", "I2F", "F2I", "F2F"}),
+}
+ISSUE_ONLY = {"BRA", "BAR", "DEPBAR", "LDGDEPBAR", "NOP", "EXIT", "WARPSYNC", "BSYNC", "BSSY",
+              "UISETP", "UIADD3", "USEL", "UMOV", "ULDC", "UIMAD", "ULOP3", "USHF", "ULEA",
+              "UPLOP3", "S2UR", "R2UR", "S2R", "CS2R"}
 BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?\.?\w*?(0x[0-9a-f]+)")
 
 
@@ -72,16 +109,18 @@ def compile_sass(launch) -> tuple[str, dict]:
     return sass, {"registers": registers, "shared_bytes": compiled.metadata.shared}
 
 
-def opcodes(sass: str, start: int = 0, end: int | None = None) -> collections.Counter:
-    """Opcode counts of the instructions at addresses start..end (all by default)."""
+def opcodes(sass: str, start: int = 0, end: int | None = None,
+            modifiers: bool = False) -> collections.Counter:
+    """Opcode counts of the instructions at addresses start..end (all by default); with
+    modifiers, each opcode as written with them (LDS.64, HMMA.16816.F32)."""
     counts = collections.Counter()
     for m in INSTRUCTION.finditer(sass):
         if start <= int(m.group(1), 16) and (end is None or int(m.group(1), 16) <= end):
-            counts[m.group(2)] += 1
+            counts[m.group(2) + (m.group(3) if modifiers else "")] += 1
     return counts
 
 
-def main_loop(sass: str) -> collections.Counter:
+def main_loop(sass: str, modifiers: bool = False) -> collections.Counter:
     """Opcode counts of the longest loop: the instructions between a backward branch's target
     and the branch."""
     loops = [(int(m.group(2), 16), int(m.group(1), 16)) for m in BRANCH.finditer(sass)
@@ -89,7 +128,64 @@ def main_loop(sass: str) -> collections.Counter:
     if not loops:
         raise RuntimeError("no loop found in the kernel's SASS")
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    return opcodes(sass, start, end)
+    return opcodes(sass, start, end, modifiers)
+
+
+def _occupancy(instruction: str) -> float:
+    """How many times its pipe's base cost one instruction takes: its access width over 32 bits
+    for memory, its shape for MMAs."""
+    parts = instruction.split(".")
+    if parts[0] == "HMMA":
+        return 1.0 if "1688" in parts else 2.0
+    widths = [int(p) for p in parts[1:] if p in ("64", "128")]
+    return widths[0] / 32 if widths else 1.0
+
+
+def pipe_clocks(loop: collections.Counter) -> dict:
+    """SM clocks each pipe spends on one warp's pass through a loop whose instructions (with
+    modifiers) are counted in `loop`; "issue" is the schedulers'. Opcodes the model does not
+    know are listed under "unmodelled" (they count for issue only)."""
+    clocks = {"issue": ISSUE_CLOCKS * sum(loop.values())}
+    clocks.update({pipe: 0.0 for pipe in PIPES})
+    unmodelled = set()
+    for instruction, count in loop.items():
+        base = instruction.split(".")[0]
+        pipes = [pipe for pipe, (_, names) in PIPES.items() if base in names]
+        for pipe in pipes:
+            clocks[pipe] += PIPES[pipe][0] * _occupancy(instruction) * count
+        if not pipes and base not in ISSUE_ONLY:
+            unmodelled.add(base)
+    return {"clocks": {k: round(v, 2) for k, v in clocks.items()},
+            "unmodelled": sorted(unmodelled)}
+
+
+def resident_programs(warps: int, registers: int, shared_bytes: int, programs: int) -> int:
+    """Programs one SM holds at once: warps, registers and shared memory each limit it, and the
+    grid has only so many programs per SM."""
+    return max(1, min(MAX_WARPS // warps, REGISTERS // (registers * 32 * warps),
+                      SHARED_BYTES // max(shared_bytes + 1024, 1),
+                      -(-programs // MULTIPROCESSORS)))
+
+
+def predict(loop: collections.Counter, weights_per_warp: float, bits: int,
+            bytes_in_flight_per_program: float, programs_per_sm: int,
+            written_bytes_per_weight: float = 0.0) -> dict:
+    """The bandwidth on packed bytes (bits per weight) each bound allows, in TB/s, and which binds:
+    the busiest pipe, the bytes in flight, or DRAM (which also carries what the kernel writes per
+    weight: the decode's float16 matrix)."""
+    model = pipe_clocks(loop)
+    pipe, clocks = max(model["clocks"].items(), key=lambda item: item[1])
+    bytes_per_weight = bits / 8
+    bounds = {
+        f"pipe:{pipe}": weights_per_warp / clocks * MULTIPROCESSORS * CLOCK_HZ * bytes_per_weight,
+        "in_flight": (programs_per_sm * bytes_in_flight_per_program * MULTIPROCESSORS
+                      / DRAM_LATENCY_S),
+        "dram": DRAM_BYTES_PER_S * bytes_per_weight / (bytes_per_weight + written_bytes_per_weight),
+    }
+    binding = min(bounds, key=bounds.get)
+    return {**model, "programs_per_sm": programs_per_sm,
+            "bounds_tb_s": {k: round(v / 1e12, 3) for k, v in bounds.items()},
+            "binding": binding, "predicted_tb_s": round(bounds[binding] / 1e12, 3)}
 
 
 def _code_and_codes(spec: tuple):
@@ -104,15 +200,23 @@ def _code_and_codes(spec: tuple):
     return code, codes
 
 
-def _loop_counts(case: str, launch) -> dict:
+def _loop_counts(case: str, launch, bits: int, written_bytes_per_weight: float = 0.0) -> dict:
     """Compile a launch of the matmul kernel and count its main loop per weight a thread decodes
-    in one iteration."""
+    in one iteration; predict its bandwidth. An iteration's codes are loaded one block ahead, so
+    each resident program keeps one block of codes in flight."""
     sass, resources = compile_sass(launch)
     counts = main_loop(sass)
     c = launch.constexprs
-    weights = 2 * c["BLOCK_G"] * c["BLOCK_T"] * 16 / (launch.options["num_warps"] * 32)
+    warps = launch.options["num_warps"]
+    block_weights = 2 * c["BLOCK_G"] * c["BLOCK_T"] * 16
+    weights = block_weights / (warps * 32)
     total = sum(counts.values())
+    programs = resident_programs(warps, resources["registers"], resources["shared_bytes"],
+                                 math.prod(launch.grid))
+    model = predict(main_loop(sass, modifiers=True), weights * 32, bits, block_weights * bits / 8,
+                    programs, written_bytes_per_weight)
     return {"case": case, "loop_instructions": total, "weights_per_thread": weights,
+            "model": model,
             "instructions_per_weight": round(total / weights, 2),
             "global_loads": counts["LDG"], "shared_loads": counts["LDS"],
             "stores": counts["STG"], "barriers": counts["BAR"], "fma": counts["FFMA"],
@@ -130,7 +234,8 @@ def measure(spec: tuple, rows: int) -> dict:
     splits = splits_for(SHAPE[0], SHAPE[1] // 16, block_rows, block_tiles, MULTIPROCESSORS)
     launch, _ = gemv_launch(x, codes, code, splits=splits)
     L, K, V, name = spec
-    return _loop_counts(f"{SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} rows={rows}", launch)
+    return _loop_counts(f"{SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} rows={rows}", launch,
+                        K)
 
 
 def measure_decode(spec: tuple) -> dict:
@@ -144,7 +249,7 @@ def measure_decode(spec: tuple) -> dict:
     launch, _ = decode_launch(codes, code, 1.0, dtype=torch.float16, splits=splits)
     L, K, V, name = spec
     return _loop_counts(f"decode {SHAPE[0]}x{SHAPE[1]} L={L} K={K} V={V} {name} to float16",
-                        launch)
+                        launch, K, written_bytes_per_weight=2.0)
 
 
 def measure_rotation(n: int, direction: str) -> dict:
@@ -180,6 +285,12 @@ def measure_rotation(n: int, direction: str) -> dict:
             **resources, "warps": launch.options["num_warps"]}
 
 
+def _prediction(row: dict) -> str:
+    model = row["model"]
+    return (f"-> {model['predicted_tb_s']:.2f} TB/s packed, bound by {model['binding']} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in model['bounds_tb_s'].items())})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -192,11 +303,12 @@ def main() -> int:
         gemv.append(row)
         print(f"{row['case']:<40} {row['instructions_per_weight']:5.2f} instr/weight  "
               f"LDG {row['global_loads']:3d}  LDS {row['shared_loads']:3d}  "
-              f"BAR {row['barriers']}  regs {row['registers']}", flush=True)
+              f"BAR {row['barriers']}  regs {row['registers']}  {_prediction(row)}", flush=True)
     decode = measure_decode((16, 2, 2, "hyb"))
     print(f"{decode['case']:<40} {decode['instructions_per_weight']:5.2f} instr/weight  "
           f"LDG {decode['global_loads']:3d}  LDS {decode['shared_loads']:3d}  "
-          f"STG {decode['stores']:3d}  regs {decode['registers']}", flush=True)
+          f"STG {decode['stores']:3d}  regs {decode['registers']}  {_prediction(decode)}",
+          flush=True)
     rotation = []
     for n in (4096, 14336):
         for direction in ("in", "out"):
@@ -208,7 +320,12 @@ def main() -> int:
                   flush=True)
     result = {"environment": {"date": datetime.datetime.now(datetime.timezone.utc)
                               .isoformat(timespec="seconds"),
-                              "triton": triton.__version__, "arch": f"sm_{ARCH}"},
+                              "triton": triton.__version__, "arch": f"sm_{ARCH}",
+                              "model": {"clock_hz": CLOCK_HZ, "dram_bytes_per_s": DRAM_BYTES_PER_S,
+                                        "dram_latency_s": DRAM_LATENCY_S,
+                                        "multiprocessors": MULTIPROCESSORS,
+                                        "issue_clocks": ISSUE_CLOCKS,
+                                        "pipe_clocks": {k: v[0] for k, v in PIPES.items()}}},
               "gemv": gemv, "decode": decode, "rotation": rotation}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     temporary = args.out.with_suffix(".tmp")

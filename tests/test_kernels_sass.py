@@ -8,6 +8,7 @@ at a time.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import os
@@ -49,6 +50,7 @@ def test_one_row_hyb_loop_is_one_fma_per_weight_with_shared_lookups() -> None:
     # K=2 code words: 2 own + 1 of the next group; inputs: one 64-bit load per two weights.
     assert row["global_loads"] == 3 + weights / 4
     assert row["instructions_per_weight"] < 6
+    assert row["model"]["unmodelled"] == []  # every instruction of the loop is charged to a pipe
 
 
 def test_main_loop_is_the_longest_backward_branch(kernels_sass) -> None:
@@ -64,3 +66,31 @@ def test_main_loop_is_the_longest_backward_branch(kernels_sass) -> None:
     assert kernels_sass.main_loop(sass) == {"IMAD": 1, "FFMA": 1, "BRA": 1}
     with pytest.raises(RuntimeError, match="no loop"):
         kernels_sass.main_loop("/*0000*/ EXIT ;")
+
+
+def test_pipe_model_charges_each_instruction_to_its_pipes(kernels_sass) -> None:
+    loop = collections.Counter({"LDS.64": 4, "FFMA": 8, "IMAD.WIDE": 2, "HMMA.16816.F32": 1,
+                                "LOP3.LUT": 6, "BRA": 1, "FROB": 1})
+    model = kernels_sass.pipe_clocks(loop)
+    assert model["clocks"] == {"issue": 0.25 * 23, "alu": 0.5 * 6, "fma_heavy": 0.5 * 2,
+                               "fma": 0.25 * (8 + 2), "shared": 2 * 4, "global": 0.0,
+                               "tensor": 2.0, "convert": 0.0}
+    assert model["unmodelled"] == ["FROB"]  # BRA is issue-only, FROB unknown
+
+
+def test_the_smallest_bound_binds(kernels_sass) -> None:
+    loop = collections.Counter({"LDS.64": 16})  # 32 shared clocks per warp pass
+    weights = 1024
+    pipe = weights / 32 * kernels_sass.MULTIPROCESSORS * kernels_sass.CLOCK_HZ * 0.25 / 1e12
+    roomy = kernels_sass.predict(loop, weights, 2, 1e6, 4)
+    assert roomy["binding"] == "pipe:shared"
+    assert roomy["predicted_tb_s"] == pytest.approx(pipe, abs=1e-3)
+    starved = kernels_sass.predict(loop, weights, 2, 512, 1)
+    assert starved["binding"] == "in_flight"
+    assert starved["predicted_tb_s"] == pytest.approx(
+        512 * kernels_sass.MULTIPROCESSORS / kernels_sass.DRAM_LATENCY_S / 1e12, abs=1e-3)
+    writing = kernels_sass.predict(collections.Counter({"FFMA": 1}), weights, 2, 1e6, 4,
+                                   written_bytes_per_weight=2.0)
+    assert writing["binding"] == "dram"
+    assert writing["predicted_tb_s"] == pytest.approx(kernels_sass.DRAM_BYTES_PER_S / 9 / 1e12,
+                                                      abs=1e-3)
