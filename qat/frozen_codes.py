@@ -24,7 +24,7 @@ from torch import nn
 
 from qat.code_table import current_table, hold_code_table
 from trellis_runtime.bitstream import unpack_states
-from trellis_runtime.codes import code_values
+from trellis_runtime.codes import state_values
 from trellis_runtime.hadamard import rotate, unrotate
 from trellis_runtime.quantized import QuantizedWeight, tiles_to_matrix
 
@@ -51,8 +51,13 @@ class FrozenCodesLinear(nn.Module):
         self.register_buffer("frozen_tiles", None if train_table else self.rotated_tiles().detach())
 
     def rotated_tiles(self) -> torch.Tensor:
-        """scale T (out, in): the rotated matrix the codes decode to, differentiable in a trained table."""
-        values = code_values(self.weight_spec, self.states, current_table(self))  # (rt, ct, steps, V)
+        """scale T (out, in): the rotated matrix the codes decode to, differentiable in a trained table.
+
+        Every state's values are computed once per call (2^L of them) and gathered by the codes:
+        re-deriving each weight's table row from its state (HYB's hash, per weight) cost six times
+        as much, forward and backward, on every step that trains the table."""
+        per_state = state_values(self.weight_spec, current_table(self))  # (2^L, V)
+        values = per_state[self.states]  # (rt, ct, steps, V)
         return tiles_to_matrix(values.flatten(2)) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

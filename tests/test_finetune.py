@@ -17,8 +17,12 @@ from safetensors.torch import load_file, save_file
 from qat.distill import dense_student
 from qat.finetune import FinetuneOptions, finetune
 from qat.finetune_model import embedding_modules, make_tuned
+from qat.frozen_codes import FrozenCodesLinear
+from trellis_runtime.bitstream import unpack_states
 from trellis_runtime.checkpoint import WEIGHTS_FILE, load_checkpoint
+from trellis_runtime.codes import code_values
 from trellis_runtime.errors import CheckpointError
+from trellis_runtime.quantized import tiles_to_matrix
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,22 @@ def tuned_dir(hyb_checkpoint_dir: Path, calib_file: Path, tmp_path_factory: pyte
     out = tmp_path_factory.mktemp("finetune") / "tuned"
     return out, finetune(hyb_checkpoint_dir, out, small_options(calib_file, train_table=True,
                                                             train_embeddings=True))
+
+
+def test_a_trained_table_gets_the_gradient_of_the_per_weight_decode(hyb_checkpoint_dir: Path):
+    """Tiles gathered from every state's values: the table's gradient equals the float64 one of
+    decoding each weight from its own state (the checkpoint's decode)."""
+    weight = next(iter(load_checkpoint(hyb_checkpoint_dir).quantized.values()))
+    linear = FrozenCodesLinear(weight, torch.nn.Parameter(torch.ones(weight.shape[1])),
+                               train_table=True)
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    (linear.rotated_tiles() * upstream).sum().backward()
+    table = weight.table.double().requires_grad_()
+    values = code_values(weight.spec, unpack_states(weight.codes, weight.spec), table)
+    reference = tiles_to_matrix(values.flatten(2)) * weight.scale.double()
+    (reference * upstream.double()).sum().backward()
+    torch.testing.assert_close(linear.rotated_tiles().double(), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(linear.table.grad.double(), table.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_the_untrained_student_computes_the_dequantized_model(hyb_checkpoint_dir: Path):
