@@ -105,7 +105,10 @@ class DecodeGraphs:
         if batch is None:
             raise ValueError(f"decode step of {count} sequences exceeds max_batch "
                              f"{self.batch_buckets[-1]}")
-        context = next(c for c in self.context_buckets if c > max(positions))
+        # Attention that reads the cache in place stops at each sequence's own position: one
+        # bucket (the whole cache) serves every context, so fewer graphs are captured.
+        context = (self.context_buckets[-1] if self.in_place_attention
+                   else next(c for c in self.context_buckets if c > max(positions)))
         pad = batch - count
         step = self._steps.get((batch, context))
         if step is None:
