@@ -23,7 +23,11 @@ import triton.language as tl
 
 from trellis_kernels.launch import Launch
 
-BLOCK_KEYS = 64  # cached positions per iteration
+MAX_BLOCK_KEYS = 64  # cached positions per iteration
+# The scores and the weighted values are formed as (query heads, keys, head_dim) products in
+# registers: at most this many float32 elements for the 128 threads of a program, so they fit
+# without spilling (a group of 4 heads of 128 takes 16 keys an iteration).
+MAX_PRODUCT_ELEMENTS = 8192
 
 
 @triton.jit
@@ -77,13 +81,14 @@ def decode_attention_launch(queries: torch.Tensor, keys: torch.Tensor, values: t
                             scale: float, window: int | None = None,
                             softcap: float | None = None) -> Launch:
     batch, kv_heads, group, head_dim = queries.shape
+    block_g, block_d = max(triton.next_power_of_2(group), 2), triton.next_power_of_2(head_dim)
+    block_n = min(MAX_BLOCK_KEYS, max(8, MAX_PRODUCT_ELEMENTS // (block_g * block_d)))
     return Launch(
         _decode_attention_kernel, (batch, kv_heads),
         (queries, keys, values, out, slots, positions, keys.stride(0), keys.stride(1),
          keys.stride(2), scale, softcap or 1.0, window or 1),
-        dict(KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim,
-             BLOCK_G=max(triton.next_power_of_2(group), 2), BLOCK_D=triton.next_power_of_2(head_dim),
-             BLOCK_N=BLOCK_KEYS, SOFTCAP=softcap is not None, WINDOWED=window is not None),
+        dict(KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d,
+             BLOCK_N=block_n, SOFTCAP=softcap is not None, WINDOWED=window is not None),
         dict(num_warps=4, num_stages=2))
 
 
