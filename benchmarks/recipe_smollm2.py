@@ -8,10 +8,10 @@ snapshots on held-out calibration text, never on this). Rows:
     float            the float model (the reference)
     ptq              the PTQ checkpoint the rows start from
     bcjr_one_layer   BCJR-QAT alone on the layer that costs the most KL, 12 steps
-    finetune         end-to-end fine-tuning alone (codes frozen)
+    finetune         end-to-end fine-tuning alone (codes frozen), 128 steps
     bcjr_all_layers  BCJR-QAT alone on every layer
-    bcjr_then_finetune  BCJR-QAT of one layer, then fine-tuning
-    recipe           `trellis qat` with no flags (the default stages: on CPU the finetune row's)
+    bcjr_then_finetune  BCJR-QAT of one layer, then fine-tuning (128 steps, as the finetune row)
+    recipe           `trellis qat` with no flags (on CPU: fine-tuning alone, 384 steps)
 
 Each row reports perplexity, its ratio to float, the wall time and the bits per quantized weight
 with every piece of side data counted (codes, vectors, scale, table); trained rows also give each
@@ -44,9 +44,9 @@ from trellis_runtime.checkpoint import load_checkpoint
 
 RESULTS = Path(__file__).parent / "results" / "recipe_smollm2.json"
 TRAINED_ROWS = {"bcjr_one_layer": ["--stages", "bcjr", "--layers", "auto", "--steps", "12"],
-                "finetune": ["--stages", "finetune"],
+                "finetune": ["--stages", "finetune", "--finetune-steps", "128"],
                 "bcjr_all_layers": ["--stages", "bcjr", "--layers", "all"],
-                "bcjr_then_finetune": ["--stages", "bcjr,finetune"],
+                "bcjr_then_finetune": ["--stages", "bcjr,finetune", "--finetune-steps", "128"],
                 "recipe": []}
 ROWS = ("float", "ptq", *TRAINED_ROWS)
 

@@ -17,7 +17,7 @@ Loss = Literal["kl", "mse"]
 STAGES = ("bcjr", "finetune")  # in the order a recipe runs them
 # Fine-tuning steps by device: the CPU default fits the recipe's time on 2 cores (README, Measured);
 # a GPU runs the same steps in seconds, so it takes more text.
-FINETUNE_STEPS = {"cpu": 128, "cuda": 1024}
+FINETUNE_STEPS = {"cpu": 384, "cuda": 1024}
 # The default stages by device. On CPU BCJR-QAT reaches one layer in the recipe's time, and fine-tuning
 # after it ended worse than fine-tuning the PTQ checkpoint directly (README, Measured); a GPU runs
 # BCJR-QAT over every layer first.
