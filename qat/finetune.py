@@ -33,7 +33,8 @@ from qat.perplexity import perplexity
 from qat.record import Record, plot
 from qat.snapshot import load_snapshot, save_snapshot
 from qat.text import training_text
-from qat.workdir import atomic_save, prepare, publish, read_metadata, removed_unless_resumable, work_dir
+from qat.train_options import FINETUNE_STEPS
+from qat.workdir import prepare, publish, read_metadata, removed_unless_resumable, work_dir
 from trellis_runtime.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, save_checkpoint
 from trellis_runtime.errors import TrellisError
 
@@ -45,7 +46,7 @@ BEST_FILE = "finetune-best.safetensors"
 class FinetuneOptions:
     """One end-to-end distillation run."""
 
-    steps: int = 128
+    steps: int = FINETUNE_STEPS["cpu"]  # the CLI's CPU default (the recipe passes its own)
     lr: float = 2e-3  # vectors and norms (both are ~1 in size)
     table_lr: float = 5e-4  # table entries are ~1 in size, and each moves many weights
     train_table: bool = True  # moot for computed codes (no table)
