@@ -205,7 +205,10 @@ def _loop_counts(case: str, launch, bits: int, written_bytes_per_weight: float =
     in one iteration; predict its bandwidth. An iteration's codes are loaded one block ahead, so
     each resident program keeps one block of codes in flight."""
     sass, resources = compile_sass(launch)
-    counts = main_loop(sass)
+    detailed = main_loop(sass, modifiers=True)
+    counts = collections.Counter()
+    for instruction, count in detailed.items():
+        counts[instruction.split(".")[0]] += count
     c = launch.constexprs
     warps = launch.options["num_warps"]
     block_weights = 2 * c["BLOCK_G"] * c["BLOCK_T"] * 16
@@ -213,7 +216,7 @@ def _loop_counts(case: str, launch, bits: int, written_bytes_per_weight: float =
     total = sum(counts.values())
     programs = resident_programs(warps, resources["registers"], resources["shared_bytes"],
                                  math.prod(launch.grid))
-    model = predict(main_loop(sass, modifiers=True), weights * 32, bits, block_weights * bits / 8,
+    model = predict(detailed, weights * 32, bits, block_weights * bits / 8,
                     programs, written_bytes_per_weight)
     return {"case": case, "loop_instructions": total, "weights_per_thread": weights,
             "model": model,
