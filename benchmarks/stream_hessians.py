@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from qat.float_layers import FloatStream
 from qat.hessian import hessian_key
-from qat.ptq import QuantizeOptions, _calibration_windows, _GroupQuantizer
+from qat.ptq import QuantizeOptions, _calibration_windows, GroupQuantizer
 from qat.sources import (load_float_lm, load_tokenizer, resolve_source, source_config,
                          source_weights)
 from qat.text import calibration_text
@@ -79,7 +79,7 @@ def main() -> None:
                 for key, h in reference.items()}
 
     layers = list(range(args.layers))
-    quantizer = _GroupQuantizer(weights, shape, options)
+    quantizer = GroupQuantizer(weights, shape, options)
     packed = {name: quantizer(layers, {k: h.clone() for k, h in hessians.items()}, tqdm(disable=True))
               for name, hessians in (("streamed", streamed), ("transformers", reference))}
     linears = {}

@@ -26,6 +26,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -49,6 +50,9 @@ from trellis_runtime.hadamard import hadamard_factors, random_signs, rotate, rot
 from trellis_runtime.quantized import QuantizedWeight, quantized_from_tensors
 from trellis_runtime.trellis import TILE_COLS, TILE_ROWS, TrellisSpec
 from trellis_runtime.viterbi import encode
+
+if TYPE_CHECKING:
+    from qat.ray_quantize import RayGroups
 
 # Config keys that describe how the source was stored, not the model.
 _DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "dtype",
@@ -117,7 +121,7 @@ def _rotated_feedback(hessian: torch.Tensor, signs: torch.Tensor, damping: float
     raise TrellisError("a Hessian is not positive definite even with strong damping")
 
 
-class _GroupQuantizer:
+class GroupQuantizer:
     """Quantizes a group of layers in one lockstep BlockLDLQ pass."""
 
     def __init__(self, weights: Weights, shape: ModelShape, options: QuantizeOptions):
@@ -151,7 +155,9 @@ class _GroupQuantizer:
                                                    _seed(options.seed, f"{layer}.{group}.in"))
                     output_signs = random_signs(weight.shape[0], _seed(options.seed, full))
                     rotated = rotate_weight(weight, input_signs, output_signs)
-                    scale = rotated.pow(2).mean().sqrt() / options.scale_ratio
+                    # Summed in float64: a float32 sum's last bit depends on how many threads
+                    # split it, and a Ray task may run on fewer than this process.
+                    scale = (rotated.double().pow(2).mean().sqrt() / options.scale_ratio).float()
                     rows.append(rotated / scale)
                     parts.append((full, weight.shape[0], input_signs, output_signs, scale))
                 feedback = None
@@ -226,11 +232,13 @@ def _resumable(work: Path) -> bool:
     return any(work.glob("layers-*.safetensors"))
 
 
-def _quantize_groups(work: Path, quantizer: _GroupQuantizer, stream: FloatStream | None,
-                     shape: ModelShape, options: QuantizeOptions) -> dict[str, torch.Tensor]:
+def _quantize_groups(work: Path, quantizer: GroupQuantizer, stream: FloatStream | None,
+                     shape: ModelShape, options: QuantizeOptions,
+                     tasks: "RayGroups | None" = None) -> dict[str, torch.Tensor]:
     """Every layer's packed tensors: a group finished by an earlier run is read back, the others are
     quantized and saved, one file per group. The stream (Hessian mode) passes through every layer,
-    collecting Hessians only for the groups still to quantize."""
+    collecting Hessians only for the groups still to quantize. With `tasks` (qat.ray_quantize) each
+    group is quantized by a Ray task as soon as its Hessians are in, and saved when it returns."""
     tensors: dict[str, torch.Tensor] = {}
     groups = [list(range(i, min(i + options.layers_per_group, shape.layers)))
               for i in range(0, shape.layers, options.layers_per_group)]
@@ -246,15 +254,24 @@ def _quantize_groups(work: Path, quantizer: _GroupQuantizer, stream: FloatStream
             if done:
                 tensors.update(load_file(str(path)))
                 progress.update(len(layers))
-                continue
-            group_tensors = quantizer(layers, hessians, progress)
+            elif tasks is not None:
+                tasks.submit(layers, hessians, path)
+            else:
+                group_tensors = quantizer(layers, hessians, progress)
+                atomic_save(group_tensors, path)
+                tensors.update(group_tensors)
+        for layers, path, group_tensors in tasks.finished() if tasks is not None else ():
             atomic_save(group_tensors, path)
             tensors.update(group_tensors)
+            progress.update(len(layers))
     return tensors
 
 
-def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> None:
-    """Quantize `source_name` into the checkpoint directory `out` (see module docstring).
+def quantize_model(source_name: str, out: Path, options: QuantizeOptions,
+                   ray_task_cpus: int | None = None) -> None:
+    """Quantize `source_name` into the checkpoint directory `out` (see module docstring). With
+    `ray_task_cpus`, groups of layers run as Ray tasks of that many CPUs each, on the cluster this
+    process is connected to (qat.ray_quantize); the checkpoint is the same.
 
     Everything that needs only the config, the tokenizer and the calibration text is checked
     before any weight is read and before the work directory is created, so bad input fails
@@ -276,8 +293,13 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions) -> Non
             print(f"resuming from {work}")
         weights = source_weights(source)
         stream = None if windows is None else FloatStream(shape, config, weights, windows)
-        tensors = _quantize_groups(work, _GroupQuantizer(weights, shape, options), stream, shape,
-                                   options)
+        tasks = None
+        if ray_task_cpus is not None:
+            from qat.ray_quantize import RayGroups  # Ray is an optional extra
+
+            tasks = RayGroups(source_name, config, options, ray_task_cpus)
+        tensors = _quantize_groups(work, GroupQuantizer(weights, shape, options), stream, shape,
+                                   options, tasks)
         publish(out, lambda final: _write_checkpoint(final, weights, config, tokenizer, shape, tensors,
                                                      options, source))
     print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

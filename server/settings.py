@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Literal, Optional, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trellis_runtime.devices import DEFAULT_DEVICE, Device
@@ -80,6 +81,48 @@ class ServerSettings(BaseSettings, AppConfig):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="server log level")
 
+    ray: bool = Field(False, description="serve through Ray Serve: engine replicas behind one "
+                                         "ingress that answers the same API")
+    ray_address: Optional[str] = Field(
+        None, description="with --ray: join this Ray cluster (e.g. ray://head:10001 or auto); "
+                          "none = start a local one")
+    replicas: Optional[int] = Field(None, ge=1, description="with --ray: a fixed number of "
+                                                            "engine replicas; none = 1")
+    min_replicas: Optional[int] = Field(None, ge=1, description="with --ray: autoscale from this "
+                                                                "many engine replicas")
+    max_replicas: Optional[int] = Field(None, ge=1, description="with --ray: autoscale up to "
+                                                                "this many engine replicas")
+    replica_cpus: Optional[float] = Field(
+        None, gt=0, description="with --ray: CPUs each engine replica reserves and runs its "
+                                "threads on; none = 1 on CUDA (plus one GPU), else the machine's "
+                                "CPUs shared by the most replicas")
+    upscale_delay: float = Field(30.0, ge=0, description="with --ray autoscaling: seconds of "
+                                                         "sustained load before adding a replica")
+    downscale_delay: float = Field(600.0, ge=0, description="with --ray autoscaling: seconds "
+                                                            "idle before removing a replica")
+
+    @model_validator(mode="after")
+    def _ray_flags_need_ray(self) -> "ServerSettings":
+        """Replica flags without --ray would be silently ignored; contradictory ones are refused."""
+        ray_only = [name for name in ("ray_address", "replicas", "min_replicas", "max_replicas",
+                                      "replica_cpus") if getattr(self, name) is not None]
+        if ray_only and not self.ray:
+            raise ValueError(f"--{ray_only[0].replace('_', '-')} needs --ray")
+        autoscaled = self.min_replicas is not None or self.max_replicas is not None
+        if self.replicas is not None and autoscaled:
+            raise ValueError("give either --replicas or --min-replicas/--max-replicas, not both")
+        low, high = self.replica_range()
+        if low > high:
+            raise ValueError(f"--min-replicas ({low}) is above --max-replicas ({high})")
+        return self
+
+    def replica_range(self) -> tuple[int, int]:
+        """(fewest, most) engine replicas: equal for a fixed count."""
+        if self.replicas is not None:
+            return self.replicas, self.replicas
+        low = self.min_replicas or 1
+        return low, self.max_replicas or low
+
     def app_config(self) -> AppConfig:
         """The part the app enforces, as the plain model create_app takes."""
         return AppConfig(**{name: getattr(self, name) for name in AppConfig.model_fields})
@@ -118,5 +161,8 @@ def settings_from_arguments(args: argparse.Namespace) -> ServerSettings:
     except ValidationError as error:
         first = error.errors()[0]
         name = ".".join(str(part) for part in first["loc"])
+        if not name:  # a rule across settings: its message names the flags
+            raise ValueError(f"invalid settings: {first['msg'].removeprefix('Value error, ')}") \
+                from None
         raise ValueError(f"invalid setting {name} ({ENV_PREFIX}{name.upper()} or "
                          f"--{name.replace('_', '-')}): {first['msg']}") from None

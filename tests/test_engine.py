@@ -263,3 +263,14 @@ def test_shutdown_fails_waiting_requests(loaded) -> None:
     asyncio.run(main())
     with pytest.raises(EngineError):
         engine.generate(PROMPTS[0], greedy(1))
+
+
+def test_alive_follows_the_loop_thread(loaded) -> None:
+    """What a replica's health check reads: true only while the loop runs and takes requests."""
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=MAX_SEQ_LEN)
+    assert not engine.alive
+    engine.start()
+    assert engine.alive
+    engine.shutdown()
+    assert not engine.alive

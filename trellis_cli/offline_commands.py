@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from trellis_cli.flags import (DEFAULT_STATE_BITS, add_device_flag, add_spec_flags,
@@ -26,7 +27,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.calib_text is not None:
         read_text_file(args.calib_text)  # fail on bad text before loading the model
     options = options_from_arguments(QuantizeOptions, args, spec=spec)
-    quantize_model(args.src, Path(args.out), options)
+    if not args.ray:
+        if args.ray_address is not None or args.ray_task_cpus is not None:
+            raise TrellisError("--ray-address and --ray-task-cpus need --ray")
+        quantize_model(args.src, Path(args.out), options)
+        return 0
+    try:
+        from qat.ray_quantize import ray_connection
+    except ImportError as err:
+        raise TrellisError(f"--ray needs Ray ({err}): pip install 'trellis-runtime[ray]'") from None
+    with ray_connection(args.ray_address, os.cpu_count()):
+        quantize_model(args.src, Path(args.out), options, ray_task_cpus=args.ray_task_cpus or 1)
     return 0
 
 
@@ -82,6 +93,13 @@ def quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="checkpoint directory to create")
     add_spec_flags(parser, device_state_bits_help())
     add_option_flags(parser, QuantizeOptions)
+    parser.add_argument("--ray", action="store_true",
+                        help="quantize groups of layers in parallel as Ray tasks (a local Ray "
+                             "unless --ray-address); the checkpoint is the same")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --ray: join this Ray cluster (e.g. auto or HOST:PORT)")
+    parser.add_argument("--ray-task-cpus", type=int, default=None,
+                        help="with --ray on CPU: CPUs (threads) of each task (default 1)")
 
 
 def qat_arguments(parser: argparse.ArgumentParser) -> None:

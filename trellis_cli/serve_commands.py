@@ -48,6 +48,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise TrellisError(str(err)) from None
     device = require_device(settings.device)
     path = checkpoint_for(settings.model, device)
+    model_name = settings.served_model_name or settings.model or BUILTIN_MODEL
+    if settings.ray:
+        try:
+            from server.ray_serve import serve_on_ray
+        except ImportError as err:
+            raise TrellisError(f"--ray needs Ray Serve ({err}): pip install "
+                               "'trellis-runtime[ray]'") from None
+        serve_on_ray(settings, path, model_name)
+        return 0
     from server.serve import serve
     from trellis_runtime.engine import Engine
     from trellis_runtime.generation_config import stop_token_ids
@@ -56,8 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(path, device)
     engine = Engine(model, tokenizer, max_batch=settings.max_batch,
                     max_seq_len=settings.max_seq_len, eos_token_ids=stop_token_ids(path, tokenizer))
-    serve(engine, tokenizer, settings.served_model_name or settings.model or BUILTIN_MODEL,
-          settings)
+    serve(engine, tokenizer, model_name, settings)
     return 0
 
 

@@ -3,6 +3,7 @@ serving benchmarks and the end-to-end CLI tests start, so they wait and fail the
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -23,18 +24,21 @@ def free_port() -> int:
 class ServeProcess:
     """`python -m trellis_cli serve *args --port P`, started and waited for.
 
-    The constructor returns when GET `probe` answers 200 and raises RuntimeError if the process exits
+    `env` adds variables to this process's environment for the server. The constructor returns
+    when GET `probe` answers 200 and raises RuntimeError if the process exits
     or `timeout_s` passes first (it is stopped then). `stop()` sends SIGTERM, which drains in-flight
     requests, and returns the exit status.
     """
 
     def __init__(self, args: list[str], timeout_s: float, probe: str = "/ready",
-                 stderr: int | IO | None = subprocess.DEVNULL) -> None:
+                 stderr: int | IO | None = subprocess.DEVNULL,
+                 env: dict[str, str] | None = None) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trellis_cli", "serve", *args, "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+            env=None if env is None else {**os.environ, **env})
         deadline = time.monotonic() + timeout_s
         while not self._answers(probe):
             if self.process.poll() is not None:

@@ -113,6 +113,12 @@ class Engine:
         self._thread.join()
         self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread is running and accepting requests: what a health check probes."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping
+
     def __enter__(self) -> "Engine":
         return self.start()
 
@@ -182,7 +188,7 @@ class Engine:
         params.validate()
         if self._thread is None:
             raise EngineError("the engine is not running: call start() first")
-        _check_prompt(prompt_ids, params, self.vocab_size, self.max_seq_len)
+        check_prompt(prompt_ids, params, self.vocab_size, self.max_seq_len)
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
                 emit: Callable[[Output | BaseException], None]) -> Request:
@@ -258,9 +264,11 @@ class Engine:
             request.deliver(failure)
 
 
-def _check_prompt(prompt_ids: Sequence[int], params: SamplingParams, vocab_size: int,
+def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, vocab_size: int,
                   max_seq_len: int) -> None:
-    """Refuse a prompt the model cannot read, or that leaves no room for what it asks to generate."""
+    """Refuse a prompt the model cannot read, or that leaves no room for what it asks to generate.
+    Public so that a front end holding no model (the Ray ingress) refuses exactly what the engine
+    would, before anything is sent to a replica."""
     if not prompt_ids:
         raise ValueError("the prompt must contain at least one token")
     if any(not 0 <= token < vocab_size for token in prompt_ids):

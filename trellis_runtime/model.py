@@ -250,7 +250,13 @@ def decoder_layer(shape: ModelShape, index: int, linear: Callable[[str], nn.Modu
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(TrellisModel, tokenizer) for the packed checkpoint directory at `path`."""
+    model = TrellisModel.from_checkpoint(load_checkpoint(path), device)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The HF tokenizer saved in a checkpoint directory, without its weights (a front end that
+    tokenizes for remote engines needs no model)."""
     from transformers import AutoTokenizer  # here, so that importing trellis_runtime stays light
 
-    model = TrellisModel.from_checkpoint(load_checkpoint(path), device)
-    return model, AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
