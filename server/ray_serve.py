@@ -30,6 +30,7 @@ from server.ray_deployments import APP_NAME, build_application
 from server.serve import configure_logging
 from server.settings import ServerSettings
 from server.shutdown import FINAL_GRACE_SECONDS
+from trellis_runtime.errors import TrellisError
 
 log = logging.getLogger("trellis.server")
 # How often the drain asks the ingress what is still in flight (seconds).
@@ -72,8 +73,12 @@ def serve_on_ray(settings: ServerSettings, checkpoint: Path, model_name: str) ->
 def _serve(settings: ServerSettings, checkpoint: Path, model_name: str) -> None:
     serve.start(http_options={"host": settings.host, "port": settings.port})
     signals = Signals()
-    serve.run(build_application(settings, checkpoint, model_name), name=APP_NAME,
-              route_prefix="/", blocking=False)
+    try:
+        serve.run(build_application(settings, checkpoint, model_name), name=APP_NAME,
+                  route_prefix="/", blocking=False)
+    except RuntimeError as error:  # Serve's own message ends with the replicas' tracebacks
+        raise TrellisError(f"the Ray Serve application did not start: "
+                           f"{str(error).splitlines()[0]} (the replicas' logs say why)") from None
     fewest, most = settings.replica_range()
     log.info("serving %s on http://%s:%d through Ray Serve (%s engine replicas)", model_name,
              settings.host, settings.port, fewest if fewest == most else f"{fewest}-{most}")

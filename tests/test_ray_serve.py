@@ -25,6 +25,7 @@ from server.ray_deployments import APP_NAME, ENGINE_DEPLOYMENT
 from trellis_cli.serve_process import ServeProcess
 
 MODEL = "tiny"
+MAX_WAITING = 4  # of the two-replica cluster: 2 x 8 batch slots run, 4 more wait, then 429
 PROMPT = "The history of the river valley begins with"
 # Ray's process title of an engine replica, as `ps` shows it.
 ENGINE_TITLE = f"ray::ServeReplica:{APP_NAME}:{ENGINE_DEPLOYMENT}"
@@ -71,7 +72,8 @@ class TestTwoReplicas:
 
     @pytest.fixture(scope="class")
     def ray_server(self, tiny_checkpoint_dir: Path) -> Iterator[RayServer]:
-        server = RayServer(tiny_checkpoint_dir, "--replicas", "2", "--replica-cpus", "1")
+        server = RayServer(tiny_checkpoint_dir, "--replicas", "2", "--replica-cpus", "1",
+                           "--max-waiting", str(MAX_WAITING))
         yield server
         assert server.stop() == 0  # SIGTERM drained it; the process exits cleanly
 
@@ -115,6 +117,22 @@ class TestTwoReplicas:
                 failures.append((caught.value.status_code, caught.value.body.get("code")))
             assert failures[0] == failures[1], case
             assert 400 <= failures[0][0] < 500
+
+    def test_the_queue_bound_is_the_whole_clusters(self, ray_server: RayServer) -> None:
+        capacity = 2 * 8 + MAX_WAITING
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=ray_server.url, timeout=120,
+                                         limits=httpx.Limits(max_connections=64)) as http:
+                body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}
+                return await asyncio.gather(*[http.post("/v1/completions", json=body)
+                                              for _ in range(capacity + 6)])
+
+        replies = asyncio.run(burst())
+        refused = [reply for reply in replies if reply.status_code == 429]
+        assert len(refused) >= 6 and all(r.headers["retry-after"] == "1" for r in refused)
+        assert refused[0].json()["error"]["code"] == "server_overloaded"
+        assert sum(reply.status_code == 200 for reply in replies) >= 2 * 8  # both replicas ran
 
     def test_a_killed_replica_ends_its_streams_and_comes_back(self, ray_server: RayServer
                                                               ) -> None:
