@@ -38,6 +38,9 @@ ENGINE_DEPLOYMENT = "engine"
 INGRESS_DEPLOYMENT = "ingress"
 # Requests the ingress takes besides generation (probes, /metrics, /v1/models) before Serve queues.
 INGRESS_HEADROOM = 64
+# A step (one decode, or one prefill chunk) running longer than this marks the replica unhealthy:
+# far above any step's time, so only a hung forward (a stuck device, a deadlock) reaches it.
+STALLED_STEP_S = 120.0
 # Autoscaling averages the replicas' load over the upscale delay, within these bounds (seconds):
 # Ray wants the window longer than its metrics interval (10 s).
 LOOK_BACK_RANGE = (10.0, 30.0)
@@ -71,6 +74,8 @@ class EngineReplica:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
         if not self.engine.alive:
             raise EngineError("the engine loop has stopped")
+        if self.engine.step_running_for > STALLED_STEP_S:
+            raise EngineError(f"one engine step has run for over {STALLED_STEP_S:.0f} s")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -274,3 +274,20 @@ def test_alive_follows_the_loop_thread(loaded) -> None:
     assert engine.alive
     engine.shutdown()
     assert not engine.alive
+
+
+def test_a_running_step_is_timed(engine: Engine) -> None:
+    """What a replica's health check reads to tell a hung forward from a busy one."""
+    real = engine.model
+    inside: list[float] = []
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        inside.append(engine.step_running_for)
+        return real(*args, **kwargs)
+
+    assert engine.step_running_for == 0
+    engine.model = slow
+    engine.generate_text(PROMPTS[0], greedy(2))
+    assert inside and min(inside) >= 0.3
+    assert engine.step_running_for == 0

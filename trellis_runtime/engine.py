@@ -29,6 +29,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from typing import AsyncIterator, Callable, Sequence
 
@@ -84,6 +85,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._decode_steps = 0
         self._max_batch_seen = 0
+        self._step_started: float | None = None  # monotonic start of the step running now
 
     @property
     def model(self):
@@ -118,6 +120,13 @@ class Engine:
         """Whether the loop thread is running and accepting requests: what a health check probes."""
         thread = self._thread
         return thread is not None and thread.is_alive() and not self._stopping
+
+    @property
+    def step_running_for(self) -> float:
+        """Seconds the step running now has taken so far (0 between steps): a loop stuck in a
+        forward is alive but serves nobody, and a health check can tell."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -228,11 +237,14 @@ class Engine:
                 plan = self._scheduler.plan()
                 if plan is None:
                     continue
+                self._step_started = time.monotonic()
                 try:
                     self._step(plan)
                 except Exception as error:  # a failed forward: fail its requests, keep serving others
                     logger.exception("generation step failed")
                     self._fail(self._scheduler.active(), error)
+                finally:
+                    self._step_started = None
         with self._cond:
             stranded = self._scheduler.take_waiting()
         self._fail(stranded + self._scheduler.active(), EngineError("the engine shut down"))
