@@ -8,8 +8,11 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -217,3 +220,29 @@ def test_load_scales_out_to_two_replicas_and_back(tiny_checkpoint_dir: Path) -> 
     finally:
         ray.shutdown()
         assert server.stop() == 0
+
+
+def test_joins_a_running_cluster_and_leaves_it_running(tiny_checkpoint_dir: Path) -> None:
+    """--ray-address: the server deploys onto a cluster it did not start, and on SIGTERM removes
+    only its application. Token authentication is on, as Ray's defaults have it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+                             "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        server = ServeProcess([str(tiny_checkpoint_dir), "--served-model-name", MODEL, "--ray",
+                               "--ray-address", f"127.0.0.1:{port}"], timeout_s=300, env=env)
+        reply = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                           json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        assert server.stop() == 0
+        assert head.poll() is None  # the cluster is not the server's to stop
+        assert not engine_pids()  # but its replicas are gone with its application
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
