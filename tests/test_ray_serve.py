@@ -1,6 +1,6 @@
-"""`trellis serve --ray` as a user runs it: a local Ray cluster started by the server, engine replicas
-behind the ingress, real sockets, the official openai client; a replica killed under load; and
-autoscaling watched through Ray's own state API."""
+"""`trellis serve --ray` as a user runs it: a local Ray cluster started by the server (or a running
+one it joins), engine replicas behind the ingress, real sockets, the official openai client; a
+replica killed under load; and autoscaling watched through Ray's own state API."""
 
 from __future__ import annotations
 
