@@ -15,6 +15,7 @@ same way) and fails the run.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -75,9 +76,9 @@ def ray_connection(address: str | None, cpus: int | None) -> Iterator[None]:
     block (address "local": never a cluster that happens to run on this machine)."""
     if address is None:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                 logging_level="WARNING")
+                 logging_level=logging.WARNING)
     else:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level=logging.WARNING)
     try:
         yield
     finally:

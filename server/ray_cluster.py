@@ -25,7 +25,8 @@ def local_ray(cpus: int) -> Iterator[None]:
     (address "local": never a cluster that happens to run on this machine)."""
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
     finally:
         signal.signal(signal.SIGINT, handler)
     try:

@@ -43,7 +43,7 @@ INGRESS_HEADROOM = 64
 STALLED_STEP_S = 120.0
 # Autoscaling averages the replicas' load over the upscale delay, within these bounds (seconds):
 # Ray wants the window longer than its metrics interval (10 s).
-LOOK_BACK_RANGE = (10.0, 30.0)
+LOOK_BACK_RANGE = (12.0, 30.0)
 
 
 @serve.deployment(name=ENGINE_DEPLOYMENT)

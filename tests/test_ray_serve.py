@@ -63,22 +63,26 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+@pytest.fixture(scope="class")
+def plain(tiny_checkpoint_dir: Path) -> Iterator[str]:
+    """Plain `trellis serve` of the same checkpoint, to compare answers with."""
+    server = ServeProcess([str(tiny_checkpoint_dir), "--served-model-name", MODEL], timeout_s=120)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="class")
+def ray_server(tiny_checkpoint_dir: Path) -> Iterator[RayServer]:
+    """Two fixed replicas, one CPU each; for one class of tests, so that no other Ray cluster of
+    this module runs beside it."""
+    server = RayServer(tiny_checkpoint_dir, "--replicas", "2", "--replica-cpus", "1",
+                       "--max-waiting", str(MAX_WAITING))
+    yield server
+    assert server.stop() == 0  # SIGTERM drained it; the process exits cleanly
+
+
 class TestTwoReplicas:
     """Two fixed replicas, one CPU each, against plain `trellis serve` of the same checkpoint."""
-
-    @pytest.fixture(scope="class")
-    def plain(self, tiny_checkpoint_dir: Path) -> Iterator[str]:
-        server = ServeProcess([str(tiny_checkpoint_dir), "--served-model-name", MODEL],
-                              timeout_s=120)
-        yield server.url
-        server.stop()
-
-    @pytest.fixture(scope="class")
-    def ray_server(self, tiny_checkpoint_dir: Path) -> Iterator[RayServer]:
-        server = RayServer(tiny_checkpoint_dir, "--replicas", "2", "--replica-cpus", "1",
-                           "--max-waiting", str(MAX_WAITING))
-        yield server
-        assert server.stop() == 0  # SIGTERM drained it; the process exits cleanly
 
     def test_openai_client_gets_the_same_answers(self, plain: str, ray_server: RayServer) -> None:
         ours, theirs = client(ray_server.url), client(plain)
