@@ -30,6 +30,7 @@ from qat.sources import (load_float_lm, load_tokenizer, resolve_source, source_c
 from qat.text import calibration_text
 from trellis_cli.flags import default_spec
 from trellis_runtime.architecture import ModelShape
+from trellis_runtime.codes import initial_table
 from trellis_runtime.quantized import quantized_from_tensors
 
 RESULTS = Path(__file__).parent / "results" / "stream_hessians.json"
@@ -79,7 +80,8 @@ def main() -> None:
                 for key, h in reference.items()}
 
     layers = list(range(args.layers))
-    quantizer = GroupQuantizer(weights, shape, options)
+    quantizer = GroupQuantizer(weights, shape, options,
+                               initial_table(options.spec, seed=options.seed))
     packed = {name: quantizer(layers, {k: h.clone() for k, h in hessians.items()}, tqdm(disable=True))
               for name, hessians in (("streamed", streamed), ("transformers", reference))}
     linears = {}

@@ -124,11 +124,14 @@ def _rotated_feedback(hessian: torch.Tensor, signs: torch.Tensor, damping: float
 class GroupQuantizer:
     """Quantizes a group of layers in one lockstep BlockLDLQ pass."""
 
-    def __init__(self, weights: Weights, shape: ModelShape, options: QuantizeOptions):
+    def __init__(self, weights: Weights, shape: ModelShape, options: QuantizeOptions,
+                 table: torch.Tensor | None):
+        """`table`: initial_table(options.spec, options.seed), made once per run by the caller
+        (a k-means of seconds) and shared by every group, Ray tasks included."""
         self.weights = weights
         self.shape = shape
         self.options = options
-        self.table = initial_table(options.spec, seed=options.seed)
+        self.table = table
         self.values = state_values(options.spec, self.table, device=options.device)
 
     def quantize_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,13 +296,14 @@ def quantize_model(source_name: str, out: Path, options: QuantizeOptions,
             print(f"resuming from {work}")
         weights = source_weights(source)
         stream = None if windows is None else FloatStream(shape, config, weights, windows)
+        table = initial_table(options.spec, seed=options.seed)
         tasks = None
         if ray_task_cpus is not None:
             from qat.ray_quantize import RayGroups  # Ray is an optional extra
 
-            tasks = RayGroups(source_name, config, options, ray_task_cpus)
-        tensors = _quantize_groups(work, GroupQuantizer(weights, shape, options), stream, shape,
-                                   options, tasks)
+            tasks = RayGroups(source_name, config, options, table, ray_task_cpus)
+        tensors = _quantize_groups(work, GroupQuantizer(weights, shape, options, table), stream,
+                                   shape, options, tasks)
         publish(out, lambda final: _write_checkpoint(final, weights, config, tokenizer, shape, tensors,
                                                      options, source))
     print(f"wrote {out} in {time.time() - started:.0f} s ({options.spec})")

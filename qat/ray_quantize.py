@@ -15,8 +15,6 @@ same way) and fails the run.
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -32,13 +30,14 @@ TASK_RETRIES = 3
 
 
 @ray.remote(max_retries=TASK_RETRIES, retry_exceptions=False)
-def quantize_group(source_name: str, config: dict, options: QuantizeOptions, layers: list[int],
+def quantize_group(source_name: str, config: dict, options: QuantizeOptions,
+                   table: torch.Tensor | None, layers: list[int],
                    hessians: dict[str, torch.Tensor] | None, threads: int
                    ) -> dict[str, torch.Tensor]:
     """The packed tensors of `layers`, exactly as the single-process run makes them."""
     torch.set_num_threads(threads)
     weights = source_weights(resolve_source(source_name))
-    quantizer = GroupQuantizer(weights, ModelShape.from_config(config), options)
+    quantizer = GroupQuantizer(weights, ModelShape.from_config(config), options, table)
     with tqdm(total=len(layers), disable=True) as progress:
         return quantizer(layers, hessians, progress)
 
@@ -47,10 +46,11 @@ class RayGroups:
     """Groups of layers submitted as tasks, collected as they finish."""
 
     def __init__(self, source_name: str, config: dict, options: QuantizeOptions,
-                 threads: int) -> None:
+                 table: torch.Tensor | None, threads: int) -> None:
         self.source_name = source_name
         self.config = config
         self.options = options
+        self.table = table  # the run's starting table, made once by the driver
         self.threads = threads
         self.pending: dict[ray.ObjectRef, tuple[list[int], Path]] = {}
 
@@ -59,7 +59,8 @@ class RayGroups:
         resources = ({"num_gpus": 1, "num_cpus": 1} if self.options.device == "cuda"
                      else {"num_cpus": self.threads})
         task = quantize_group.options(**resources).remote(
-            self.source_name, self.config, self.options, layers, hessians, self.threads)
+            self.source_name, self.config, self.options, self.table, layers, hessians,
+            self.threads)
         self.pending[task] = (layers, path)
 
     def finished(self) -> Iterator[tuple[list[int], Path, dict[str, torch.Tensor]]]:
@@ -68,18 +69,3 @@ class RayGroups:
             [task], _ = ray.wait(list(self.pending), num_returns=1)
             layers, path = self.pending.pop(task)
             yield layers, path, ray.get(task)
-
-
-@contextmanager
-def ray_connection(address: str | None, cpus: int | None) -> Iterator[None]:
-    """Connected to the cluster at `address`, or to a new local one with `cpus` CPUs, for the
-    block (address "local": never a cluster that happens to run on this machine)."""
-    if address is None:
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()

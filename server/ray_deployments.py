@@ -67,9 +67,6 @@ class EngineReplica:
         return EngineLimits(self.engine.max_batch, self.engine.max_seq_len,
                             self.engine.vocab_size)
 
-    def stats(self) -> dict:
-        return self.engine.stats()
-
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
         if not self.engine.alive:

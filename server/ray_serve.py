@@ -1,7 +1,7 @@
 """`trellis serve --ray`: deploy the Serve application, serve until a signal, drain, and leave.
 
-Without --ray-address a local Ray instance is started with this machine's CPUs (server.ray_cluster)
-and stopped at the end; with one, the application joins that cluster and only the application is
+Without --ray-address a local Ray instance is started with this machine's CPUs
+(trellis_runtime.ray_cluster) and stopped at the end; with one, the application joins that cluster and only the application is
 deleted at the end.
 Ray's HTTP proxy listens on --host/--port (on a joined cluster whose Serve already runs, Serve
 keeps the address it was started with).
@@ -14,7 +14,6 @@ with an error event, and the process exits 0. A second signal stops at once.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -22,15 +21,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Optional
 
-import ray
 from ray import serve
 
-from server.ray_cluster import local_ray
 from server.ray_deployments import APP_NAME, build_application
 from server.serve import configure_logging
 from server.settings import ServerSettings
 from server.shutdown import FINAL_GRACE_SECONDS
 from trellis_runtime.errors import TrellisError
+from trellis_runtime.ray_cluster import ray_cluster
 
 log = logging.getLogger("trellis.server")
 # How often the drain asks the ingress what is still in flight (seconds).
@@ -58,16 +56,10 @@ class Signals:
 def serve_on_ray(settings: ServerSettings, checkpoint: Path, model_name: str) -> None:
     """Serve `checkpoint` through Ray Serve until a signal has drained it."""
     configure_logging(settings.log_level)
-    if settings.ray_address is not None:
-        ray.init(address=settings.ray_address, logging_level=logging.WARNING)
-        try:
-            _serve(settings, checkpoint, model_name)
-        finally:
-            ray.shutdown()
-        return
-    with local_ray(os.cpu_count() or 1):
+    with ray_cluster(settings.ray_address) as local:
         _serve(settings, checkpoint, model_name)
-        serve.shutdown()
+        if local:
+            serve.shutdown()
 
 
 def _serve(settings: ServerSettings, checkpoint: Path, model_name: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from processes import pids_titled
 from test_quantize_cli import CALIB_TEXT, assert_one_line_error, trellis
 
 FAST = ["--state-bits", "8", "--calib-windows", "4", "--layers-per-group", "1"]
@@ -61,12 +62,7 @@ def wider_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_tokenizer_
 
 def running_task() -> int | None:
     """The pid of a worker running a quantization task, if one is running now."""
-    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    for line in listing.splitlines():
-        pid, args = line.split(None, 1)
-        if args.startswith(TASK_TITLE):
-            return int(pid)
-    return None
+    return min(pids_titled(TASK_TITLE), default=None)
 
 
 def test_a_killed_task_is_run_again_to_the_same_result(wider_model_dir: Path, calib_file: Path,

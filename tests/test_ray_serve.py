@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,8 @@ import ray
 from ray import serve
 
 from server.ray_deployments import APP_NAME, ENGINE_DEPLOYMENT
-from trellis_cli.serve_process import ServeProcess
+from processes import pids_titled
+from trellis_cli.serve_process import ServeProcess, free_port
 
 MODEL = "tiny"
 MAX_WAITING = 4  # of the two-replica cluster: 2 x 8 batch slots run, 4 more wait, then 429
@@ -35,9 +35,7 @@ ENGINE_TITLE = f"ray::ServeReplica:{APP_NAME}:{ENGINE_DEPLOYMENT}"
 
 
 def engine_pids() -> set[int]:
-    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return {int(line.split(None, 1)[0]) for line in listing.splitlines()
-            if line.split(None, 1)[1].startswith(ENGINE_TITLE)}
+    return pids_titled(ENGINE_TITLE)
 
 
 class RayServer:
@@ -229,9 +227,7 @@ def test_load_scales_out_to_two_replicas_and_back(tiny_checkpoint_dir: Path) -> 
 def test_joins_a_running_cluster_and_leaves_it_running(tiny_checkpoint_dir: Path) -> None:
     """--ray-address: the server deploys onto a cluster it did not start, and on SIGTERM removes
     only its application. Token authentication is on, as Ray's defaults have it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
                              "--block", f"--port={port}", "--num-cpus=2",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from trellis_cli.flags import (DEFAULT_STATE_BITS, add_device_flag, add_spec_flags,
@@ -33,10 +32,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         quantize_model(args.src, Path(args.out), options)
         return 0
     try:
-        from qat.ray_quantize import ray_connection
+        from trellis_runtime.ray_cluster import ray_cluster
     except ImportError as err:
         raise TrellisError(f"--ray needs Ray ({err}): pip install 'trellis-runtime[ray]'") from None
-    with ray_connection(args.ray_address, os.cpu_count()):
+    with ray_cluster(args.ray_address):
         quantize_model(args.src, Path(args.out), options, ray_task_cpus=args.ray_task_cpus or 1)
     return 0
 

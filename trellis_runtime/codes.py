@@ -98,20 +98,16 @@ def table_shape(spec: TrellisSpec) -> tuple[int, int] | None:
     return None
 
 
-# Points per distance block of the k-means (a block's distances take 16 MiB at 512 centroids).
-_KMEANS_CHUNK = 4096
-
-
 def _kmeans(points: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
     """Plain Lloyd iterations from k distinct random points; deterministic for a given generator.
 
-    Distances are squared differences summed per coordinate, not torch.cdist: cdist's matrix-product
-    path rounds differently from one process to the next (the BLAS kernel it lands on varies), which
+    Distances are taken pair by pair, not through cdist's default matrix-product path: that one
+    rounds differently from one process to the next (the BLAS kernel it lands on varies), which
     flipped near-tie assignments and so the table a run starts from."""
     centroids = points[torch.randperm(points.shape[0], generator=gen)[:k]].clone()
     for _ in range(iters):
-        nearest = torch.cat([(chunk[:, None, :] - centroids[None]).pow(2).sum(-1).argmin(dim=1)
-                             for chunk in points.split(_KMEANS_CHUNK)])
+        nearest = torch.cdist(points, centroids,
+                              compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)
         sums = torch.zeros_like(centroids).index_add_(0, nearest, points)
         counts = torch.bincount(nearest, minlength=k).unsqueeze(1)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
