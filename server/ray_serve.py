@@ -1,9 +1,8 @@
 """`trellis serve --ray`: deploy the Serve application, serve until a signal, drain, and leave.
 
 Without --ray-address a local Ray instance is started with this machine's CPUs
-(trellis_runtime.ray_cluster) and stopped at the end; with one, the application joins that cluster and only the application is
-deleted at the end.
-Ray's HTTP proxy listens on --host/--port (on a joined cluster whose Serve already runs, Serve
+(trellis_runtime.ray_cluster) and stopped at the end; with one, the application joins that
+cluster and only the application is deleted at the end. Ray's HTTP proxy listens on --host/--port (on a joined cluster whose Serve already runs, Serve
 keeps the address it was started with).
 
 SIGTERM or SIGINT drains as the single server does: the ingress refuses new requests with 503 and
