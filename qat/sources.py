@@ -97,20 +97,26 @@ def converted_directory(source: Source) -> Path:
     return target
 
 
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file a built-in model ships as, or SourceError saying what is missing."""
+    package, filename = BUILTIN_MODELS[name]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise SourceError(f"built-in model {name!r} needs the {package} package: run make install")
+    directory = Path(list(found.submodule_search_locations)[0])
+    if not (directory / filename).is_file():
+        raise SourceError(f"built-in model {name!r}: {filename} missing from {directory}")
+    return directory / filename
+
+
 def resolve_source(spec: str) -> Source:
     """Turn a user's SRC argument into a loadable source, or fail with a one-line reason."""
     if spec in BUILTIN_MODELS:
-        package, filename = BUILTIN_MODELS[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise SourceError(f"built-in model {spec!r} needs the {package} package: run make install")
-        directory = Path(list(found.submodule_search_locations)[0])
-        if not (directory / filename).is_file():
-            raise SourceError(f"built-in model {spec!r}: {filename} missing from {directory}")
-        converted = builtin_float_directory(directory / filename)
+        gguf = builtin_gguf(spec)
+        converted = builtin_float_directory(gguf)
         if converted.is_dir():
             return Source(converted, None, spec)
-        return Source(directory, filename, spec, converted)
+        return Source(gguf.parent, gguf.name, spec, converted)
     path = Path(spec)
     if not path.exists():
         if not _MODEL_ID.fullmatch(spec):

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from trellis_cli.kernel_suite import random_weight, with_real_vectors
-from trellis_kernels.cpu import LIBRARY, KernelsUnavailable, MAX_TOKENS, dense_linear
+from trellis_kernels.cpu import (CODE_TABLE, COMPUTED_CODES, LIBRARY, KernelsUnavailable, MAX_TOKENS,
+                                 dense_linear)
 from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
                                          cpu_kernels_loaded, dense_product, fused_decoder_layer,
                                          kernels_unavailable_reason, state_lut)
@@ -49,7 +50,7 @@ def test_kernel_matches_dequantized_product(spec: TrellisSpec, shape: tuple[int,
     backend = CpuBackend(weight, max_rows=MAX_TOKENS)
     dense = weight.dequantize().double()
     assert backend(torch.zeros(0, shape[1])).shape == (0, shape[0])
-    for tokens in (1, 3, 8, 9, MAX_TOKENS):  # one register block, a partial one, two blocks
+    for tokens in (1, 2, 3, 8, 9, MAX_TOKENS, 37):  # direct; a partial block of 4, two, more, many
         x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens))
         # float32 throughout, as the dense float32 product: only the summation order differs.
         assert relative_error(backend(x), x.double() @ dense.T) < 1e-5
@@ -64,6 +65,22 @@ def test_kernel_multiplies_the_real_vectors_of_format_2(spec: TrellisSpec) -> No
     for tokens in (1, 9):
         x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(tokens))
         assert relative_error(backend(x), x.double() @ weight.dequantize().double().T) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("spec", [TrellisSpec(12, 2, 1, "1mad"), TrellisSpec(12, 2, 1, "3inst"),
+                                  TrellisSpec(10, 3, 1, "3inst"), TrellisSpec(16, 4, 1, "1mad")], ids=str)
+def test_computed_codes_equal_their_state_table(spec: TrellisSpec) -> None:
+    """The kernel's vector arithmetic for 1MAD and 3INST gives every state exactly the value of
+    trellis_runtime.codes: products through it equal, bit for bit, those through the state table."""
+    weight = random_weight(spec, 48, 192, seed=8)
+    backend = CpuBackend(weight, max_rows=MAX_TOKENS)
+    codes, _, *rest = backend.kernel_args[:-1]
+    assert backend.kernel_args[-1] == COMPUTED_CODES[spec.code] and backend.lut.numel() == 0
+    for tokens in (1, 2, 5):
+        x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(tokens))
+        table = torch.ops.trellis_cpu.trellis_linear(x, codes, state_lut(weight), *rest, CODE_TABLE)
+        assert torch.equal(backend(x), table)
 
 
 @needs_kernels
@@ -117,7 +134,11 @@ def test_kernels_refuse_bad_inputs() -> None:
     with pytest.raises(RuntimeError, match="x has 48 features, codes 64"):
         torch.ops.trellis_cpu.trellis_linear(
             torch.zeros(1, 48), backend.codes, backend.lut, backend.input_signs, backend.output_signs,
-            backend.small_in, backend.small_out, backend.factor, 12, 2, 2)
+            backend.small_in, backend.small_out, backend.factor, 12, 2, 2, CODE_TABLE)
+    with pytest.raises(RuntimeError, match="computed codes have V = 1"):
+        torch.ops.trellis_cpu.trellis_linear(
+            torch.zeros(1, 64), backend.codes, backend.lut, backend.input_signs, backend.output_signs,
+            backend.small_in, backend.small_out, backend.factor, 12, 2, 2, COMPUTED_CODES["1mad"])
 
 
 def test_missing_compiler_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,9 @@ def free_port() -> int:
 class ServeProcess:
     """`python -m trellis_cli serve *args --port P`, started and waited for.
 
-    `env` adds variables to this process's environment for the server. The constructor returns
+    `program` replaces `python -m trellis_cli serve` with another server's command that takes
+    `--port P` the same way (a benchmark's comparison server). `env` adds variables to this
+    process's environment for the server. The constructor returns
     when GET `probe` answers 200 and raises RuntimeError if the process exits
     or `timeout_s` passes first (it is stopped then). `stop()` sends SIGTERM, which drains in-flight
     requests, and returns the exit status.
@@ -32,21 +34,23 @@ class ServeProcess:
 
     def __init__(self, args: list[str], timeout_s: float, probe: str = "/ready",
                  stderr: int | IO | None = subprocess.DEVNULL,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, program: list[str] | None = None) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
+        name = "trellis serve" if program is None else program[-1]
+        program = program or [sys.executable, "-m", "trellis_cli", "serve"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trellis_cli", "serve", *args, "--port", str(port)],
+            [*program, *args, "--port", str(port)],
             stdout=subprocess.DEVNULL, stderr=stderr, text=True,
             env=None if env is None else {**os.environ, **env})
         deadline = time.monotonic() + timeout_s
         while not self._answers(probe):
             if self.process.poll() is not None:
-                raise RuntimeError(f"trellis serve exited with status {self.process.returncode}")
+                raise RuntimeError(f"{name} exited with status {self.process.returncode}")
             if time.monotonic() > deadline:
                 self.process.kill()
                 self.process.wait()
-                raise RuntimeError(f"trellis serve did not answer {probe} within {timeout_s:.0f} s")
+                raise RuntimeError(f"{name} did not answer {probe} within {timeout_s:.0f} s")
             time.sleep(0.3)
 
     def _answers(self, probe: str) -> bool:

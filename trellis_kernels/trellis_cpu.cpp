@@ -26,7 +26,7 @@ namespace trellis_cpu {
 namespace {
 
 constexpr int64_t kMaxWords = 32;   // 8K words per tile, K <= 4
-constexpr int64_t kTokenBlock = 8;  // tokens whose accumulators share the registers
+constexpr int64_t kTokenBlock = 4;  // rows of x whose accumulators share the registers
 
 // Sylvester's transform (unnormalised) of a power-of-two length vector, in place.
 void fwht(float* v, int64_t m) {
@@ -97,12 +97,44 @@ const WindowPlan& window_plan(int64_t bits, int64_t vec) {
   return plans[(bits - 1) * 2 + (vec - 1)];
 }
 
-// Decodes groups of 16 trellis steps of a tile: group g holds 16*V weights, tile row g (V = 1: lut
-// entries are float32) or rows 2g and 2g+1 (V = 2: lut entries are two float16, slot 0 in the low
-// half), 16 columns each, as float32 vectors.
-template <int64_t kVec>
+// The values of 16 states under the computed codes, exactly as trellis_runtime/codes.py computes
+// them (the same 32-bit integers, the same float32 rounding): vector integer arithmetic, no table.
+// 1MAD: the byte sum of x = a*s + b, less its mean, over its standard deviation.
+inline __m512 mad_values(__m512i states) {
+  const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(states, _mm512_set1_epi32(34038481)),
+                                     _mm512_set1_epi32(76625530));
+  // Bytes summed in pairs into 16 bits (unsigned times 1), then the pairs into 32 bits.
+  const __m512i pairs = _mm512_maddubs_epi16(x, _mm512_set1_epi8(1));
+  const __m512i sums = _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums, _mm512_set1_epi32(510))),
+                       _mm512_set1_ps(static_cast<float>(1.0 / 147.800537109375)));
+}
+
+// 3INST: r = (x & 0x8FFF8FFF) ^ 0x3B603B60 for x = a*s + b; the two halves of r read as float16,
+// added, over their RMS.
+inline __m512 inst_values(__m512i states) {
+  const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(states, _mm512_set1_epi32(89226354)),
+                                     _mm512_set1_epi32(64248484));
+  constexpr int kAndThenXor = 0x6A;  // ternary-logic truth table of (a & b) ^ c
+  const __m512i r = _mm512_ternarylogic_epi32(x, _mm512_set1_epi32(static_cast<int>(0x8FFF8FFFu)),
+                                              _mm512_set1_epi32(0x3B603B60), kAndThenXor);
+  const __m512 low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(r));
+  const __m512 high = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  return _mm512_mul_ps(_mm512_add_ps(high, low),
+                       _mm512_set1_ps(static_cast<float>(1.0 / 1.2437085359793958)));
+}
+
+// Decodes groups of 16 trellis steps of a tile: group g holds 16*V weights, tile row g (V = 1) or
+// rows 2g and 2g+1 (V = 2, from a table of two float16, slot 0 in the low half), 16 columns each,
+// as float32 vectors. kCode says how a state becomes its values: looked up in the state table
+// (any code, one 16-lane gather), or computed (1MAD, 3INST: a few integer operations, which cost a
+// fraction of the gather).
+template <int64_t kVec, Code kCode>
 class GroupDecoder {
+  static_assert(kCode == Code::kTable || kVec == 1, "computed codes give one value per state");
+
  public:
+  static constexpr int64_t kValues = kVec;
   static constexpr int64_t kGroups = kTile * kTile / kVec / 16;
 
   GroupDecoder(const int32_t* lut, int64_t state_bits, int64_t bits)
@@ -110,9 +142,11 @@ class GroupDecoder {
         low_mask_(first_lanes(words)),
         high_mask_(first_lanes(words - 16)),
         state_shift_(_mm_cvtsi32_si128(static_cast<int>(32 - state_bits))) {
-    // The state table is read at random: ask for all of it at once rather than miss line by line.
-    for (int64_t i = 0; i < (int64_t{1} << state_bits); i += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(lut + i), _MM_HINT_T1);
+    if constexpr (kCode == Code::kTable) {
+      // The state table is read at random: ask for all of it at once rather than miss line by line.
+      for (int64_t i = 0; i < (int64_t{1} << state_bits); i += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(lut + i), _MM_HINT_T1);
+      }
     }
   }
 
@@ -130,12 +164,19 @@ class GroupDecoder {
     const __m512i window =
         _mm512_or_si512(_mm512_sllv_epi32(_mm512_permutex2var_epi32(low, first_, high), shift_),
                         _mm512_srlv_epi32(_mm512_permutex2var_epi32(low, next_, high), back_shift_));
-    const __m512i values = _mm512_i32gather_epi32(_mm512_srl_epi32(window, state_shift_), lut_, 4);
-    if constexpr (kVec == 2) {
-      w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(values));
-      w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(values, 1));
+    const __m512i states = _mm512_srl_epi32(window, state_shift_);
+    if constexpr (kCode == Code::kMad) {
+      w[0] = mad_values(states);
+    } else if constexpr (kCode == Code::kInst) {
+      w[0] = inst_values(states);
     } else {
-      w[0] = _mm512_castsi512_ps(values);
+      const __m512i values = _mm512_i32gather_epi32(states, lut_, 4);
+      if constexpr (kVec == 2) {
+        w[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(values));
+        w[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(values, 1));
+      } else {
+        w[0] = _mm512_castsi512_ps(values);
+      }
     }
   }
 
@@ -159,21 +200,22 @@ class GroupDecoder {
 };
 
 // Up to kDirectTokens rows of x, each group's weights are multiplied as they are decoded; beyond, the
-// accumulators would not fit the registers beside the decoder's, so a group is decoded once into a
-// buffer in L1 and multiplied from there, in blocks of up to kTokenBlock rows.
+// accumulators would not fit the registers beside the decoder's, so product_many decodes into a
+// buffer in L1 and multiplies from there.
 constexpr int64_t kDirectTokens = 2;
 
 // y_rot[t, rt*16 + row] for row tiles [begin, end) and kTokens <= kDirectTokens rows of x_rot. Loop
 // order rt, g, ct keeps the accumulators in registers; the tile row of codes re-read per group stays
 // in L1.
-template <int64_t kVec, int64_t kTokens>
-void product_direct(const int32_t* codes, GroupDecoder<kVec>& decoder, const float* x_rot, float* y_rot,
+template <class Decoder, int64_t kTokens>
+void product_direct(const int32_t* codes, Decoder& decoder, const float* x_rot, float* y_rot,
                     int64_t col_tiles, int64_t in_features, int64_t out_features, int64_t begin,
                     int64_t end) {
   for (int64_t rt = begin; rt < end; ++rt) {
     const int32_t* tile_row = codes + rt * col_tiles * decoder.words;
-    for (int64_t g = 0; g < GroupDecoder<kVec>::kGroups; ++g) {
+    for (int64_t g = 0; g < Decoder::kGroups; ++g) {
       decoder.start_group(g);
+      constexpr int64_t kVec = Decoder::kValues;
       __m512 acc[kVec][kTokens];
       for (auto& row : acc) {
         for (auto& a : row) a = _mm512_setzero_ps();
@@ -198,79 +240,87 @@ void product_direct(const int32_t* codes, GroupDecoder<kVec>& decoder, const flo
   }
 }
 
-// y_rot[t, row + r] for the kVec output rows from `row` whose decoded weights are in `weights`
-// (col_tiles x kVec x 16 floats), for kTokens rows of x_rot.
-template <int64_t kVec, int64_t kTokens>
-void product_from_weights(const float* weights, const float* x_rot, float* y_rot, int64_t col_tiles,
-                          int64_t in_features, int64_t out_features, int64_t row) {
-  __m512 acc[kVec][kTokens];
+// The many-row product decodes kBlockRows output rows at a time into a buffer (kBlockRows x in floats,
+// 24 KiB at in = 1536, so it stays in L1) and passes every row of x over them in blocks of
+// kTokenBlock: each 16 weights and 16 inputs loaded feed kBlockRows x kTokenBlock multiply-adds.
+constexpr int64_t kBlockRows = 4;
+
+// y_rot[t, row + r] for the kBlockRows rows of decoded weights in `weights` (row-major, in floats
+// each) and kTokens rows of x_rot.
+template <int64_t kTokens>
+void block_product(const float* weights, const float* x_rot, float* y_rot, int64_t in, int64_t out,
+                   int64_t row) {
+  __m512 acc[kBlockRows][kTokens];
   for (auto& r : acc) {
     for (auto& a : r) a = _mm512_setzero_ps();
   }
-  for (int64_t ct = 0; ct < col_tiles; ++ct) {
-    __m512 w[kVec];
-    for (int64_t r = 0; r < kVec; ++r) w[r] = _mm512_loadu_ps(weights + (ct * kVec + r) * kTile);
+  for (int64_t k = 0; k < in; k += kTile) {
+    __m512 w[kBlockRows];
+    for (int64_t r = 0; r < kBlockRows; ++r) w[r] = _mm512_loadu_ps(weights + r * in + k);
     for (int64_t t = 0; t < kTokens; ++t) {
-      const __m512 xv = _mm512_loadu_ps(x_rot + t * in_features + ct * kTile);
-      for (int64_t r = 0; r < kVec; ++r) acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
+      const __m512 xv = _mm512_loadu_ps(x_rot + t * in + k);
+      for (int64_t r = 0; r < kBlockRows; ++r) acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
     }
   }
-  for (int64_t r = 0; r < kVec; ++r) {
-    for (int64_t t = 0; t < kTokens; ++t) y_rot[t * out_features + row + r] = _mm512_reduce_add_ps(acc[r][t]);
+  for (int64_t r = 0; r < kBlockRows; ++r) {
+    for (int64_t t = 0; t < kTokens; ++t) y_rot[t * out + row + r] = _mm512_reduce_add_ps(acc[r][t]);
   }
 }
 
-// y_rot for row tiles [begin, end) and any number of rows of x_rot: each group decoded once.
-template <int64_t kVec>
-void product_buffered(const int32_t* codes, GroupDecoder<kVec>& decoder, const float* x_rot,
-                      float* y_rot, int64_t tokens, int64_t col_tiles, int64_t in_features,
-                      int64_t out_features, int64_t begin, int64_t end) {
+// y_rot for row tiles [begin, end) and any number of rows of x_rot: each weight decoded once.
+template <class Decoder>
+void product_many(const int32_t* codes, Decoder& decoder, const float* x_rot, float* y_rot,
+                  int64_t tokens, int64_t col_tiles, int64_t in, int64_t out, int64_t begin,
+                  int64_t end) {
+  constexpr int64_t kVec = Decoder::kValues, kGroupsPerBlock = kBlockRows / kVec;
   thread_local std::vector<float> buffer;
-  buffer.resize(col_tiles * kVec * kTile);
+  buffer.resize(kBlockRows * in);
   float* weights = buffer.data();
   for (int64_t rt = begin; rt < end; ++rt) {
     const int32_t* tile_row = codes + rt * col_tiles * decoder.words;
-    for (int64_t g = 0; g < GroupDecoder<kVec>::kGroups; ++g) {
-      decoder.start_group(g);
-      for (int64_t ct = 0; ct < col_tiles; ++ct) {
-        const int32_t* tile = tile_row + ct * decoder.words;
-        if (g == 0) decoder.prefetch_next_row(tile, col_tiles);
-        __m512 w[kVec];
-        decoder.decode(tile, w);
-        for (int64_t r = 0; r < kVec; ++r) _mm512_storeu_ps(weights + (ct * kVec + r) * kTile, w[r]);
-      }
-      for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
-        const float* xb = x_rot + t0 * in_features;
-        float* yb = y_rot + t0 * out_features;
-        const int64_t row = rt * kTile + kVec * g;
-#define TRELLIS_CASE(n)                                                                            \
-  case n:                                                                                          \
-    product_from_weights<kVec, n>(weights, xb, yb, col_tiles, in_features, out_features, row); \
-    break;
-        switch (std::min(kTokenBlock, tokens - t0)) {
-          TRELLIS_CASE(1) TRELLIS_CASE(2) TRELLIS_CASE(3) TRELLIS_CASE(4)
-          TRELLIS_CASE(5) TRELLIS_CASE(6) TRELLIS_CASE(7) TRELLIS_CASE(8)
+    for (int64_t g0 = 0; g0 < Decoder::kGroups; g0 += kGroupsPerBlock) {
+      for (int64_t j = 0; j < kGroupsPerBlock; ++j) {
+        decoder.start_group(g0 + j);
+        for (int64_t ct = 0; ct < col_tiles; ++ct) {
+          const int32_t* tile = tile_row + ct * decoder.words;
+          if (g0 + j == 0) decoder.prefetch_next_row(tile, col_tiles);
+          __m512 w[kVec];
+          decoder.decode(tile, w);
+          for (int64_t r = 0; r < kVec; ++r) {
+            _mm512_storeu_ps(weights + (j * kVec + r) * in + ct * kTile, w[r]);
+          }
         }
-#undef TRELLIS_CASE
+      }
+      const int64_t row = rt * kTile + g0 * kVec;
+      for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
+        const float* xb = x_rot + t0 * in;
+        float* yb = y_rot + t0 * out;
+        switch (std::min(kTokenBlock, tokens - t0)) {
+          case 1: block_product<1>(weights, xb, yb, in, out, row); break;
+          case 2: block_product<2>(weights, xb, yb, in, out, row); break;
+          case 3: block_product<3>(weights, xb, yb, in, out, row); break;
+          default: block_product<kTokenBlock>(weights, xb, yb, in, out, row); break;
+        }
       }
     }
   }
 }
 
 // y_rot for row tiles [begin, end) and `tokens` rows of x_rot, by the path that suits the count.
-template <int64_t kVec>
+template <int64_t kVec, Code kCode>
 void product_rows(const int32_t* codes, const int32_t* lut, const float* x_rot, float* y_rot,
                   int64_t tokens, int64_t col_tiles, int64_t in_features, int64_t out_features,
                   int64_t state_bits, int64_t bits, int64_t begin, int64_t end) {
   static_assert(kDirectTokens == 2, "the direct cases below");
-  GroupDecoder<kVec> decoder(lut, state_bits, bits);
+  using Decoder = GroupDecoder<kVec, kCode>;
+  Decoder decoder(lut, state_bits, bits);
   if (tokens == 1) {
-    product_direct<kVec, 1>(codes, decoder, x_rot, y_rot, col_tiles, in_features, out_features, begin, end);
+    product_direct<Decoder, 1>(codes, decoder, x_rot, y_rot, col_tiles, in_features, out_features, begin, end);
   } else if (tokens == 2) {
-    product_direct<kVec, 2>(codes, decoder, x_rot, y_rot, col_tiles, in_features, out_features, begin, end);
+    product_direct<Decoder, 2>(codes, decoder, x_rot, y_rot, col_tiles, in_features, out_features, begin, end);
   } else {
-    product_buffered<kVec>(codes, decoder, x_rot, y_rot, tokens, col_tiles, in_features, out_features,
-                           begin, end);
+    product_many<Decoder>(codes, decoder, x_rot, y_rot, tokens, col_tiles, in_features, out_features,
+                          begin, end);
   }
 }
 
@@ -288,20 +338,25 @@ void check_small_hadamard(const at::Tensor& h, int64_t n, const char* name) {
 TrellisMatrix::TrellisMatrix(at::Tensor codes_, at::Tensor lut_, at::Tensor input_signs_,
                              at::Tensor output_signs_, at::Tensor input_hadamard_,
                              at::Tensor output_hadamard_, double factor_, int64_t state_bits_,
-                             int64_t bits_, int64_t vec_)
+                             int64_t bits_, int64_t vec_, int64_t code_)
     : codes(std::move(codes_)), lut(std::move(lut_)), input_signs(std::move(input_signs_)),
       output_signs(std::move(output_signs_)), input_hadamard(std::move(input_hadamard_)),
       output_hadamard(std::move(output_hadamard_)), factor(factor_), state_bits(state_bits_),
-      bits(bits_), vec(vec_) {
+      bits(bits_), vec(vec_), code(static_cast<Code>(code_)) {
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kInt && codes.is_contiguous() &&
                   codes.size(2) == 8 * bits,
               "trellis_linear: codes must be contiguous int32 (out/16, in/16, 8K)");
   TORCH_CHECK(bits >= 1 && 8 * bits <= kMaxWords && (vec == 1 || vec == 2) && state_bits <= 16 &&
                   bits * vec < state_bits,
               "trellis_linear: unsupported (L, K, V)");
-  TORCH_CHECK(lut.dim() == 1 && lut.scalar_type() == at::kInt && lut.is_contiguous() &&
-                  lut.size(0) == (int64_t{1} << state_bits),
-              "trellis_linear: lut must be contiguous int32 of 2^L entries");
+  TORCH_CHECK(code_ >= 0 && code_ <= 2, "trellis_linear: unknown code ", code_);
+  if (code == Code::kTable) {
+    TORCH_CHECK(lut.dim() == 1 && lut.scalar_type() == at::kInt && lut.is_contiguous() &&
+                    lut.size(0) == (int64_t{1} << state_bits),
+                "trellis_linear: lut must be contiguous int32 of 2^L entries");
+  } else {
+    TORCH_CHECK(vec == 1, "trellis_linear: computed codes have V = 1");
+  }
   TORCH_CHECK(input_signs.scalar_type() == at::kFloat && input_signs.numel() == in_features() &&
                   output_signs.scalar_type() == at::kFloat &&
                   output_signs.numel() == out_features() && input_signs.is_contiguous() &&
@@ -326,12 +381,17 @@ void TrellisMatrix::multiply_rows(const float* x_rot, float* y_rot, int64_t toke
   const int32_t* code_ptr = codes.data_ptr<int32_t>();
   const int32_t* lut_ptr = lut.data_ptr<int32_t>();
   const int64_t in = in_features(), out = out_features(), col_tiles = codes.size(1);
-  if (vec == 2) {
-    product_rows<2>(code_ptr, lut_ptr, x_rot, y_rot, tokens, col_tiles, in, out, state_bits, bits, begin,
-                    end);
+  const auto run = [&](auto product) {
+    product(code_ptr, lut_ptr, x_rot, y_rot, tokens, col_tiles, in, out, state_bits, bits, begin, end);
+  };
+  if (code == Code::kMad) {
+    run(product_rows<1, Code::kMad>);
+  } else if (code == Code::kInst) {
+    run(product_rows<1, Code::kInst>);
+  } else if (vec == 2) {
+    run(product_rows<2, Code::kTable>);
   } else {
-    product_rows<1>(code_ptr, lut_ptr, x_rot, y_rot, tokens, col_tiles, in, out, state_bits, bits, begin,
-                    end);
+    run(product_rows<1, Code::kTable>);
   }
 }
 
@@ -347,7 +407,6 @@ void TrellisMatrix::finish_output(float* y_rot, int64_t tokens) const {
 }
 
 std::vector<at::Tensor> multiply(const std::vector<Product>& products, int64_t tokens) {
-  TORCH_CHECK(tokens <= kMaxTokens, "trellis_linear: at most ", kMaxTokens, " tokens per call");
   std::vector<at::Tensor> x_rot, y;
   std::vector<int64_t> first_tile{0};  // product p owns tiles [first_tile[p], first_tile[p + 1])
   for (const Product& p : products) {
@@ -378,10 +437,10 @@ namespace {
 at::Tensor trellis_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                           const at::Tensor& input_signs, const at::Tensor& output_signs,
                           const at::Tensor& input_hadamard, const at::Tensor& output_hadamard,
-                          double factor, int64_t state_bits, int64_t bits, int64_t vec) {
+                          double factor, int64_t state_bits, int64_t bits, int64_t vec, int64_t code) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "trellis_linear: x must be float32 (tokens, in)");
   const TrellisMatrix matrix(codes, lut, input_signs, output_signs, input_hadamard, output_hadamard,
-                             factor, state_bits, bits, vec);
+                             factor, state_bits, bits, vec, code);
   TORCH_CHECK(x.size(1) == matrix.in_features(), "trellis_linear: x has ", x.size(1),
               " features, codes ", matrix.in_features());
   const at::Tensor xc = x.contiguous();
@@ -689,7 +748,7 @@ TORCH_LIBRARY(trellis_cpu, m) {
   using namespace trellis_cpu;
   m.def("trellis_linear(Tensor x, Tensor codes, Tensor lut, Tensor input_signs, Tensor output_signs, "
         "Tensor input_hadamard, Tensor output_hadamard, float factor, int state_bits, int bits, "
-        "int vec) -> Tensor",
+        "int vec, int code) -> Tensor",
         &trellis_linear);
   m.def("dense_linear(Tensor x, Tensor w) -> Tensor", &dense_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);

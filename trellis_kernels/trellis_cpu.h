@@ -21,13 +21,17 @@ inline __mmask16 first_lanes(int64_t n) {
   return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// How a trellis state becomes its values (trellis_kernels/cpu.py names the same numbers): looked up
+// in a state table passed with the matrix, or computed as trellis_runtime/codes.py defines it.
+enum class Code : int64_t { kTable = 0, kMad = 1, kInst = 2 };
+
 // One quantized linear, W = diag(s_out) H_out^T (scale * T) H_in diag(s_in), as the product kernel
-// reads it: the packed codes of T, the state -> value table, the signs, the small Hadamard factors and
+// reads it: the packed codes of T, the state -> value table (empty for computed codes), the signs, the small Hadamard factors and
 // factor = scale times both Hadamard normalisations. The constructor checks every tensor once.
 struct TrellisMatrix {
   TrellisMatrix(at::Tensor codes, at::Tensor lut, at::Tensor input_signs, at::Tensor output_signs,
                 at::Tensor input_hadamard, at::Tensor output_hadamard, double factor,
-                int64_t state_bits, int64_t bits, int64_t vec);
+                int64_t state_bits, int64_t bits, int64_t vec, int64_t code);
 
   int64_t in_features() const { return codes.size(1) * kTile; }
   int64_t out_features() const { return codes.size(0) * kTile; }
@@ -44,6 +48,7 @@ struct TrellisMatrix {
   at::Tensor codes, lut, input_signs, output_signs, input_hadamard, output_hadamard;
   double factor;
   int64_t state_bits, bits, vec;
+  Code code;
 };
 
 // One product of a multiply() call: `tokens` rows of float32 input at x, times matrix^T.

@@ -14,7 +14,7 @@ namespace trellis_cpu {
 namespace {
 
 constexpr int64_t kTensorsPerLinear = 6;  // codes, lut, input/output signs, input/output Hadamard
-constexpr int64_t kSpecPerLinear = 3;     // L, K, V
+constexpr int64_t kSpecPerLinear = 4;     // L, K, V, code
 constexpr int64_t kLinears = 7;           // q, k, v, o, gate, up, down
 
 // gate = silu(gate) * up for n floats, silu(g) = g / (1 + exp(-g)).
@@ -32,7 +32,7 @@ void silu_times(float* gate, const float* up, int64_t n) {
 
 struct DecoderLayer : torch::CustomClassHolder {
   // tensors: kTensorsPerLinear per linear in the order q, k, v, o, gate, up, down (the arguments of
-  // TrellisMatrix); factors: one per linear; specs: (L, K, V) per linear; dense: the same linears
+  // TrellisMatrix); factors: one per linear; specs: (L, K, V, code) per linear; dense: the same linears
   // decoded to float32 (out, in), multiplied instead of the codes for more than trellis_max_tokens rows.
   DecoderLayer(std::vector<at::Tensor> tensors, std::vector<double> factors, std::vector<int64_t> specs,
                std::vector<at::Tensor> dense_, int64_t trellis_max_tokens_, at::Tensor input_norm_,
@@ -46,7 +46,8 @@ struct DecoderLayer : torch::CustomClassHolder {
     for (int64_t i = 0; i < kLinears; ++i) {
       const at::Tensor* t = tensors.data() + i * kTensorsPerLinear;
       const int64_t* spec = specs.data() + i * kSpecPerLinear;
-      linears.emplace_back(t[0], t[1], t[2], t[3], t[4], t[5], factors[i], spec[0], spec[1], spec[2]);
+      linears.emplace_back(t[0], t[1], t[2], t[3], t[4], t[5], factors[i], spec[0], spec[1], spec[2],
+                           spec[3]);
     }
     const int64_t hidden = q().in_features();
     TORCH_CHECK(k().in_features() == hidden && v().in_features() == hidden &&

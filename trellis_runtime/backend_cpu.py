@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trellis_kernels.cpu import MAX_TOKENS
+from trellis_kernels.cpu import CODE_TABLE, COMPUTED_CODES, MAX_TOKENS
 from trellis_kernels.cpu_build import KernelsUnavailable
 from trellis_runtime.codes import state_values
 from trellis_runtime.hadamard import rotation_plan, small_factor
@@ -73,6 +73,12 @@ def cpu_kernels_loaded() -> bool:
     return kernels_unavailable_reason() is None
 
 
+def kernel_code(weight: QuantizedWeight) -> int:
+    """The kernel's `code` argument: computed codes are evaluated in the kernel, the others read
+    the state table."""
+    return COMPUTED_CODES.get(weight.spec.code, CODE_TABLE)
+
+
 def state_lut(weight: QuantizedWeight) -> torch.Tensor:
     """The kernel's state -> values table (2^L,) int32: float32 bit patterns for V = 1, two float16
     for V = 2 (slot 0 low). Raises ValueError if a V = 2 value is not exactly a float16."""
@@ -100,7 +106,8 @@ class CpuBackend(nn.Module):
         self.max_rows = max_rows
         spec = weight.spec
         self.codes = weight.codes.contiguous()
-        self.lut = state_lut(weight)
+        code = kernel_code(weight)
+        self.lut = state_lut(weight) if code == CODE_TABLE else torch.empty(0, dtype=torch.int32)
         self.input_signs = weight.input_signs.to(torch.float32)
         self.output_signs = weight.output_signs.to(torch.float32)
         self.small_in = small_factor(self.in_features)
@@ -110,7 +117,7 @@ class CpuBackend(nn.Module):
         out_block = rotation_plan(self.out_features).block
         self.factor = float(weight.scale) / math.sqrt(in_block * out_block)
         self.kernel_args = (self.codes, self.lut, self.input_signs, self.output_signs, self.small_in,
-                            self.small_out, self.factor, spec.state_bits, spec.bits, spec.vec)
+                            self.small_out, self.factor, spec.state_bits, spec.bits, spec.vec, code)
         self.dense = weight.dequantize().contiguous()
 
     @property
@@ -137,10 +144,10 @@ def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post
         return None
     tensors, factors, specs = [], [], []
     for linear in linears:
-        *arrays, factor, state_bits, bits, vec = linear.kernel_args
+        *arrays, factor, state_bits, bits, vec, code = linear.kernel_args
         tensors += arrays
         factors.append(factor)
-        specs += [state_bits, bits, vec]
+        specs += [state_bits, bits, vec, code]
     return torch.classes.trellis_cpu.DecoderLayer(
         tensors, factors, specs, [linear.dense for linear in linears], linears[0].max_rows,
         input_norm, post_norm, eps)
