@@ -1,22 +1,24 @@
 """CPU decode against llama.cpp: the same model, each engine on its own format, side by side.
 
 llama.cpp (through llama-cpp-python's OpenAI server) runs the built-in SmolLM2-135M GGUF as shipped
-(Q4_1); the trellis runtime serves its 2-bit checkpoint (default: the built-in one `make serve` uses).
+(Q4_1); the trellis runtime serves 2-bit checkpoints (default: the built-in one `make serve` uses).
 Both run as real server processes with 2 threads, one at a time, and are measured by the same
 client over HTTP, greedy, --new-tokens tokens after a short prompt, end of text suppressed:
   single        one streamed completion: decode tokens/s, from the first streamed token to the last
                 (prefill and connection set-up excluded for both)
   concurrent    8 streams at once: aggregate completion tokens/s over the wall time
   memory        the server process's resident memory after the runs, and its peak
+and, without HTTP, each engine in its own process through its Python API (llama-cpp-python's `Llama`,
+the trellis `Engine`): one stream's decode tokens/s, measured the same way.
 Medians over --runs rounds after a warm-up. Goals: trellis single stream >= llama.cpp's, and trellis
-8-stream aggregate >= 3x its own single stream.
+8-stream aggregate >= 3x its own single stream. With several checkpoints, each is served in turn.
 
 llama-cpp-python is a comparison, not a dependency: it is built from source (pinned, about 10
 minutes on 2 cores, for this CPU) into its own environment under the cache directory, outside the
 project's .venv, the first time, and found there afterwards.
 Writes benchmarks/results/cpu_vs_llamacpp.json.
 
-    .venv/bin/python benchmarks/cpu_vs_llamacpp.py [CHECKPOINT] [--new-tokens 128] [--runs 3]
+    .venv/bin/python benchmarks/cpu_vs_llamacpp.py [CHECKPOINT ...] [--new-tokens 128] [--runs 3]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from qat.sources import builtin_gguf
 from trellis_cli.serve_process import ServeProcess
@@ -42,6 +45,21 @@ RESULTS = Path(__file__).parent / "results" / "cpu_vs_llamacpp.json"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 PROMPT = "The history of the river valley begins with"
 THREADS, STREAMS = 2, 8
+# One stream through llama-cpp-python's own API, run by its environment's Python: argv = GGUF, prompt,
+# new tokens, runs, end-of-text ids; prints the decode tokens/s of each run as JSON.
+LLAMA_IN_PROCESS = """
+import json, sys, time
+from llama_cpp import Llama
+gguf, prompt, new_tokens, runs, eos = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+llm = Llama(model_path=gguf, n_threads=%d, n_ctx=2048, verbose=False)
+bias = {int(t): -100.0 for t in eos.split(",")}
+def decode_rate(n):
+    stamps = [time.perf_counter() for chunk in llm.create_completion(
+        prompt, max_tokens=n, temperature=0, logit_bias=bias, stream=True) if chunk["choices"][0]["text"]]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+decode_rate(8)
+print(json.dumps([decode_rate(new_tokens) for _ in range(runs)]))
+""" % THREADS
 
 
 def llama_cpp_python() -> Path:
@@ -100,6 +118,36 @@ async def measure(base: str, body: dict, runs: int) -> dict:
             "samples": {"single": single, "concurrent_8": concurrent, "ttft": ttft}}
 
 
+def llama_in_process(python: Path, gguf: Path, eos: list[int], new_tokens: int, runs: int) -> float:
+    """Median decode tokens/s of one stream through llama-cpp-python's API, in its own process."""
+    out = subprocess.run([str(python), "-c", LLAMA_IN_PROCESS, str(gguf), PROMPT, str(new_tokens),
+                          str(runs), ",".join(map(str, eos))],
+                         capture_output=True, text=True, check=True)
+    return statistics.median(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+async def engine_decode_rate(engine, prompt_ids: list[int], new_tokens: int) -> float:
+    from trellis_runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    stamps = [time.perf_counter() async for out in engine.generate(prompt_ids, params) if out.text]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def trellis_in_process(checkpoint: str, new_tokens: int, runs: int) -> float:
+    """Median decode tokens/s of one stream through the trellis Engine in this process."""
+    from trellis_runtime.engine import Engine
+    from trellis_runtime.model import load_model
+
+    torch.set_num_threads(THREADS)
+    model, tokenizer = load_model(checkpoint)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    with Engine(model, tokenizer) as engine:
+        asyncio.run(engine_decode_rate(engine, prompt_ids, 8))
+        return statistics.median(asyncio.run(engine_decode_rate(engine, prompt_ids, new_tokens))
+                                 for _ in range(runs))
+
+
 def run_server(server: ServeProcess, body: dict, runs: int) -> dict:
     try:
         result = asyncio.run(measure(server.url, body, runs))
@@ -111,48 +159,56 @@ def run_server(server: ServeProcess, body: dict, runs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", nargs="?",
-                        default=str(cache_dir() / "models" / "smollm2-135m-hyb-L12-K2"),
-                        help="trellis checkpoint (default: the built-in one `make serve` quantizes)")
+    parser.add_argument("checkpoints", nargs="*",
+                        default=[str(cache_dir() / "models" / "smollm2-135m-hyb-L12-K2")],
+                        help="trellis checkpoints, each served in turn (default: the built-in one)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     gguf = builtin_gguf("smollm2-135m")
-    tokenizer = load_tokenizer(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoints[0])
     eos = sorted({tokenizer.eos_token_id, *([tokenizer.pad_token_id] if tokenizer.pad_token_id
                                             is not None else [])})
     body = {"prompt": PROMPT, "max_tokens": args.new_tokens, "temperature": 0}
     python = llama_cpp_python()
 
+    in_process = {"llama.cpp": llama_in_process(python, gguf, eos, args.new_tokens, args.runs)}
+    for checkpoint in args.checkpoints:
+        in_process[f"trellis {Path(checkpoint).name}"] = trellis_in_process(
+            checkpoint, args.new_tokens, args.runs)
     results = {}
     results["llama.cpp"] = run_server(
         ServeProcess(["--model", str(gguf), "--n_threads", str(THREADS), "--n_ctx", "2048",
                       "--host", "127.0.0.1"], timeout_s=300, probe="/v1/models",
                      program=[str(python), "-m", "llama_cpp.server"]),
         {**body, "logit_bias": {str(t): -100 for t in eos}}, args.runs)
-    results["trellis"] = run_server(
-        ServeProcess([args.checkpoint], timeout_s=600, probe="/health",
-                     env={"OMP_NUM_THREADS": str(THREADS)}),
-        {**body, "ignore_eos": True}, args.runs)
+    for checkpoint in args.checkpoints:
+        results[f"trellis {Path(checkpoint).name}"] = run_server(
+            ServeProcess([checkpoint], timeout_s=600, probe="/health",
+                         env={"OMP_NUM_THREADS": str(THREADS)}),
+            {**body, "ignore_eos": True}, args.runs)
 
-    trellis, llama = results["trellis"], results["llama.cpp"]
-    summary = {"single_over_llama_cpp": trellis["single_decode_tokens_per_second"]
-               / llama["single_decode_tokens_per_second"],
-               "trellis_concurrent_over_single": trellis["concurrent_8_tokens_per_second"]
-               / trellis["single_decode_tokens_per_second"]}
+    llama = results["llama.cpp"]["single_decode_tokens_per_second"]
+    summary = {name: {"single_over_llama_cpp": row["single_decode_tokens_per_second"] / llama,
+                      "concurrent_over_single": row["concurrent_8_tokens_per_second"]
+                      / row["single_decode_tokens_per_second"]}
+               for name, row in results.items() if name != "llama.cpp"}
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "threads": THREADS, "checkpoint": Path(args.checkpoint).name,
-              "gguf": gguf.name, "llama_cpp_python": LLAMA_CPP_PYTHON, "new_tokens": args.new_tokens,
-              "runs": args.runs, "results": results, **summary}
+              "cpus": os.cpu_count(), "threads": THREADS, "gguf": gguf.name,
+              "llama_cpp_python": LLAMA_CPP_PYTHON, "new_tokens": args.new_tokens, "runs": args.runs,
+              "results": results, "ratios": summary,
+              "in_process_single_decode_tokens_per_second": in_process}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'engine':<11}{'1 stream tok/s':>15}{'8 streams tok/s':>17}{'TTFT ms':>9}{'RSS MiB':>9}")
+    print(f"{'engine':<36}{'1 stream tok/s':>15}{'8 streams tok/s':>17}{'TTFT ms':>9}{'RSS MiB':>9}")
     for name, row in results.items():
-        print(f"{name:<11}{row['single_decode_tokens_per_second']:>15.1f}"
+        print(f"{name:<36}{row['single_decode_tokens_per_second']:>15.1f}"
               f"{row['concurrent_8_tokens_per_second']:>17.1f}{row['ttft_seconds'] * 1000:>9.0f}"
               f"{row['rss_mib']:>9.0f}")
-    print(f"trellis single stream / llama.cpp: {summary['single_over_llama_cpp']:.2f}x; "
-          f"trellis 8 streams / single: {summary['trellis_concurrent_over_single']:.2f}x")
+    print("without HTTP, one stream: " + ", ".join(f"{n} {v:.1f} tok/s" for n, v in in_process.items()))
+    for name, ratios in summary.items():
+        print(f"{name}: one stream {ratios['single_over_llama_cpp']:.2f}x llama.cpp's; "
+              f"8 streams {ratios['concurrent_over_single']:.2f}x its one stream")
 
 
 if __name__ == "__main__":

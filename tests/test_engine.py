@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from trellis_runtime.engine import ContextLengthError, Engine, EngineError, Output
+from trellis_runtime.openmp import release_workers
 from trellis_runtime.sampling import SamplingParams
 
 MAX_SEQ_LEN = 128
@@ -291,3 +293,37 @@ def test_a_running_step_is_timed(engine: Engine) -> None:
     engine.generate_text(PROMPTS[0], greedy(2))
     assert inside and min(inside) >= 0.3
     assert engine.step_running_for == 0
+
+
+def thread_count() -> int:
+    """This process's threads, once threads that were told to exit have gone (the count holds for
+    0.2 s, or 5 s pass)."""
+    deadline, last, held = time.monotonic() + 5, -1, 0
+    while held < 10 and time.monotonic() < deadline:
+        count = len(os.listdir("/proc/self/task"))
+        held = held + 1 if count == last else 0
+        last = count
+        time.sleep(0.02)
+    return last
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_start_gives_back_the_callers_openmp_workers(loaded) -> None:
+    """A parallel region on this thread leaves OpenMP workers behind; starting a CPU engine frees
+    them (trellis_runtime/openmp.py), so the engine's thread holds the only pool."""
+    model, tokenizer = loaded
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        release_workers()  # whatever earlier tests left
+        before = thread_count()
+        torch.randn(4_000_000).sum()  # a parallel region on this thread: one more worker
+        with_workers = thread_count()
+        engine = Engine(model, tokenizer, max_batch=1, max_seq_len=MAX_SEQ_LEN)
+        engine.start()  # the engine's own thread: one more
+        try:
+            assert with_workers == before + 1 and thread_count() == with_workers
+        finally:
+            engine.shutdown()
+    finally:
+        torch.set_num_threads(threads)

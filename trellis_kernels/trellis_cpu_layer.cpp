@@ -131,5 +131,7 @@ TORCH_LIBRARY_FRAGMENT(trellis_cpu, m) {
   m.class_<trellis_cpu::DecoderLayer>("DecoderLayer")
       .def(torch::init<std::vector<at::Tensor>, std::vector<double>, std::vector<int64_t>,
                        std::vector<at::Tensor>, int64_t, at::Tensor, at::Tensor, double>())
-      .def("decode", &trellis_cpu::DecoderLayer::decode);
+      .def("decode", &trellis_cpu::DecoderLayer::decode)
+      .def("set_trellis_max_tokens", [](const c10::intrusive_ptr<trellis_cpu::DecoderLayer>& self,
+                                        int64_t rows) { self->trellis_max_tokens = rows; });
 }

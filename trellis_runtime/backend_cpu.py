@@ -42,7 +42,9 @@ logger = logging.getLogger("trellis_runtime")
 # rows while its decode does not shrink); from there the dense kernel beats F.linear on the float32
 # copy up to its 16-row limit, and on the bf16 head at every row count it takes (the figures are in
 # the history of this line: git log -S KERNEL_MAX_ROWS). The decode speeds these choices give are in
-# benchmarks/results/runtime_decode.json.
+# benchmarks/results/runtime_decode.json. Whether 1-2 rows from the codes beat the float32 copy
+# depends on the machine and the code (a table code's gather against memory bandwidth:
+# benchmarks/results/cpu_products.json), so a loaded model times both (choose_code_rows).
 KERNEL_MAX_ROWS = 2
 DENSE_KERNEL_MAX_ROWS = MAX_TOKENS  # the most rows one call of the C++ dense kernel takes
 DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use torch everywhere: dense products, Viterbi
@@ -132,6 +134,18 @@ class CpuBackend(nn.Module):
             return dense_product(x, self.dense)
         y = torch.ops.trellis_cpu.trellis_linear(rows, *self.kernel_args)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def choose_code_rows(time_step: Callable[[int], float], rounds: int = 3) -> tuple[int, dict[int, float]]:
+    """KERNEL_MAX_ROWS, or 0 where decode steps from the float32 copy are faster here: time_step(rows)
+    times one decode step with products of up to `rows` rows from the codes. Both are timed in turn,
+    `rounds` times each, and the medians compared; returns the choice and the medians (seconds)."""
+    samples: dict[int, list[float]] = {KERNEL_MAX_ROWS: [], 0: []}
+    for _ in range(rounds):
+        for rows, times in samples.items():
+            times.append(time_step(rows))
+    medians = {rows: sorted(times)[len(times) // 2] for rows, times in samples.items()}
+    return min(medians, key=medians.get), medians
 
 
 def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post_norm: torch.Tensor,

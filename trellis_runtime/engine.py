@@ -38,6 +38,7 @@ import torch
 from trellis_runtime.detokenize import TextStream
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.kv_cache import KVCache
+from trellis_runtime.openmp import release_workers
 from trellis_runtime.outputs import Output, OutputAccumulator, Request
 from trellis_runtime.runner import ModelRunner
 from trellis_runtime.sampling import SamplingParams
@@ -101,6 +102,10 @@ class Engine:
     def start(self) -> "Engine":
         if self._thread is None:
             self._stopping = False
+            if self.device.type == "cpu":
+                # The steps' parallel regions open on the engine's thread: this thread's OpenMP
+                # workers, left from loading the model, would slow every one (trellis_runtime/openmp.py).
+                release_workers()
             self._thread = threading.Thread(target=self._run, name="trellis-engine", daemon=True)
             self._thread.start()
         return self

@@ -13,6 +13,7 @@ decode steps of running ones in a single call.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,8 @@ from torch import nn
 
 from trellis_runtime.architecture import ModelShape, transformers_config
 from trellis_runtime.attention import Attention, AttentionLayout, AttentionSpec
-from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, cpu_kernels_loaded, dense_product,
+from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
+                                         choose_code_rows, cpu_kernels_loaded, dense_product,
                                          fused_decoder_layer)
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
 from trellis_runtime.kv_cache import KVCache
@@ -163,12 +165,46 @@ class TrellisModel(nn.Module):
         rotary = {kind: RotaryEmbedding(config, kind).to(device) for kind in set(shape.layer_types)}
         model = cls(shape, embed, layers, norm("model.norm.weight", kernels), lm_head, rotary, dtype)
         model.eval()
+        if kernels and any(isinstance(m.backend, CpuBackend) for m in model.modules()
+                           if isinstance(m, TrellisLinear)):
+            model.choose_code_rows()
         linears = [m for m in model.modules() if isinstance(m, TrellisLinear)]
         packed = sum(m.quantized.codes.numel() * m.quantized.codes.element_size() for m in linears)
         logger.info("%d quantized linears decoded for %s: %.1f MiB held in %s (packed codes: %.1f MiB)",
                     len(linears), device, sum(m.decoded_bytes for m in linears) / 2**20, dtype,
                     packed / 2**20)
         return model
+
+    def use_codes_up_to(self, rows: int) -> None:
+        """CPU kernels: multiply products of up to `rows` rows (decode steps of up to `rows`
+        sequences) from the packed codes, larger ones from the float32 copy."""
+        for module in self.modules():
+            if isinstance(module, TrellisLinear) and isinstance(module.backend, CpuBackend):
+                module.backend.max_rows = rows
+        for layer in self.layers:
+            if layer.fused_decode is not None:
+                layer.fused_decode.set_trellis_max_tokens(rows)
+
+    def choose_code_rows(self, steps: int = 4) -> None:
+        """CPU kernels: make decode steps multiply from the codes or from the float32 copy, whichever
+        timed steps of this model say is faster on this machine (backend_cpu.choose_code_rows)."""
+        def time_step(rows: int) -> float:
+            self.use_codes_up_to(rows)
+            cache = self.new_cache(1, steps + 1)
+            slot = torch.tensor([cache.allocate()])
+            times = []
+            with torch.inference_mode():
+                for position in range(steps + 1):  # the first step warms the caches up
+                    started = time.perf_counter()
+                    self(torch.tensor([0]), torch.tensor([position]), slot, cache)
+                    times.append(time.perf_counter() - started)
+            return sorted(times[1:])[steps // 2]
+
+        rows, medians = choose_code_rows(time_step)
+        self.use_codes_up_to(rows)
+        logger.info("decode steps of one sequence: %.1f ms from the codes, %.1f ms from the float32 "
+                    "copy; %s", medians[KERNEL_MAX_ROWS] * 1e3, medians[0] * 1e3,
+                    f"1-{rows} sequences from the codes" if rows else "the copy is used")
 
     def new_cache(self, max_slots: int, max_seq_len: int) -> KVCache:
         """A KV cache shaped for this model, on its device and in its dtype."""
