@@ -50,7 +50,8 @@ def main() -> None:
     shapes = LAYER_SHAPES * LAYERS
     weights = {name: [random_weight(spec, out, inp, seed=i) for i, (out, inp) in enumerate(shapes)]
                for name, spec in SPECS.items()}
-    paths = {f"{name} codes": [CpuBackend(w, max_rows=10**6) for w in ws] for name, ws in weights.items()}
+    paths = {f"{name} codes": [CpuBackend(w, max_rows=10**6) for w in ws]
+             for name, ws in weights.items()}
     paths["float32 copy"] = [CpuBackend(w, max_rows=0) for w in weights["hyb"]]
     rows_ms = {}
     for rows in args.rows:
@@ -63,7 +64,8 @@ def main() -> None:
                 samples[name].append(time_all(backends, inputs) * 1e3)
         rows_ms[rows] = {name: statistics.median(s) for name, s in samples.items()}
         print(f"{rows:>3} rows: " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in rows_ms[rows].items()))
-    record = {"date": time.strftime("%Y-%m-%d"), "what": "210 products of a SmolLM2-135M decode step, ms",
+    record = {"date": time.strftime("%Y-%m-%d"),
+              "what": "210 products of a SmolLM2-135M decode step, ms",
               "threads": 2, "runs": args.runs, "ms_by_rows": rows_ms}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")

@@ -50,12 +50,13 @@ THREADS, STREAMS = 2, 8
 LLAMA_IN_PROCESS = """
 import json, sys, time
 from llama_cpp import Llama
-gguf, prompt, new_tokens, runs, eos = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+gguf, prompt, eos = sys.argv[1], sys.argv[2], sys.argv[5]
+new_tokens, runs = int(sys.argv[3]), int(sys.argv[4])
 llm = Llama(model_path=gguf, n_threads=%d, n_ctx=2048, verbose=False)
 bias = {int(t): -100.0 for t in eos.split(",")}
 def decode_rate(n):
-    stamps = [time.perf_counter() for chunk in llm.create_completion(
-        prompt, max_tokens=n, temperature=0, logit_bias=bias, stream=True) if chunk["choices"][0]["text"]]
+    chunks = llm.create_completion(prompt, max_tokens=n, temperature=0, logit_bias=bias, stream=True)
+    stamps = [time.perf_counter() for chunk in chunks if chunk["choices"][0]["text"]]
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 decode_rate(8)
 print(json.dumps([decode_rate(new_tokens) for _ in range(runs)]))
@@ -84,8 +85,15 @@ def memory_mib(pid: int) -> dict[str, float]:
             "peak_rss_mib": int(fields["VmHWM"].split()[0]) / 1024}
 
 
-async def stream(client: httpx.AsyncClient, body: dict) -> tuple[int, float, float]:
-    """(streamed tokens, seconds from request to first token, seconds from first to last token)."""
+def decode_rate(stamps: list[float]) -> float:
+    """Tokens per second between the first streamed token and the last (prefill excluded)."""
+    if len(stamps) < 2:
+        raise RuntimeError("fewer than two tokens streamed")
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+async def stream(client: httpx.AsyncClient, body: dict) -> tuple[float, list[float]]:
+    """(when the request was sent, when each token with text arrived), of one streamed completion."""
     started, stamps = time.perf_counter(), []
     async with client.stream("POST", "/v1/completions", json={**body, "stream": True},
                              timeout=600) as response:
@@ -95,9 +103,7 @@ async def stream(client: httpx.AsyncClient, body: dict) -> tuple[int, float, flo
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     stamps.append(time.perf_counter())
-    if not stamps:
-        raise RuntimeError("the server streamed no text")
-    return len(stamps), stamps[0] - started, stamps[-1] - stamps[0]
+    return started, stamps
 
 
 async def measure(base: str, body: dict, runs: int) -> dict:
@@ -105,12 +111,12 @@ async def measure(base: str, body: dict, runs: int) -> dict:
         await stream(client, {**body, "max_tokens": 8})  # warm-up
         single, concurrent, ttft = [], [], []
         for _ in range(runs):
-            tokens, first, decoding = await stream(client, body)
-            single.append((tokens - 1) / decoding)
-            ttft.append(first)
+            started, stamps = await stream(client, body)
+            single.append(decode_rate(stamps))
+            ttft.append(stamps[0] - started)
             started = time.perf_counter()
             results = await asyncio.gather(*[stream(client, body) for _ in range(STREAMS)])
-            concurrent.append(sum(r[0] for r in results) / (time.perf_counter() - started))
+            concurrent.append(sum(len(r[1]) for r in results) / (time.perf_counter() - started))
     median = statistics.median
     return {"single_decode_tokens_per_second": median(single),
             "concurrent_8_tokens_per_second": median(concurrent),
@@ -130,8 +136,8 @@ async def engine_decode_rate(engine, prompt_ids: list[int], new_tokens: int) -> 
     from trellis_runtime.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    stamps = [time.perf_counter() async for out in engine.generate(prompt_ids, params) if out.text]
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return decode_rate([time.perf_counter() async for out in engine.generate(prompt_ids, params)
+                        if out.text])
 
 
 def trellis_in_process(checkpoint: str, new_tokens: int, runs: int) -> float:

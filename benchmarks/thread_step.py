@@ -18,26 +18,28 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from trellis_runtime.model import load_model
+from trellis_runtime.model import load_model, median_decode_step_seconds
 from trellis_runtime.openmp import release_workers
 
 RESULTS = Path(__file__).parent / "results" / "thread_step.json"
 
 
-def median_step_ms(model, steps: int) -> float:
-    """Median milliseconds of `steps` decode steps of one new sequence."""
-    cache = model.new_cache(1, steps)
-    slot, times = cache.allocate(), []
-    with torch.inference_mode():
-        for position in range(steps):
-            token, at, slots = (torch.tensor([v]) for v in (5, position, slot))
-            started = time.perf_counter()
-            model(token, at, slots, cache)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+def on_other_thread(work: Callable[[], float]) -> float:
+    """work() run on a new thread, waited for."""
+    result: list[float] = []
+    worker = threading.Thread(target=lambda: result.append(work()))
+    worker.start()
+    worker.join()
+    return result[0]
+
+
+def released_then_other_thread(work: Callable[[], float]) -> float:
+    release_workers()
+    return on_other_thread(work)
 
 
 def main() -> None:
@@ -47,19 +49,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     args = parser.parse_args()
     model, _ = load_model(args.checkpoint)
-    median_step_ms(model, 8)  # warm-up
-    rounds: dict[str, list[float]] = {"main thread": [], "other thread": [],
-                                       "other thread, workers released": []}
+    step_ms = lambda: median_decode_step_seconds(model, args.steps) * 1e3  # noqa: E731
+    step_ms()  # warm-up
+    ways = {"main thread": lambda work: work(), "other thread": on_other_thread,
+            "other thread, workers released": released_then_other_thread}
+    rounds: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(args.rounds):
-        for name, ms in rounds.items():
-            if name == "main thread":
-                ms.append(median_step_ms(model, args.steps))
-                continue
-            if name == "other thread, workers released":
-                release_workers()
-            worker = threading.Thread(target=lambda ms=ms: ms.append(median_step_ms(model, args.steps)))
-            worker.start()
-            worker.join()
+        for name, run in ways.items():
+            rounds[name].append(run(step_ms))
     record = {"date": time.strftime("%Y-%m-%d"), "checkpoint": Path(args.checkpoint).name,
               "threads": torch.get_num_threads(), "steps": args.steps, "step_ms_by_round": rounds,
               "median_ms": {name: statistics.median(ms) for name, ms in rounds.items()}}

@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def choose_code_rows(time_step: Callable[[int], float], rounds: int = 3) -> tupl
     for _ in range(rounds):
         for rows, times in samples.items():
             times.append(time_step(rows))
-    medians = {rows: sorted(times)[len(times) // 2] for rows, times in samples.items()}
+    medians = {rows: statistics.median(times) for rows, times in samples.items()}
     return min(medians, key=medians.get), medians
 
 

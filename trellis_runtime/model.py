@@ -13,6 +13,7 @@ decode steps of running ones in a single call.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -165,10 +166,9 @@ class TrellisModel(nn.Module):
         rotary = {kind: RotaryEmbedding(config, kind).to(device) for kind in set(shape.layer_types)}
         model = cls(shape, embed, layers, norm("model.norm.weight", kernels), lm_head, rotary, dtype)
         model.eval()
-        if kernels and any(isinstance(m.backend, CpuBackend) for m in model.modules()
-                           if isinstance(m, TrellisLinear)):
-            model.choose_code_rows()
         linears = [m for m in model.modules() if isinstance(m, TrellisLinear)]
+        if kernels and any(isinstance(m.backend, CpuBackend) for m in linears):
+            model.choose_code_rows()
         packed = sum(m.quantized.codes.numel() * m.quantized.codes.element_size() for m in linears)
         logger.info("%d quantized linears decoded for %s: %.1f MiB held in %s (packed codes: %.1f MiB)",
                     len(linears), device, sum(m.decoded_bytes for m in linears) / 2**20, dtype,
@@ -185,20 +185,12 @@ class TrellisModel(nn.Module):
             if layer.fused_decode is not None:
                 layer.fused_decode.set_trellis_max_tokens(rows)
 
-    def choose_code_rows(self, steps: int = 4) -> None:
+    def choose_code_rows(self) -> None:
         """CPU kernels: make decode steps multiply from the codes or from the float32 copy, whichever
         timed steps of this model say is faster on this machine (backend_cpu.choose_code_rows)."""
         def time_step(rows: int) -> float:
             self.use_codes_up_to(rows)
-            cache = self.new_cache(1, steps + 1)
-            slot = torch.tensor([cache.allocate()])
-            times = []
-            with torch.inference_mode():
-                for position in range(steps + 1):  # the first step warms the caches up
-                    started = time.perf_counter()
-                    self(torch.tensor([0]), torch.tensor([position]), slot, cache)
-                    times.append(time.perf_counter() - started)
-            return sorted(times[1:])[steps // 2]
+            return median_decode_step_seconds(self, steps=4)
 
         rows, medians = choose_code_rows(time_step)
         self.use_codes_up_to(rows)
@@ -248,6 +240,20 @@ class TrellisModel(nn.Module):
             logits = F.linear(x, self.lm_head).float()
         cap = self.shape.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def median_decode_step_seconds(model: TrellisModel, steps: int) -> float:
+    """The median time of `steps` decode steps of one new sequence (one token each, its context
+    growing), after one step that warms the caches up."""
+    cache = model.new_cache(1, steps + 1)
+    slot = torch.tensor([cache.allocate()])
+    times = []
+    with torch.inference_mode():
+        for position in range(steps + 1):
+            started = time.perf_counter()
+            model(torch.tensor([0]), torch.tensor([position]), slot, cache)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
 
 
 def embedding_scale(shape: ModelShape, dtype: torch.dtype) -> float | None:

@@ -5,7 +5,7 @@ for every thread that has opened a parallel region, and counts the workers of al
 outnumber the CPUs, a worker that finishes a region spins only about 100 times before it sleeps on a
 futex, so every next region pays a full wake-up. A CPU decode step opens about 150 regions (five per
 layer). The engine runs its steps on its own thread, while loading the model opened regions on the
-caller's thread, whose pool stays: on 2 cores each step took 2.3x as long as the same step on the
+caller's thread, whose pool stays: on 2 cores each step took 2.5-3x as long as the same step on the
 caller's thread (benchmarks/thread_step.py). `release_workers` frees the calling thread's pool
 (OpenMP 5's omp_pause_resource_all), so the engine's pool is the only one; a later region on the
 calling thread builds a new pool.
