@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from trellis_cli.kernel_suite import random_weight, with_real_vectors
+from safetensors.torch import load_file
+
+from trellis_kernels import cpu_build
+from trellis_kernels.cpu_build import BASE_FLAGS, PORTABLE_ENV, CppLibrary, cpu_features
 from trellis_kernels.cpu import (CODE_TABLE, COMPUTED_CODES, LIBRARY, KernelsUnavailable, MAX_TOKENS,
                                  dense_linear)
 from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
@@ -34,7 +38,8 @@ needs_kernels = pytest.mark.skipif(not cpu_kernels_loaded(),
 
 # Every code, both V, every word count 8K (K = 1..4: masked and two-register tile loads) and window
 # offsets that cross words; shapes with Paley factors (192 = 12 * 16, 48 = 12 * 4) and without (64).
-SPECS = [TrellisSpec(8, 2, 1, "1mad"), TrellisSpec(12, 2, 2, "hyb"), TrellisSpec(16, 1, 2, "hyb"),
+SPECS = [TrellisSpec(8, 2, 1, "1mad"), TrellisSpec(12, 2, 1, "3inst"), TrellisSpec(12, 2, 2, "hyb"),
+         TrellisSpec(16, 1, 2, "hyb"),
          TrellisSpec(10, 3, 2, "lut"), TrellisSpec(16, 4, 1, "3inst"), TrellisSpec(9, 4, 1, "lut")]
 
 
@@ -139,6 +144,64 @@ def test_kernels_refuse_bad_inputs() -> None:
         torch.ops.trellis_cpu.trellis_linear(
             torch.zeros(1, 64), backend.codes, backend.lut, backend.input_signs, backend.output_signs,
             backend.small_in, backend.small_out, backend.factor, 12, 2, 2, COMPUTED_CODES["1mad"])
+
+
+def test_optional_flags_follow_the_cpu_and_the_portable_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    library = CppLibrary("demo", sources=(), flags=("-mavx2",),
+                         optional_flags=(("feature_a", "-ma"), ("feature_b", "-mb")))
+    monkeypatch.setattr(cpu_build, "cpu_features", lambda: frozenset({"feature_b", "other"}))
+    assert library.all_flags() == BASE_FLAGS + ("-mavx2", "-mb")
+    monkeypatch.setenv(PORTABLE_ENV, "1")
+    assert library.all_flags() == BASE_FLAGS + ("-mavx2",)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or not Path("/proc/cpuinfo").exists(),
+                    reason="needs Linux on an AVX-512 CPU")
+def test_cpu_features_reads_this_cpus_flags() -> None:
+    assert {"avx512f", "avx512bw"} <= cpu_features()
+
+
+# (L, K, V, code): each code at the CPU default of 2 bits per step and beyond it.
+PORTABLE_SPECS = [(12, 2, 1, "1mad"), (12, 2, 1, "3inst"), (12, 2, 2, "hyb"), (10, 3, 2, "lut")]
+# The products of a build without the optional extensions, written for the parent to compare.
+PORTABLE_PRODUCTS = """
+import sys, torch
+from safetensors.torch import save_file
+from trellis_cli.kernel_suite import random_weight
+from trellis_runtime.backend_cpu import CpuBackend, cpu_kernels_loaded
+from trellis_runtime.trellis import TrellisSpec
+assert cpu_kernels_loaded()
+out = {}
+for spec in %r:
+    backend = CpuBackend(random_weight(TrellisSpec(*spec), 48, 192, seed=9), max_rows=16)
+    for tokens in (1, 2, 5):
+        x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(tokens))
+        out[f"{spec[3]}/{tokens}"] = backend(x)
+save_file(out, sys.argv[1])
+""" % PORTABLE_SPECS
+
+
+@needs_kernels
+@pytest.mark.skipif(not {"avx512_vbmi2", "avx512_vnni"} & cpu_features(),
+                    reason="this CPU has none of the optional extensions: its build is the portable one")
+def test_portable_build_gives_the_same_products(tmp_path: Path) -> None:
+    """The build without the CPU's optional extensions (TRELLIS_CPU_PORTABLE=1: no VBMI2 funnel
+    shifts, no VNNI byte sums; in its own cache directory, about 30 s to compile) computes the same
+    products, bit for bit, as this process's build with them."""
+    result = subprocess.run([sys.executable, "-c", PORTABLE_PRODUCTS, str(tmp_path / "products.safetensors")],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, PORTABLE_ENV: "1", "XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    portable = load_file(tmp_path / "products.safetensors")
+    assert len(portable) == 3 * len(PORTABLE_SPECS)
+    for spec in PORTABLE_SPECS:
+        backend = CpuBackend(random_weight(TrellisSpec(*spec), 48, 192, seed=9), max_rows=16)
+        for tokens in (1, 2, 5):
+            x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(tokens))
+            assert torch.equal(backend(x), portable[f"{spec[3]}/{tokens}"]), (spec, tokens)
+    # It was a different build: other flags, so another file name than this process's library.
+    built = list((tmp_path / "trellis-runtime" / "kernels").glob(f"{LIBRARY.name}-*.so"))
+    assert len(built) == 1 and built[0].name != LIBRARY.path(tmp_path).name
 
 
 def test_missing_compiler_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

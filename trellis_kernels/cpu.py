@@ -48,7 +48,9 @@ LIBRARY = CppLibrary(
     name="trellis_cpu", sources=(HERE / "trellis_cpu.cpp", HERE / "trellis_cpu_layer.cpp"),
     headers=(HERE / "trellis_cpu.h",),
     flags=("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mf16c", "-mfma"),
-    needs_avx512=True)
+    needs_avx512=True,
+    # Funnel shifts for the trellis windows; one-instruction byte sums for 1MAD.
+    optional_flags=(("avx512_vbmi2", "-mavx512vbmi2"), ("avx512_vnni", "-mavx512vnni")))
 
 __all__ = ["CODE_TABLE", "COMPUTED_CODES", "KernelsUnavailable", "LIBRARY", "MAX_TOKENS", "dense_linear",
            "load", "trellis_linear"]

@@ -41,15 +41,38 @@ def portable_flags() -> tuple[str, ...]:
     return ()
 
 
+PORTABLE_ENV = "TRELLIS_CPU_PORTABLE"  # set to 1: build without the CPU's optional extensions
+
+
+def cpu_features() -> frozenset[str]:
+    """The instruction-set extensions this CPU reports (Linux /proc/cpuinfo flag names), or none
+    where the file is missing."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
 @dataclass(frozen=True)
 class CppLibrary:
-    """One compiled library: `name` is also its torch.ops namespace and its file's prefix."""
+    """One compiled library: `name` is also its torch.ops namespace and its file's prefix.
+
+    `optional_flags` pairs a CPU feature with the compiler flag that lets the sources use it
+    (they test the compiler's macro, e.g. __AVX512VBMI2__): added where this CPU has the feature,
+    since the library is compiled on the machine that runs it, unless TRELLIS_CPU_PORTABLE=1
+    asks for a build that any CPU meeting the required flags runs.
+    """
 
     name: str
     sources: tuple[Path, ...]
     headers: tuple[Path, ...] = ()
     flags: tuple[str, ...] = ()
     needs_avx512: bool = False
+    optional_flags: tuple[tuple[str, str], ...] = ()
 
     def path(self, build_dir: Path) -> Path:
         """Where the library for these sources, flags, compiler, torch and Python is cached."""
@@ -61,7 +84,11 @@ class CppLibrary:
         return build_dir / f"{self.name}-{key.hexdigest()[:16]}.so"
 
     def all_flags(self) -> tuple[str, ...]:
-        return BASE_FLAGS + self.flags
+        if os.environ.get(PORTABLE_ENV) == "1":
+            return BASE_FLAGS + self.flags
+        features = cpu_features()
+        return BASE_FLAGS + self.flags + tuple(
+            flag for feature, flag in self.optional_flags if feature in features)
 
     def check_cpu(self) -> None:
         """Raise KernelsUnavailable when this CPU cannot run the library."""

@@ -2,7 +2,8 @@
 // from the codes, and with dense bf16 or float32 weights, each read once for all rows of the batch.
 //
 // Built and loaded by trellis_kernels/cpu.py (which states the layout these functions assume) and tested
-// against the torch references in tests/test_kernels_cpu.py. Requires AVX-512 (F, BW, DQ, VL) and F16C.
+// against the torch references in tests/test_kernels_cpu.py. Requires AVX-512 (F, BW, DQ, VL) and F16C;
+// uses VBMI2 and VNNI where the build enables them (cpu.py: optional_flags), with the same results.
 //
 // trellis_linear computes y = x W^T for W = diag(s_out) H_out^T (scale * T) H_in diag(s_in), where T
 // holds the code values of the packed tiles and H_n is the unnormalised Hadamard transform
@@ -28,14 +29,41 @@ namespace {
 constexpr int64_t kMaxWords = 32;   // 8K words per tile, K <= 4
 constexpr int64_t kTokenBlock = 4;  // rows of x whose accumulators share the registers
 
-// Sylvester's transform (unnormalised) of a power-of-two length vector, in place.
+// Sylvester's transform (unnormalised) of 16 floats in a register: at stage h, lane j and lane j ^ h
+// become their sum (the lower lane) and difference (the upper).
+inline __m512 fwht16(__m512 v) {
+  __m512 partner = _mm512_permute_ps(v, 0xB1);  // h = 1: lanes 1 0 3 2 ...
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, partner), 0xAAAA, partner, v);
+  partner = _mm512_permute_ps(v, 0x4E);  // h = 2: lanes 2 3 0 1 ...
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, partner), 0xCCCC, partner, v);
+  partner = _mm512_shuffle_f32x4(v, v, 0xB1);  // h = 4: 128-bit blocks 1 0 3 2
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, partner), 0xF0F0, partner, v);
+  partner = _mm512_shuffle_f32x4(v, v, 0x4E);  // h = 8: blocks 2 3 0 1
+  return _mm512_mask_sub_ps(_mm512_add_ps(v, partner), 0xFF00, partner, v);
+}
+
+// Sylvester's transform (unnormalised) of a power-of-two length vector, in place: 16 lanes at a
+// time from length 16 on, one butterfly at a time below.
 void fwht(float* v, int64_t m) {
-  for (int64_t h = 1; h < m; h *= 2) {
+  if (m < 16) {
+    for (int64_t h = 1; h < m; h *= 2) {
+      for (int64_t i = 0; i < m; i += 2 * h) {
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = v[j], b = v[j + h];
+          v[j] = a + b;
+          v[j + h] = a - b;
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < m; i += 16) _mm512_storeu_ps(v + i, fwht16(_mm512_loadu_ps(v + i)));
+  for (int64_t h = 16; h < m; h *= 2) {
     for (int64_t i = 0; i < m; i += 2 * h) {
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = v[j], b = v[j + h];
-        v[j] = a + b;
-        v[j + h] = a - b;
+      for (int64_t j = i; j < i + h; j += 16) {
+        const __m512 a = _mm512_loadu_ps(v + j), b = _mm512_loadu_ps(v + j + h);
+        _mm512_storeu_ps(v + j, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(v + j + h, _mm512_sub_ps(a, b));
       }
     }
   }
@@ -52,14 +80,15 @@ void hadamard_rows(float* x, int64_t rows, int64_t n, const float* small, int64_
     float* v = x + row * n;
     for (int64_t block = 0; block < r; ++block) fwht(v + block * m, m);
     if (r == 1) continue;
-    std::fill(mixed.begin(), mixed.end(), 0.0f);
-    for (int64_t a = 0; a < r; ++a) {
-      float* out = mixed.data() + a * m;
-      for (int64_t b = 0; b < r; ++b) {
-        const float h = transpose ? small[b * r + a] : small[a * r + b];
-        if (h == 0.0f) continue;
-        const float* in = v + b * m;
-        for (int64_t k = 0; k < m; ++k) out[k] += h * in[k];
+    for (int64_t k = 0; k < m; k += 16) {
+      const __mmask16 lanes = first_lanes(m - k);
+      for (int64_t a = 0; a < r; ++a) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t b = 0; b < r; ++b) {
+          const float h = transpose ? small[b * r + a] : small[a * r + b];
+          if (h != 0.0f) sum = _mm512_fmadd_ps(_mm512_set1_ps(h), _mm512_maskz_loadu_ps(lanes, v + b * m + k), sum);
+        }
+        _mm512_mask_storeu_ps(mixed.data() + a * m + k, lanes, sum);
       }
     }
     std::memcpy(v, mixed.data(), n * sizeof(float));
@@ -72,7 +101,6 @@ struct WindowPlan {
   alignas(64) int32_t first[kTile * kTile];  // 16 lanes per group, at most 256 steps (V = 1)
   alignas(64) int32_t next[kTile * kTile];
   alignas(64) int32_t shift[kTile * kTile];
-  alignas(64) int32_t back_shift[kTile * kTile];
 };
 
 const WindowPlan& window_plan(int64_t bits, int64_t vec) {
@@ -87,8 +115,6 @@ const WindowPlan& window_plan(int64_t bits, int64_t vec) {
           plan.first[step] = static_cast<int32_t>(start / 32);
           plan.next[step] = static_cast<int32_t>((start / 32 + 1) % words);
           plan.shift[step] = static_cast<int32_t>(start % 32);
-          // A shift by 32 yields 0 for the variable-shift instructions: offset 0 takes nothing of next.
-          plan.back_shift[step] = static_cast<int32_t>(32 - start % 32);
         }
       }
     }
@@ -97,31 +123,55 @@ const WindowPlan& window_plan(int64_t bits, int64_t vec) {
   return plans[(bits - 1) * 2 + (vec - 1)];
 }
 
+// The 32 bits from bit `shift` of each lane's word pair (high, low), most significant first: the
+// funnel shift of AVX512-VBMI2 where the CPU has it, two shifts and an or otherwise. A shift of 0
+// takes nothing of `low` (the variable right shift by 32 yields 0).
+inline __m512i funnel(__m512i high, __m512i low, __m512i shift) {
+#ifdef __AVX512VBMI2__
+  return _mm512_shldv_epi32(high, low, shift);
+#else
+  return _mm512_or_si512(_mm512_sllv_epi32(high, shift),
+                         _mm512_srlv_epi32(low, _mm512_sub_epi32(_mm512_set1_epi32(32), shift)));
+#endif
+}
+
 // The values of 16 states under the computed codes, exactly as trellis_runtime/codes.py computes
 // them (the same 32-bit integers, the same float32 rounding): vector integer arithmetic, no table.
 // 1MAD: the byte sum of x = a*s + b, less its mean, over its standard deviation.
 inline __m512 mad_values(__m512i states) {
   const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(states, _mm512_set1_epi32(34038481)),
                                      _mm512_set1_epi32(76625530));
+#ifdef __AVX512VNNI__
+  // The four unsigned bytes times 1, summed onto -510 in one instruction.
+  const __m512i centred = _mm512_dpbusd_epi32(_mm512_set1_epi32(-510), x, _mm512_set1_epi8(1));
+#else
   // Bytes summed in pairs into 16 bits (unsigned times 1), then the pairs into 32 bits.
   const __m512i pairs = _mm512_maddubs_epi16(x, _mm512_set1_epi8(1));
-  const __m512i sums = _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums, _mm512_set1_epi32(510))),
+  const __m512i centred = _mm512_sub_epi32(_mm512_madd_epi16(pairs, _mm512_set1_epi16(1)),
+                                           _mm512_set1_epi32(510));
+#endif
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(centred),
                        _mm512_set1_ps(static_cast<float>(1.0 / 147.800537109375)));
 }
 
 // 3INST: r = (x & 0x8FFF8FFF) ^ 0x3B603B60 for x = a*s + b; the two halves of r read as float16,
-// added, over their RMS.
+// added, over their RMS. Each half becomes a float32 without a conversion instruction: its sign
+// moved to bit 31 and its other 15 bits to bits 27..13 read as the float16 value times 2^-112 (the
+// exponents here are never 0 or 31, so every value is a normal float32 either way). The mask and
+// xor are applied in that placement, and 2^112 joins the final multiply: the result, rounding
+// included, is the same float32 (scaling by a power of two commutes with rounding).
 inline __m512 inst_values(__m512i states) {
   const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(states, _mm512_set1_epi32(89226354)),
                                      _mm512_set1_epi32(64248484));
   constexpr int kAndThenXor = 0x6A;  // ternary-logic truth table of (a & b) ^ c
-  const __m512i r = _mm512_ternarylogic_epi32(x, _mm512_set1_epi32(static_cast<int>(0x8FFF8FFFu)),
-                                              _mm512_set1_epi32(0x3B603B60), kAndThenXor);
-  const __m512 low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(r));
-  const __m512 high = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-  return _mm512_mul_ps(_mm512_add_ps(high, low),
-                       _mm512_set1_ps(static_cast<float>(1.0 / 1.2437085359793958)));
+  const __m512i mask = _mm512_set1_epi32(static_cast<int>(0x81FFE000u));  // 0x8FFF placed
+  const __m512i flip = _mm512_set1_epi32(0x076C0000);                     // 0x3B60 placed
+  const __m512i high = _mm512_ternarylogic_epi32(_mm512_srai_epi32(x, 3), mask, flip, kAndThenXor);
+  const __m512i low = _mm512_ternarylogic_epi32(_mm512_srai_epi32(_mm512_slli_epi32(x, 16), 3), mask,
+                                                flip, kAndThenXor);
+  constexpr float kTwoTo112 = 5.192296858534828e33f;
+  return _mm512_mul_ps(_mm512_add_ps(_mm512_castsi512_ps(high), _mm512_castsi512_ps(low)),
+                       _mm512_set1_ps(kTwoTo112 * static_cast<float>(1.0 / 1.2437085359793958)));
 }
 
 // Decodes groups of 16 trellis steps of a tile: group g holds 16*V weights, tile row g (V = 1) or
@@ -138,10 +188,11 @@ class GroupDecoder {
   static constexpr int64_t kGroups = kTile * kTile / kVec / 16;
 
   GroupDecoder(const int32_t* lut, int64_t state_bits, int64_t bits)
-      : lut_(lut), plan_(window_plan(bits, kVec)), words(8 * bits),
-        low_mask_(first_lanes(words)),
+      : words(8 * bits), lut_(lut), plan_(window_plan(bits, kVec)),
+        two_bits_per_step_(bits * kVec == 2), low_mask_(first_lanes(words)),
         high_mask_(first_lanes(words - 16)),
-        state_shift_(_mm_cvtsi32_si128(static_cast<int>(32 - state_bits))) {
+        state_shift_(_mm_cvtsi32_si128(static_cast<int>(32 - state_bits))),
+        lane_shift_(_mm512_load_si512(plan_.shift)) {
     if constexpr (kCode == Code::kTable) {
       // The state table is read at random: ask for all of it at once rather than miss line by line.
       for (int64_t i = 0; i < (int64_t{1} << state_bits); i += 16) {
@@ -150,21 +201,9 @@ class GroupDecoder {
     }
   }
 
-  void start_group(int64_t g) {
-    first_ = _mm512_load_si512(plan_.first + 16 * g);
-    next_ = _mm512_load_si512(plan_.next + 16 * g);
-    shift_ = _mm512_load_si512(plan_.shift + 16 * g);
-    back_shift_ = _mm512_load_si512(plan_.back_shift + 16 * g);
-  }
-
-  // The current group's weights of the tile whose words start at `tile`.
-  void decode(const int32_t* tile, __m512 (&w)[kVec]) const {
-    const __m512i low = _mm512_maskz_loadu_epi32(low_mask_, tile);
-    const __m512i high = _mm512_maskz_loadu_epi32(high_mask_, tile + 16);
-    const __m512i window =
-        _mm512_or_si512(_mm512_sllv_epi32(_mm512_permutex2var_epi32(low, first_, high), shift_),
-                        _mm512_srlv_epi32(_mm512_permutex2var_epi32(low, next_, high), back_shift_));
-    const __m512i states = _mm512_srl_epi32(window, state_shift_);
+  // Group g's weights of the tile whose words start at `tile`.
+  void decode(const int32_t* tile, int64_t g, __m512 (&w)[kVec]) const {
+    const __m512i states = _mm512_srl_epi32(window(tile, g), state_shift_);
     if constexpr (kCode == Code::kMad) {
       w[0] = mad_values(states);
     } else if constexpr (kCode == Code::kInst) {
@@ -180,61 +219,91 @@ class GroupDecoder {
     }
   }
 
-  // While group 0 of row tile `rt` is decoded, the next row tile's codes come from memory.
-  void prefetch_next_row(const int32_t* tile, int64_t col_tiles) const {
-    _mm_prefetch(reinterpret_cast<const char*>(tile + col_tiles * words), _MM_HINT_T0);
-    if (words > 16) _mm_prefetch(reinterpret_cast<const char*>(tile + col_tiles * words + 16), _MM_HINT_T0);
-  }
-
- private:
-  const int32_t* lut_;
-  const WindowPlan& plan_;
-
- public:
   const int64_t words;  // 32-bit words per tile
 
  private:
+  // Each lane's state in the top L bits. At K*V = 2 bits per step (the CPU default, K = 2, V = 1)
+  // group g's 16 states start 2 bits apart in word g, so two broadcast words serve every lane;
+  // otherwise each lane's words are picked from the tile by permutation.
+  __m512i window(const int32_t* tile, int64_t g) const {
+    if (two_bits_per_step_) {
+      return funnel(_mm512_set1_epi32(tile[g]), _mm512_set1_epi32(tile[(g + 1) % words]), lane_shift_);
+    }
+    const __m512i low = _mm512_maskz_loadu_epi32(low_mask_, tile);
+    const __m512i high = _mm512_maskz_loadu_epi32(high_mask_, tile + 16);
+    return funnel(_mm512_permutex2var_epi32(low, _mm512_load_si512(plan_.first + 16 * g), high),
+                  _mm512_permutex2var_epi32(low, _mm512_load_si512(plan_.next + 16 * g), high),
+                  _mm512_load_si512(plan_.shift + 16 * g));
+  }
+
+  const int32_t* lut_;
+  const WindowPlan& plan_;
+  const bool two_bits_per_step_;
   const __mmask16 low_mask_, high_mask_;
   const __m128i state_shift_;
-  __m512i first_, next_, shift_, back_shift_;
+  const __m512i lane_shift_;  // 2j in lane j: group 0's shifts, every group's at 2 bits per step
 };
 
-// Up to kDirectTokens rows of x, each group's weights are multiplied as they are decoded; beyond, the
+// The sums of 16 vectors, as one vector: lane i = the sum of a[i]'s lanes. Four rounds of
+// shuffle-and-add halve the partial sums per vector, instead of 16 separate reductions.
+inline __m512 sum_each(const __m512 (&a)[16]) {
+  __m512 halves[8], quarters[4], eighths[2];
+  for (int i = 0; i < 8; ++i) {  // [a_2i's 8 partial sums | a_2i+1's 8]
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                              _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit block k: a_4i+k's 4 partial sums
+    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {  // block k: 2 partial sums each of a_8i+k, a_8i+4+k
+    eighths[i] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], 0x44),
+                               _mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], 0xEE));
+  }
+  // Block k: the sums of a_k, a_4+k, a_8+k, a_12+k; lane 4k + m holds a_4m+k's, put back in order.
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88),
+                                    _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), sums);
+}
+
+// Up to kDirectTokens rows of x, each weight is multiplied as it is decoded; beyond, the
 // accumulators would not fit the registers beside the decoder's, so product_many decodes into a
 // buffer in L1 and multiplies from there.
 constexpr int64_t kDirectTokens = 2;
 
-// y_rot[t, rt*16 + row] for row tiles [begin, end) and kTokens <= kDirectTokens rows of x_rot. Loop
-// order rt, g, ct keeps the accumulators in registers; the tile row of codes re-read per group stays
-// in L1.
+// y_rot[t, rt*16 + row] for row tiles [begin, end) and kTokens <= kDirectTokens rows of x_rot. Tile
+// by tile along the row strip, each tile's words and x's 16 inputs read once: 16 accumulators, one
+// per (tile row, x row) of the 16 / kTokens tile rows of a pass, and kTokens passes per strip.
 template <class Decoder, int64_t kTokens>
-void product_direct(const int32_t* codes, Decoder& decoder, const float* x_rot, float* y_rot,
+void product_direct(const int32_t* codes, const Decoder& decoder, const float* x_rot, float* y_rot,
                     int64_t col_tiles, int64_t in_features, int64_t out_features, int64_t begin,
                     int64_t end) {
+  constexpr int64_t kVec = Decoder::kValues, kGroupsPerPass = Decoder::kGroups / kTokens;
   for (int64_t rt = begin; rt < end; ++rt) {
     const int32_t* tile_row = codes + rt * col_tiles * decoder.words;
-    for (int64_t g = 0; g < Decoder::kGroups; ++g) {
-      decoder.start_group(g);
-      constexpr int64_t kVec = Decoder::kValues;
-      __m512 acc[kVec][kTokens];
-      for (auto& row : acc) {
-        for (auto& a : row) a = _mm512_setzero_ps();
-      }
+    for (int64_t pass = 0; pass < kTokens; ++pass) {
+      __m512 acc[kTile];  // acc[(group * kVec + value) * kTokens + token]
+      for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t ct = 0; ct < col_tiles; ++ct) {
         const int32_t* tile = tile_row + ct * decoder.words;
-        if (g == 0) decoder.prefetch_next_row(tile, col_tiles);
-        __m512 w[kVec];
-        decoder.decode(tile, w);
-        const float* xs = x_rot + ct * kTile;
-        for (int64_t t = 0; t < kTokens; ++t) {
-          const __m512 xv = _mm512_loadu_ps(xs + t * in_features);
-          for (int64_t r = 0; r < kVec; ++r) acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
+        __m512 xv[kTokens];
+        for (int64_t t = 0; t < kTokens; ++t) xv[t] = _mm512_loadu_ps(x_rot + t * in_features + ct * kTile);
+        for (int64_t j = 0; j < kGroupsPerPass; ++j) {
+          __m512 w[kVec];
+          decoder.decode(tile, pass * kGroupsPerPass + j, w);
+          for (int64_t r = 0; r < kVec; ++r) {
+            for (int64_t t = 0; t < kTokens; ++t) {
+              __m512& a = acc[(j * kVec + r) * kTokens + t];
+              a = _mm512_fmadd_ps(w[r], xv[t], a);
+            }
+          }
         }
       }
-      for (int64_t r = 0; r < kVec; ++r) {
-        for (int64_t t = 0; t < kTokens; ++t) {
-          y_rot[t * out_features + rt * kTile + kVec * g + r] = _mm512_reduce_add_ps(acc[r][t]);
-        }
+      alignas(64) float sums[kTile];
+      _mm512_store_ps(sums, sum_each(acc));
+      for (int64_t i = 0; i < kTile; ++i) {
+        const int64_t row = rt * kTile + pass * kTile / kTokens + i / kTokens;
+        y_rot[(i % kTokens) * out_features + row] = sums[i];
       }
     }
   }
@@ -269,7 +338,7 @@ void block_product(const float* weights, const float* x_rot, float* y_rot, int64
 
 // y_rot for row tiles [begin, end) and any number of rows of x_rot: each weight decoded once.
 template <class Decoder>
-void product_many(const int32_t* codes, Decoder& decoder, const float* x_rot, float* y_rot,
+void product_many(const int32_t* codes, const Decoder& decoder, const float* x_rot, float* y_rot,
                   int64_t tokens, int64_t col_tiles, int64_t in, int64_t out, int64_t begin,
                   int64_t end) {
   constexpr int64_t kVec = Decoder::kValues, kGroupsPerBlock = kBlockRows / kVec;
@@ -280,12 +349,9 @@ void product_many(const int32_t* codes, Decoder& decoder, const float* x_rot, fl
     const int32_t* tile_row = codes + rt * col_tiles * decoder.words;
     for (int64_t g0 = 0; g0 < Decoder::kGroups; g0 += kGroupsPerBlock) {
       for (int64_t j = 0; j < kGroupsPerBlock; ++j) {
-        decoder.start_group(g0 + j);
         for (int64_t ct = 0; ct < col_tiles; ++ct) {
-          const int32_t* tile = tile_row + ct * decoder.words;
-          if (g0 + j == 0) decoder.prefetch_next_row(tile, col_tiles);
           __m512 w[kVec];
-          decoder.decode(tile, w);
+          decoder.decode(tile_row + ct * decoder.words, g0 + j, w);
           for (int64_t r = 0; r < kVec; ++r) {
             _mm512_storeu_ps(weights + (j * kVec + r) * in + ct * kTile, w[r]);
           }
@@ -313,7 +379,7 @@ void product_rows(const int32_t* codes, const int32_t* lut, const float* x_rot, 
                   int64_t state_bits, int64_t bits, int64_t begin, int64_t end) {
   static_assert(kDirectTokens == 2, "the direct cases below");
   using Decoder = GroupDecoder<kVec, kCode>;
-  Decoder decoder(lut, state_bits, bits);
+  const Decoder decoder(lut, state_bits, bits);
   if (tokens == 1) {
     product_direct<Decoder, 1>(codes, decoder, x_rot, y_rot, col_tiles, in_features, out_features, begin, end);
   } else if (tokens == 2) {
