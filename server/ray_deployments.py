@@ -50,11 +50,11 @@ LOOK_BACK_RANGE = (12.0, 30.0)
 class EngineReplica:
     """One engine on one replica; the methods are what the ingress and Serve call."""
 
-    def __init__(self, checkpoint: str, device: str, max_batch: int, max_seq_len: int | None,
-                 threads: int | None) -> None:
+    def __init__(self, checkpoint: str, device: str, head: str, max_batch: int,
+                 max_seq_len: int | None, threads: int | None) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
-        model, tokenizer = load_model(checkpoint, device)
+        model, tokenizer = load_model(checkpoint, device, head)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                              eos_token_ids=stop_token_ids(checkpoint, tokenizer)).start()
 
@@ -145,7 +145,8 @@ def build_application(settings: ServerSettings, checkpoint: Path, model_name: st
     _, most = settings.replica_range()
     _, threads = replica_resources(settings.device, settings.replica_cpus, most)
     replicas = EngineReplica.options(**engine_options(settings)).bind(
-        str(checkpoint), settings.device, settings.max_batch, settings.max_seq_len, threads)
+        str(checkpoint), settings.device, settings.head, settings.max_batch, settings.max_seq_len,
+        threads)
     capacity = settings.max_batch * most + settings.max_waiting
     return Ingress.options(max_ongoing_requests=capacity + INGRESS_HEADROOM).bind(
         replicas, str(checkpoint), model_name, settings.app_config(), most)

@@ -24,11 +24,12 @@ from trellis_kernels.cpu import (CODE_TABLE, COMPUTED_CODES, LIBRARY, KernelsUna
                                  dense_linear)
 from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
                                          choose_code_rows, cpu_kernels_loaded, dense_product,
-                                         fused_decoder_layer, kernels_unavailable_reason, state_lut)
+                                         fused_decoder_layer, int8_rows, kernels_unavailable_reason,
+                                         state_lut, widened_rows)
 from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.checkpoint import load_checkpoint
 from trellis_runtime.linear import select_backend
-from trellis_runtime.model import TrellisModel
+from trellis_runtime.model import TrellisModel, load_model
 from trellis_runtime.rope import apply_rotary, default_frequencies, rotation_factors
 from trellis_runtime.quantized import QuantizedWeight
 from trellis_runtime.trellis import TrellisSpec
@@ -128,13 +129,44 @@ def test_dense_linear_matches_the_weights_product(features: int, dtype: torch.dt
             assert relative_error(dense_linear(x, weight), reference) < 1e-5
 
 
+def test_int8_rows_round_each_row_to_its_scale() -> None:
+    gen = torch.Generator().manual_seed(10)
+    weight = (torch.randn(40, 100, generator=gen) * torch.rand(40, 1, generator=gen) * 5).to(torch.bfloat16)
+    weight[7] = 0
+    q, scales = int8_rows(weight)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32 and q.shape == weight.shape
+    error = (widened_rows(q, scales).double() - weight.double()).abs()
+    # Rounded to nearest; the slack covers the float32 arithmetic (|w| <= 127 scales).
+    assert (error <= scales.double()[:, None] / 2 * (1 + 1e-4)).all()
+    nonzero = torch.arange(40) != 7
+    assert (q[nonzero].abs().amax(dim=1) == 127).all() and (q[7] == 0).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("features", [576, 100])
+def test_int8_dense_linear_matches_the_scaled_rows(features: int) -> None:
+    """int8 rows times their scales, in the kernel (up to 16 rows) and through F.linear beyond."""
+    gen = torch.Generator().manual_seed(11)
+    q, scales = int8_rows(torch.randn(302, features, generator=gen))
+    reference_weight = q.double() * scales.double()[:, None]
+    for tokens in (1, 3, 16, 20):
+        x = torch.randn(tokens, features, generator=gen)
+        assert relative_error(dense_product(x, q, scales), x.double() @ reference_weight.T) < 1e-5
+
+
 @needs_kernels
 def test_kernels_refuse_bad_inputs() -> None:
     weight = torch.zeros(8, 16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=f"at most {MAX_TOKENS} tokens"):
         dense_linear(torch.zeros(MAX_TOKENS + 1, 16), weight)
-    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+    with pytest.raises(RuntimeError, match="bfloat16, float32 or int8"):
         dense_linear(torch.zeros(1, 16), weight.half())
+    with pytest.raises(RuntimeError, match="int8 weights need their row scales"):
+        dense_linear(torch.zeros(1, 16), weight.to(torch.int8))
+    with pytest.raises(RuntimeError, match="int8 weights need their row scales"):
+        dense_linear(torch.zeros(1, 16), weight, torch.ones(8))
+    with pytest.raises(RuntimeError, match="one per row of w"):
+        dense_linear(torch.zeros(1, 16), weight.to(torch.int8), torch.ones(7))
     backend = CpuBackend(random_weight(TrellisSpec(12, 2, 2, "hyb"), 64, 64, seed=7))
     with pytest.raises(RuntimeError, match="x has 48 features, codes 64"):
         torch.ops.trellis_cpu.trellis_linear(
@@ -263,6 +295,27 @@ def test_decode_attention_matches_rotary_and_sdpa(positions: list[int], dim: int
     with pytest.raises(RuntimeError, match="one token per sequence"):
         torch.ops.trellis_cpu.decode_attention(q, k, v, cos, signed_sin, cache_k, cache_v,
                                                torch.tensor([1, 0, 1]), position)
+
+
+@needs_kernels
+def test_int8_head_gives_the_logits_of_its_scaled_rows(tiny_checkpoint_dir: Path) -> None:
+    """load_model(head="int8"): the head is int8 with row scales, the tied embeddings keep their
+    bf16 values, and a decode step's and a prefill's logits are those of the scaled rows in float32."""
+    model, _ = load_model(tiny_checkpoint_dir, head="int8")
+    reference, _ = load_model(tiny_checkpoint_dir)
+    assert model.lm_head.dtype == torch.int8 and model.embed_tokens.dtype == torch.bfloat16
+    assert torch.equal(model.embed_tokens, reference.embed_tokens)
+    reference.lm_head = widened_rows(model.lm_head, model.lm_head_scales)  # F.linear in float32
+    for length in (1, 20):  # the kernel's rows, and beyond them
+        logits = []
+        for m in (model, reference):
+            cache = m.new_cache(1, 32)
+            slots = torch.full((length,), cache.allocate())
+            logits.append(m(torch.arange(3, 3 + length), torch.arange(length), slots, cache,
+                            logits_for=torch.tensor([length - 1])))
+        assert relative_error(logits[0], logits[1].double()) < 1e-5
+    with pytest.raises(ValueError, match="head must be one of bf16, int8, not 'fp8'"):
+        load_model(tiny_checkpoint_dir, head="fp8")
 
 
 @needs_kernels

@@ -21,6 +21,14 @@ def test_generate_prints_a_greedy_completion(tiny_checkpoint_dir: Path) -> None:
     assert again.stdout == first.stdout  # greedy is deterministic
 
 
+def test_generate_runs_with_the_int8_head(tiny_checkpoint_dir: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "trellis_cli", "generate", str(tiny_checkpoint_dir),
+                             "--prompt", "Once upon a time", "--max-tokens", "4", "--head", "int8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
 def test_generate_rejects_bad_temperature(tiny_checkpoint_dir: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "trellis_cli", "generate", str(tiny_checkpoint_dir),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from trellis_runtime.devices import DEFAULT_DEVICE, DEVICES
+from trellis_runtime.devices import DEFAULT_DEVICE, DEVICES, HEADS
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.trellis import (CODES, DEFAULT_VEC, MAX_BITS, MAX_STATE_BITS, MIN_STATE_BITS,
                                      TrellisSpec, spec_for)
@@ -19,6 +19,18 @@ DEFAULT_STATE_BITS = {"cpu": 12, "cuda": MAX_STATE_BITS}
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE)
+
+
+def add_head_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--head", choices=HEADS, default="bf16",
+                        help="output head on CPU: as stored, or int8 rows quantized at load "
+                             "(half the bytes per token)")
+
+
+def require_head(head: str, device: str) -> None:
+    """The int8 head is the CPU kernels' format: a one-line error elsewhere, before loading."""
+    if head == "int8" and device != "cpu":
+        raise TrellisError(f"--head int8 runs on the CPU only, not on {device}")
 
 
 def require_device(name: str) -> str:

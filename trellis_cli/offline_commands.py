@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trellis_cli.flags import (DEFAULT_STATE_BITS, add_device_flag, add_spec_flags,
+from trellis_cli.flags import (DEFAULT_STATE_BITS, add_device_flag, add_head_flag, add_spec_flags,
                                device_state_bits_help, require_device, spec_from_arguments)
 from trellis_cli.options import add_option_flags, options_from_arguments
 from trellis_runtime.errors import TrellisError
@@ -73,6 +73,13 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     model, tokenizer = load_any_model(args.model, device)
     import torch
 
+    if args.head == "int8":  # the values `trellis serve --head int8` multiplies by
+        from trellis_runtime.backend_cpu import int8_rows, widened_rows
+
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(widened_rows(*int8_rows(head.weight.detach())),
+                                         requires_grad=False)  # untied: the embeddings keep theirs
+
     tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
     try:
         ppl, count = perplexity(model, tokens, ctx=args.ctx, max_tokens=args.max_tokens)
@@ -123,6 +130,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ppl.add_argument("--text", default=None,
                      help="UTF-8 text file (default: the evaluation part of the built-in text)")
     ppl.add_argument("--ctx", type=int, default=512, help="window length in tokens")
+    add_head_flag(ppl)
     ppl.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens")
     ppl.add_argument("--json", action="store_true",
                      help='print one line {"ppl": ..., "tokens": ...}')

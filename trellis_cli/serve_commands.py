@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trellis_cli.flags import add_device_flag, default_spec, require_device
+from trellis_cli.flags import add_device_flag, add_head_flag, default_spec, require_device, require_head
 from trellis_runtime.errors import TrellisError
 
 BUILTIN_MODEL = "smollm2-135m"
@@ -47,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise TrellisError(str(err)) from None
     device = require_device(settings.device)
+    require_head(settings.head, device)
     path = checkpoint_for(settings.model, device)
     model_name = settings.served_model_name or settings.model or BUILTIN_MODEL
     if settings.ray:
@@ -62,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from trellis_runtime.generation_config import stop_token_ids
     from trellis_runtime.model import load_model
 
-    model, tokenizer = load_model(path, device)
+    model, tokenizer = load_model(path, device, settings.head)
     engine = Engine(model, tokenizer, max_batch=settings.max_batch,
                     max_seq_len=settings.max_seq_len, eos_token_ids=stop_token_ids(path, tokenizer))
     serve(engine, tokenizer, model_name, settings)
@@ -71,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     device = require_device(args.device)
+    require_head(args.head, device)
     path = checkpoint_for(args.model, device)
     from trellis_runtime.engine import Engine
     from trellis_runtime.generation_config import stop_token_ids
@@ -83,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params.validate()
     except ValueError as err:
         raise TrellisError(str(err)) from None
-    model, tokenizer = load_model(path, device)
+    model, tokenizer = load_model(path, device, args.head)
     with Engine(model, tokenizer, max_batch=1,
                 eos_token_ids=stop_token_ids(path, tokenizer)) as engine:
         output = engine.generate_text(tokenizer(args.prompt)["input_ids"], params)
@@ -112,4 +114,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--seed", type=int, default=None)
     add_device_flag(generate)
+    add_head_flag(generate)
     generate.set_defaults(run=cmd_generate)

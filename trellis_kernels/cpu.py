@@ -15,8 +15,9 @@ trellis_runtime.quantized.QuantizedWeight.dequantize and torch.nn.functional.lin
   S kron H_{2^p}, with the small r x r factor S (a Hadamard matrix, or I_k kron H_{r/k}) passed in
   as float32; `factor` is the scale and both Hadamard normalisations in one multiply:
   scale / sqrt(in * out) for Hadamard S, 1 / sqrt(n / k) per side for block-diagonal ones.
-- dense_linear(x, w) = x w^T for float32 x (at most MAX_TOKENS rows) and bfloat16 or float32 w,
-  accumulated in float32.
+- dense_linear(x, w, scales=None) = x w^T for float32 x (at most MAX_TOKENS rows) and bfloat16,
+  float32 or int8 w, accumulated in float32; int8 w comes with float32 row scales (out,) that
+  multiply each row's sums.
 - rms_norm and decode_attention: those steps of a decode step (trellis_cpu.cpp says what they take).
 - torch.classes.trellis_cpu.DecoderLayer(tensors, factors, specs, dense, trellis_max_tokens,
   input_norm, post_norm, eps): a whole decoder layer for decode steps, built once from its seven
@@ -71,6 +72,8 @@ def trellis_linear(x: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor,
                                                 state_bits, bits, vec, code)
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (tokens, in) float32, weight (out, in) bfloat16 or float32 -> (tokens, out) float32."""
-    return torch.ops.trellis_cpu.dense_linear(x, weight)
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """x (tokens, in) float32, weight (out, in) bfloat16, float32 or int8 (with `scales` (out,)
+    float32) -> (tokens, out) float32."""
+    return torch.ops.trellis_cpu.dense_linear(x, weight, scales)

@@ -61,9 +61,11 @@ struct Product {
 // out in one parallel region, so products with a common input (q, k, v) cost one start of the threads.
 std::vector<at::Tensor> multiply(const std::vector<Product>& products, int64_t tokens);
 
-// y = x w^T for float32 x (tokens <= kMaxTokens, in) and bfloat16 or float32 w (out, in), accumulated
-// in float32: the exact weights (bf16 widened on the fly), each read once for all tokens.
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w);
+// y = x w^T for float32 x (tokens <= kMaxTokens, in) and bfloat16, float32 or int8 w (out, in),
+// accumulated in float32: the exact weights (bf16 widened, int8 converted on the fly), each read
+// once for all tokens; int8 rows' sums are multiplied by their float32 `scales`.
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w,
+                        const std::optional<at::Tensor>& scales = std::nullopt);
 
 // y = x / sqrt(mean(x^2) + eps) * weight for each of `rows` rows of length d.
 void rms_norm_rows(const float* x, const float* weight, float* y, int64_t rows, int64_t d, float eps);

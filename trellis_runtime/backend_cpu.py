@@ -168,12 +168,31 @@ def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post
         input_norm, post_norm, eps)
 
 
-def dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., in) float32 times a bf16 or float32 weight (out, in)^T, in float32: the dense kernel for
-    up to DENSE_KERNEL_MAX_ROWS rows (it reads each weight once for all rows, and bf16 ones in their
-    2 bytes), F.linear (on a widened copy for bf16) for more."""
+def dense_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x (..., in) float32 times a bf16, float32 or int8 weight (out, in)^T, in float32, int8 rows
+    times their `scales` (int8_rows): the dense kernel for up to DENSE_KERNEL_MAX_ROWS rows (it reads
+    each weight once for all rows, in its own bytes), F.linear on a float32 copy for more."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > DENSE_KERNEL_MAX_ROWS:
-        return F.linear(x, weight.to(torch.float32))
-    y = torch.ops.trellis_cpu.dense_linear(rows.contiguous(), weight)
+        return F.linear(x, widened_rows(weight, scales))
+    y = torch.ops.trellis_cpu.dense_linear(rows.contiguous(), weight, scales)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per row) with weight ~ int8 * scale: each row's largest magnitude
+    maps to 127, values round to nearest. Half the bytes of bf16 for the output head, which a
+    decode step reads whole (57 MB in bf16 for SmolLM2-135M)."""
+    w = weight.to(torch.float32)
+    scales = w.abs().amax(dim=1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row stays zero
+    return torch.round(w / scales[:, None]).to(torch.int8).contiguous(), scales.contiguous()
+
+
+def widened_rows(weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 values the dense kernel multiplies by: int8 rows times their scales, bf16 and
+    float32 weights as they are."""
+    if scales is None:
+        return weight.to(torch.float32)
+    return weight.to(torch.float32) * scales[:, None]

@@ -26,8 +26,9 @@ from trellis_runtime.architecture import ModelShape, transformers_config
 from trellis_runtime.attention import Attention, AttentionLayout, AttentionSpec
 from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
                                          choose_code_rows, cpu_kernels_loaded, dense_product,
-                                         fused_decoder_layer)
+                                         fused_decoder_layer, int8_rows)
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
+from trellis_runtime.devices import HEADS
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear, compute_dtype
 from trellis_runtime.rope import LENGTH_DEPENDENT, RotaryEmbedding
@@ -123,6 +124,7 @@ class TrellisModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.register_buffer("lm_head", lm_head, persistent=False)  # the same tensor when tied
+        self.register_buffer("lm_head_scales", None, persistent=False)  # int8 head's (quantize_head)
         self.rotary = nn.ModuleDict(rotary)
         self.length_dependent_rope = any(r.rope_type in LENGTH_DEPENDENT for r in rotary.values())
 
@@ -185,6 +187,14 @@ class TrellisModel(nn.Module):
             if layer.fused_decode is not None:
                 layer.fused_decode.set_trellis_max_tokens(rows)
 
+    def quantize_head(self) -> None:
+        """CPU kernels: multiply the output head in int8 with a scale per row (backend_cpu.int8_rows):
+        half the bytes of bf16 read per decode step. The embeddings keep their own values when
+        tied. The perplexity this costs is in the README (Measured: the int8 head)."""
+        if self.lm_head.device.type != "cpu" or not cpu_kernels_loaded():
+            raise ValueError("an int8 head needs the CPU kernels")
+        self.lm_head, self.lm_head_scales = int8_rows(self.lm_head)
+
     def choose_code_rows(self) -> None:
         """CPU kernels: make decode steps multiply from the codes or from the float32 copy, whichever
         timed steps of this model say is faster on this machine (backend_cpu.choose_code_rows)."""
@@ -234,8 +244,8 @@ class TrellisModel(nn.Module):
         if logits_for is not None:
             x = x.index_select(0, logits_for)
         x = self.norm(x)
-        if self.lm_head.dtype != self.dtype:  # bf16 on CPU: the kernel widens it on the fly
-            logits = dense_product(x, self.lm_head)
+        if self.lm_head.dtype != self.dtype:  # bf16 or int8 on CPU: the kernel widens it on the fly
+            logits = dense_product(x, self.lm_head, self.lm_head_scales)
         else:
             logits = F.linear(x, self.lm_head).float()
         cap = self.shape.final_softcap
@@ -290,9 +300,14 @@ def decoder_layer(shape: ModelShape, index: int, linear: Callable[[str], nn.Modu
     return DecoderLayer(attention, mlp, norms)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(TrellisModel, tokenizer) for the packed checkpoint directory at `path`."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", head: str = "bf16"):
+    """(TrellisModel, tokenizer) for the packed checkpoint directory at `path`; head "int8"
+    quantizes the output head at load (CPU kernels only, TrellisModel.quantize_head)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     model = TrellisModel.from_checkpoint(load_checkpoint(path), device)
+    if head == "int8":
+        model.quantize_head()
     return model, load_tokenizer(path)
 
 
