@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -74,6 +76,39 @@ inline float start_cost(const Trellis& t, const float* planes, int64_t s, const 
   return branch_cost<VEC>(planes, t.states(), s, x);
 }
 
+// next[s] = |v[s] - x|^2 + minima[s >> KV] where a group has fewer than 8 successors (F = 2 or 4:
+// V = 1 at K <= 2): 8 states at a time, each vector's F-fold repeated minima permuted from one load,
+// with the scalar loop's float operations in its order (the same bits).
+template <int VEC>
+void successors_of_small_groups(const Trellis& t, const float* __restrict planes,
+                                const float* __restrict x, const float* __restrict minima,
+                                float* __restrict next) {
+  const int64_t states = t.states();
+  const int step_bits = static_cast<int>(t.step_bits);
+  int64_t s = 0;
+#ifdef __AVX2__
+  const int64_t fan = t.fan();
+  const __m256i spread = fan == 4 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                  : _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  const __m256 x0 = _mm256_set1_ps(x[0]);
+  for (; s + 8 <= states; s += 8) {
+    const float* m = minima + (s >> step_bits);
+    // Only the 8 / F minima this vector uses are read: the last group's may end the array.
+    const __m128 loaded = fan == 4 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(m)))
+                                   : _mm_loadu_ps(m);
+    const __m256 group_min = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(loaded), spread);
+    const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(planes + s), x0);
+    __m256 cost = _mm256_mul_ps(d0, d0);
+    if constexpr (VEC == 2) {
+      const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(planes + states + s), _mm256_set1_ps(x[1]));
+      cost = _mm256_add_ps(cost, _mm256_mul_ps(d1, d1));
+    }
+    _mm256_storeu_ps(next + s, _mm256_add_ps(cost, group_min));
+  }
+#endif
+  for (; s < states; ++s) next[s] = branch_cost<VEC>(planes, states, s, x) + minima[s >> step_bits];
+}
+
 // One step: the group minima of `cost` into `minima`, then the successors' costs into `next`.
 template <int VEC>
 void step(const Trellis& t, const float* __restrict planes, const float* __restrict x,
@@ -106,10 +141,7 @@ void step(const Trellis& t, const float* __restrict planes, const float* __restr
       }
     }
   } else {
-    const int step_bits = static_cast<int>(t.step_bits);
-    for (int64_t s = 0; s < states; ++s) {
-      next[s] = branch_cost<VEC>(planes, states, s, x) + minima[s >> step_bits];
-    }
+    successors_of_small_groups<VEC>(t, planes, x, minima, next);
   }
 }
 
