@@ -18,7 +18,8 @@ minutes on 2 cores, for this CPU) into its own environment under the cache direc
 project's .venv, the first time, and found there afterwards.
 Writes benchmarks/results/cpu_vs_llamacpp.json.
 
-    .venv/bin/python benchmarks/cpu_vs_llamacpp.py [CHECKPOINT ...] [--new-tokens 128] [--runs 3]
+    .venv/bin/python benchmarks/cpu_vs_llamacpp.py [CHECKPOINT ...] [--heads bf16 int8] [--new-tokens 128]
+        [--runs 3]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 
 from qat.sources import builtin_gguf
 from trellis_cli.serve_process import ServeProcess
+from trellis_runtime.devices import HEADS
 from trellis_runtime.model import load_tokenizer
 from trellis_runtime.paths import cache_dir
 
@@ -140,13 +142,13 @@ async def engine_decode_rate(engine, prompt_ids: list[int], new_tokens: int) -> 
                         if out.text])
 
 
-def trellis_in_process(checkpoint: str, new_tokens: int, runs: int) -> float:
+def trellis_in_process(checkpoint: str, head: str, new_tokens: int, runs: int) -> float:
     """Median decode tokens/s of one stream through the trellis Engine in this process."""
     from trellis_runtime.engine import Engine
     from trellis_runtime.model import load_model
 
     torch.set_num_threads(THREADS)
-    model, tokenizer = load_model(checkpoint)
+    model, tokenizer = load_model(checkpoint, head=head)
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     with Engine(model, tokenizer) as engine:
         asyncio.run(engine_decode_rate(engine, prompt_ids, 8))
@@ -168,6 +170,8 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="*",
                         default=[str(cache_dir() / "models" / "smollm2-135m-hyb-L12-K2")],
                         help="trellis checkpoints, each served in turn (default: the built-in one)")
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=["bf16"],
+                        help="output heads to serve each checkpoint with, in turn")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
@@ -178,19 +182,20 @@ def main() -> None:
     body = {"prompt": PROMPT, "max_tokens": args.new_tokens, "temperature": 0}
     python = llama_cpp_python()
 
+    trellis = {f"trellis {Path(checkpoint).name}" + ("" if head == "bf16" else f" {head} head"):
+               (checkpoint, head) for checkpoint in args.checkpoints for head in args.heads}
     in_process = {"llama.cpp": llama_in_process(python, gguf, eos, args.new_tokens, args.runs)}
-    for checkpoint in args.checkpoints:
-        in_process[f"trellis {Path(checkpoint).name}"] = trellis_in_process(
-            checkpoint, args.new_tokens, args.runs)
+    for name, (checkpoint, head) in trellis.items():
+        in_process[name] = trellis_in_process(checkpoint, head, args.new_tokens, args.runs)
     results = {}
     results["llama.cpp"] = run_server(
         ServeProcess(["--model", str(gguf), "--n_threads", str(THREADS), "--n_ctx", "2048",
                       "--host", "127.0.0.1"], timeout_s=300, probe="/v1/models",
                      program=[str(python), "-m", "llama_cpp.server"]),
         {**body, "logit_bias": {str(t): -100 for t in eos}}, args.runs)
-    for checkpoint in args.checkpoints:
-        results[f"trellis {Path(checkpoint).name}"] = run_server(
-            ServeProcess([checkpoint], timeout_s=600, probe="/health",
+    for name, (checkpoint, head) in trellis.items():
+        results[name] = run_server(
+            ServeProcess([checkpoint, "--head", head], timeout_s=600, probe="/health",
                          env={"OMP_NUM_THREADS": str(THREADS)}),
             {**body, "ignore_eos": True}, args.runs)
 
@@ -206,9 +211,9 @@ def main() -> None:
               "in_process_single_decode_tokens_per_second": in_process}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'engine':<36}{'1 stream tok/s':>15}{'8 streams tok/s':>17}{'TTFT ms':>9}{'RSS MiB':>9}")
+    print(f"{'engine':<46}{'1 stream tok/s':>15}{'8 streams tok/s':>17}{'TTFT ms':>9}{'RSS MiB':>9}")
     for name, row in results.items():
-        print(f"{name:<36}{row['single_decode_tokens_per_second']:>15.1f}"
+        print(f"{name:<46}{row['single_decode_tokens_per_second']:>15.1f}"
               f"{row['concurrent_8_tokens_per_second']:>17.1f}{row['ttft_seconds'] * 1000:>9.0f}"
               f"{row['rss_mib']:>9.0f}")
     print("without HTTP, one stream: " + ", ".join(f"{n} {v:.1f} tok/s" for n, v in in_process.items()))

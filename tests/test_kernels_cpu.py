@@ -22,8 +22,8 @@ from trellis_kernels import cpu_build
 from trellis_kernels.cpu_build import BASE_FLAGS, PORTABLE_ENV, CppLibrary, cpu_features
 from trellis_kernels.cpu import (CODE_TABLE, COMPUTED_CODES, LIBRARY, KernelsUnavailable, MAX_TOKENS,
                                  dense_linear)
-from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
-                                         choose_code_rows, cpu_kernels_loaded, dense_product,
+from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, PROBE_SEQUENCES,
+                                         CpuBackend, choose_code_rows, cpu_kernels_loaded, dense_product,
                                          fused_decoder_layer, int8_rows, kernels_unavailable_reason,
                                          state_lut, widened_rows)
 from trellis_runtime.backend_dense import DenseBackend
@@ -356,12 +356,22 @@ def test_fused_decoder_layer_matches_the_per_op_layer(tiny_checkpoint_dir: Path)
 
 
 def test_choose_code_rows_takes_the_faster_path_by_median() -> None:
-    """One slow outlier round does not decide; the path with the lower median does."""
-    steps = {KERNEL_MAX_ROWS: iter([0.010, 0.500, 0.011]), 0: iter([0.020, 0.019, 0.021])}
-    assert choose_code_rows(lambda rows: next(steps[rows])) == (KERNEL_MAX_ROWS, {KERNEL_MAX_ROWS: 0.011,
-                                                                                0: 0.020})
-    steps = {KERNEL_MAX_ROWS: iter([0.030, 0.029, 0.031]), 0: iter([0.020, 0.500, 0.019])}
-    assert choose_code_rows(lambda rows: next(steps[rows]))[0] == 0
+    """One slow outlier round does not decide; the path with the lower median does: one sequence's
+    steps decide codes or copy, then PROBE_SEQUENCES sequences' steps how many rows the codes take."""
+    many = DENSE_KERNEL_MAX_ROWS
+    steps = {(KERNEL_MAX_ROWS, 1): iter([0.010, 0.500, 0.011]), (0, 1): iter([0.020, 0.019, 0.021]),
+             (many, PROBE_SEQUENCES): iter([0.030, 0.031, 0.900]),
+             (KERNEL_MAX_ROWS, PROBE_SEQUENCES): iter([0.040, 0.041, 0.039])}
+    assert choose_code_rows(lambda rows, sequences: next(steps[rows, sequences])) == (many, {
+        (KERNEL_MAX_ROWS, 1): 0.011, (0, 1): 0.020, (many, PROBE_SEQUENCES): 0.031,
+        (KERNEL_MAX_ROWS, PROBE_SEQUENCES): 0.040})
+    steps = {(KERNEL_MAX_ROWS, 1): iter([0.010, 0.011, 0.012]), (0, 1): iter([0.020, 0.019, 0.021]),
+             (many, PROBE_SEQUENCES): iter([0.050, 0.051, 0.049]),
+             (KERNEL_MAX_ROWS, PROBE_SEQUENCES): iter([0.040, 0.500, 0.039])}
+    assert choose_code_rows(lambda rows, sequences: next(steps[rows, sequences]))[0] == KERNEL_MAX_ROWS
+    steps = {(KERNEL_MAX_ROWS, 1): iter([0.030, 0.029, 0.031]), (0, 1): iter([0.020, 0.500, 0.019])}
+    assert choose_code_rows(lambda rows, sequences: next(steps[rows, sequences])) == (0, {
+        (KERNEL_MAX_ROWS, 1): 0.030, (0, 1): 0.020})
 
 
 @needs_kernels

@@ -38,16 +38,17 @@ from trellis_runtime.quantized import QuantizedWeight
 
 logger = logging.getLogger("trellis_runtime")
 
-# Rows up to which each kernel is the fastest product, measured side by side over SmolLM2-135M's 210
-# linears: the trellis kernel wins at 1 and 2 rows and loses from 3 on (its multiply-adds grow with the
-# rows while its decode does not shrink); from there the dense kernel beats F.linear on the float32
-# copy up to its 16-row limit, and on the bf16 head at every row count it takes (the figures are in
-# the history of this line: git log -S KERNEL_MAX_ROWS). The decode speeds these choices give are in
-# benchmarks/results/runtime_decode.json. Whether 1-2 rows from the codes beat the float32 copy
-# depends on the machine and the code (a table code's gather against memory bandwidth:
-# benchmarks/results/cpu_products.json), so a loaded model times both (choose_code_rows).
+# Rows up to which the trellis kernel is used by default. Which product is fastest depends on the
+# machine and the code, measured side by side over SmolLM2-135M's 210 linears
+# (benchmarks/results/cpu_products.json): a table code's gather against the float32 copy's memory
+# bandwidth at 1-2 rows, and from 3 rows the kernel's multiply-adds, which grow with the rows while
+# its decode does not. On a Zen 5 machine the computed codes beat the copy at every decode batch
+# (1-16 rows) and `hyb`'s gather loses to it; the dense kernel beats F.linear on the copy up to its
+# 16-row limit and on the bf16 head. So a loaded model times decode steps each way
+# (choose_code_rows): codes for none, 1-2 (KERNEL_MAX_ROWS) or 1-16 rows.
 KERNEL_MAX_ROWS = 2
 DENSE_KERNEL_MAX_ROWS = MAX_TOKENS  # the most rows one call of the C++ dense kernel takes
+PROBE_SEQUENCES = 8  # the batch whose timed steps decide whether 3-16 rows come from the codes
 DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use torch everywhere: dense products, Viterbi
 
 
@@ -137,16 +138,27 @@ class CpuBackend(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def choose_code_rows(time_step: Callable[[int], float], rounds: int = 3) -> tuple[int, dict[int, float]]:
-    """KERNEL_MAX_ROWS, or 0 where decode steps from the float32 copy are faster here: time_step(rows)
-    times one decode step with products of up to `rows` rows from the codes. Both are timed in turn,
-    `rounds` times each, and the medians compared; returns the choice and the medians (seconds)."""
-    samples: dict[int, list[float]] = {KERNEL_MAX_ROWS: [], 0: []}
-    for _ in range(rounds):
-        for rows, times in samples.items():
-            times.append(time_step(rows))
-    medians = {rows: statistics.median(times) for rows, times in samples.items()}
-    return min(medians, key=medians.get), medians
+def choose_code_rows(time_step: Callable[[int, int], float], rounds: int = 3
+                     ) -> tuple[int, dict[tuple[int, int], float]]:
+    """The most rows a product takes from the codes in decode steps, the rest from the float32 copy:
+    0 where even one sequence's steps are faster from the copy, else DENSE_KERNEL_MAX_ROWS (every
+    decode batch) where steps of PROBE_SEQUENCES sequences are faster from the codes too, else
+    KERNEL_MAX_ROWS. time_step(rows, sequences) times one decode step of `sequences` sequences with
+    products of up to `rows` rows from the codes. Each pair is timed in turn, `rounds` times each,
+    and the medians compared; returns the choice and the medians (seconds) by (rows, sequences)."""
+    def faster(rows: tuple[int, int], sequences: int) -> int:
+        samples: dict[int, list[float]] = {r: [] for r in rows}
+        for _ in range(rounds):
+            for r, times in samples.items():
+                times.append(time_step(r, sequences))
+        for r, times in samples.items():
+            medians[r, sequences] = statistics.median(times)
+        return min(rows, key=lambda r: medians[r, sequences])
+
+    medians: dict[tuple[int, int], float] = {}
+    if faster((KERNEL_MAX_ROWS, 0), 1) == 0:
+        return 0, medians
+    return faster((DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS), PROBE_SEQUENCES), medians
 
 
 def fused_decoder_layer(linears: list[nn.Module], input_norm: torch.Tensor, post_norm: torch.Tensor,

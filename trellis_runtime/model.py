@@ -24,7 +24,7 @@ from torch import nn
 
 from trellis_runtime.architecture import ModelShape, transformers_config
 from trellis_runtime.attention import Attention, AttentionLayout, AttentionSpec
-from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, CpuBackend,
+from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, CpuBackend,
                                          choose_code_rows, cpu_kernels_loaded, dense_product,
                                          fused_decoder_layer, int8_rows)
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
@@ -198,15 +198,16 @@ class TrellisModel(nn.Module):
     def choose_code_rows(self) -> None:
         """CPU kernels: make decode steps multiply from the codes or from the float32 copy, whichever
         timed steps of this model say is faster on this machine (backend_cpu.choose_code_rows)."""
-        def time_step(rows: int) -> float:
+        def time_step(rows: int, sequences: int) -> float:
             self.use_codes_up_to(rows)
-            return median_decode_step_seconds(self, steps=4)
+            return median_decode_step_seconds(self, steps=4, sequences=sequences)
 
         rows, medians = choose_code_rows(time_step)
         self.use_codes_up_to(rows)
-        logger.info("decode steps of one sequence: %.1f ms from the codes, %.1f ms from the float32 "
-                    "copy; %s", medians[KERNEL_MAX_ROWS] * 1e3, medians[0] * 1e3,
-                    f"1-{rows} sequences from the codes" if rows else "the copy is used")
+        timings = "; ".join(f"{sequences} sequence(s), codes up to {r} rows: {seconds * 1e3:.1f} ms"
+                            for (r, sequences), seconds in medians.items())
+        logger.info("decode steps: %s; %s", timings,
+                    f"1-{rows} sequences from the codes" if rows else "the float32 copy is used")
 
     def new_cache(self, max_slots: int, max_seq_len: int) -> KVCache:
         """A KV cache shaped for this model, on its device and in its dtype."""
@@ -252,16 +253,17 @@ class TrellisModel(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def median_decode_step_seconds(model: TrellisModel, steps: int) -> float:
-    """The median time of `steps` decode steps of one new sequence (one token each, its context
-    growing), after one step that warms the caches up."""
-    cache = model.new_cache(1, steps + 1)
-    slot = torch.tensor([cache.allocate()])
+def median_decode_step_seconds(model: TrellisModel, steps: int, sequences: int = 1) -> float:
+    """The median time of `steps` decode steps of `sequences` new sequences (one token each, their
+    contexts growing), after one step that warms the caches up."""
+    cache = model.new_cache(sequences, steps + 1)
+    slots = torch.tensor([cache.allocate() for _ in range(sequences)])
+    tokens = torch.zeros(sequences, dtype=torch.int64)
     times = []
     with torch.inference_mode():
         for position in range(steps + 1):
             started = time.perf_counter()
-            model(torch.tensor([0]), torch.tensor([position]), slot, cache)
+            model(tokens, torch.full((sequences,), position), slots, cache)
             times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
 
