@@ -28,7 +28,7 @@ from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS,
                                          state_lut, widened_rows)
 from trellis_runtime.backend_dense import DenseBackend
 from trellis_runtime.checkpoint import load_checkpoint
-from trellis_runtime.linear import select_backend
+from trellis_runtime.linear import TrellisLinear, select_backend
 from trellis_runtime.model import TrellisModel, load_model
 from trellis_runtime.rope import apply_rotary, default_frequencies, rotation_factors
 from trellis_runtime.quantized import QuantizedWeight
@@ -316,6 +316,33 @@ def test_int8_head_gives_the_logits_of_its_scaled_rows(tiny_checkpoint_dir: Path
         assert relative_error(logits[0], logits[1].double()) < 1e-5
     with pytest.raises(ValueError, match="head must be one of bf16, int8, not 'fp8'"):
         load_model(tiny_checkpoint_dir, head="fp8")
+
+
+@needs_kernels
+def test_dropping_the_float_copies_keeps_the_logits(tiny_checkpoint_dir: Path) -> None:
+    """After drop_float_copies every product comes from the codes: a 20-token prefill (beyond the
+    decode kernels' rows) and a decode step of 3 sequences give the logits they gave with the
+    copies, the copies' memory is gone, and the row limit can no longer send products to them."""
+    model, _ = load_model(tiny_checkpoint_dir)
+
+    def logits() -> list[torch.Tensor]:
+        cache = model.new_cache(3, 32)
+        slots = [cache.allocate() for _ in range(3)]
+        prefill = model(torch.arange(3, 23), torch.arange(20), torch.full((20,), slots[0]), cache)
+        step = model(torch.tensor([5, 6, 7]), torch.tensor([20, 0, 0]), torch.tensor(slots), cache)
+        return [prefill, step]
+
+    with torch.inference_mode():
+        model.use_codes_up_to(0)
+        before = logits()
+        model.drop_float_copies()
+        after = logits()
+    for a, b in zip(after, before):
+        assert relative_error(a, b.double()) < 1e-5
+    assert all(backend.dense is None for backend in model.cpu_backends())
+    assert sum(m.decoded_bytes for m in model.modules() if isinstance(m, TrellisLinear)) == 0
+    with pytest.raises(ValueError, match="float32 copies were dropped"):
+        model.use_codes_up_to(2)
 
 
 @needs_kernels

@@ -23,7 +23,7 @@ trellis_runtime.quantized.QuantizedWeight.dequantize and torch.nn.functional.lin
   input_norm, post_norm, eps): a whole decoder layer for decode steps, built once from its seven
   linears' trellis_linear arguments (q, k, v, o, gate, up, down) and their float32 copies `dense`
   (multiplied instead of the codes beyond trellis_max_tokens rows, which .set_trellis_max_tokens(n)
-  changes); .decode(x, cos, signed_sin,
+  changes; .drop_dense() releases them and multiplies every product from the codes); .decode(x, cos, signed_sin,
   cache_k, cache_v, slots, positions) returns x + attention, + MLP, as trellis_runtime/model.py's
   DecoderLayer computes it.
 

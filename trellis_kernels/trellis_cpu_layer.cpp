@@ -102,6 +102,7 @@ struct DecoderLayer : torch::CustomClassHolder {
   std::vector<at::Tensor> products(std::initializer_list<int> which, const at::Tensor& x, int64_t tokens) const {
     std::vector<at::Tensor> out;
     if (tokens > trellis_max_tokens) {
+      TORCH_CHECK(!dense.empty(), "DecoderLayer: the dense copies were dropped; every product is from the codes");
       for (int i : which) out.push_back(dense_linear(x, dense[i]));
       return out;
     }
@@ -133,5 +134,10 @@ TORCH_LIBRARY_FRAGMENT(trellis_cpu, m) {
                        std::vector<at::Tensor>, int64_t, at::Tensor, at::Tensor, double>())
       .def("decode", &trellis_cpu::DecoderLayer::decode)
       .def("set_trellis_max_tokens", [](const c10::intrusive_ptr<trellis_cpu::DecoderLayer>& self,
-                                        int64_t rows) { self->trellis_max_tokens = rows; });
+                                        int64_t rows) { self->trellis_max_tokens = rows; })
+      // Every product from the codes from now on, and the dense copies released.
+      .def("drop_dense", [](const c10::intrusive_ptr<trellis_cpu::DecoderLayer>& self) {
+        self->dense.clear();
+        self->trellis_max_tokens = trellis_cpu::kMaxTokens;
+      });
 }

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,7 @@ logger = logging.getLogger("trellis_runtime")
 KERNEL_MAX_ROWS = 2
 DENSE_KERNEL_MAX_ROWS = MAX_TOKENS  # the most rows one call of the C++ dense kernel takes
 PROBE_SEQUENCES = 8  # the batch whose timed steps decide whether 3-16 rows come from the codes
+CODES_ONLY = sys.maxsize  # max_rows once the float32 copy is dropped: every product from the codes
 DISABLE_VARIABLE = "TRELLIS_CPU_KERNELS"  # set to 0 to use torch everywhere: dense products, Viterbi
 
 
@@ -126,7 +128,13 @@ class CpuBackend(nn.Module):
 
     @property
     def decoded_bytes(self) -> int:
-        return self.dense.numel() * self.dense.element_size()
+        return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
+
+    def drop_float_copy(self) -> None:
+        """Multiply every product from the codes, prefills included, and free the float32 copy:
+        for where the codes beat the copy at every decode batch (TrellisModel.choose_code_rows)."""
+        self.dense = None
+        self.max_rows = CODES_ONLY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] <= self.max_rows:  # a decode step's (tokens, features)

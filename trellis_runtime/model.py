@@ -31,6 +31,7 @@ from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
 from trellis_runtime.devices import HEADS
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear, compute_dtype
+from trellis_runtime.memory import return_freed_memory
 from trellis_runtime.rope import LENGTH_DEPENDENT, RotaryEmbedding
 
 logger = logging.getLogger("trellis_runtime")
@@ -169,23 +170,40 @@ class TrellisModel(nn.Module):
         model = cls(shape, embed, layers, norm("model.norm.weight", kernels), lm_head, rotary, dtype)
         model.eval()
         linears = [m for m in model.modules() if isinstance(m, TrellisLinear)]
-        if kernels and any(isinstance(m.backend, CpuBackend) for m in linears):
+        if kernels and model.cpu_backends():
             model.choose_code_rows()
+        if device.type == "cpu":
+            return_freed_memory()  # the load's temporaries, and the float32 copies if dropped
         packed = sum(m.quantized.codes.numel() * m.quantized.codes.element_size() for m in linears)
         logger.info("%d quantized linears decoded for %s: %.1f MiB held in %s (packed codes: %.1f MiB)",
                     len(linears), device, sum(m.decoded_bytes for m in linears) / 2**20, dtype,
                     packed / 2**20)
         return model
 
+    def cpu_backends(self) -> list[CpuBackend]:
+        """The quantized linears' CPU kernel backends (none off the CPU or without the kernels)."""
+        return [m.backend for m in self.modules()
+                if isinstance(m, TrellisLinear) and isinstance(m.backend, CpuBackend)]
+
     def use_codes_up_to(self, rows: int) -> None:
         """CPU kernels: multiply products of up to `rows` rows (decode steps of up to `rows`
         sequences) from the packed codes, larger ones from the float32 copy."""
-        for module in self.modules():
-            if isinstance(module, TrellisLinear) and isinstance(module.backend, CpuBackend):
-                module.backend.max_rows = rows
+        if any(backend.dense is None for backend in self.cpu_backends()):
+            raise ValueError("the float32 copies were dropped: every product is from the codes")
+        for backend in self.cpu_backends():
+            backend.max_rows = rows
         for layer in self.layers:
             if layer.fused_decode is not None:
                 layer.fused_decode.set_trellis_max_tokens(rows)
+
+    def drop_float_copies(self) -> None:
+        """CPU kernels: multiply every product from the packed codes, prefills included, and free
+        the float32 copies of the quantized linears (405 MiB for SmolLM2-135M)."""
+        for backend in self.cpu_backends():
+            backend.drop_float_copy()
+        for layer in self.layers:
+            if layer.fused_decode is not None:
+                layer.fused_decode.drop_dense()
 
     def quantize_head(self) -> None:
         """CPU kernels: multiply the output head in int8 with a scale per row (backend_cpu.int8_rows):
@@ -204,6 +222,8 @@ class TrellisModel(nn.Module):
 
         rows, medians = choose_code_rows(time_step)
         self.use_codes_up_to(rows)
+        if rows == DENSE_KERNEL_MAX_ROWS:  # prefills from the codes too (about as fast: README)
+            self.drop_float_copies()
         timings = "; ".join(f"{sequences} sequence(s), codes up to {r} rows: {seconds * 1e3:.1f} ms"
                             for (r, sequences), seconds in medians.items())
         logger.info("decode steps: %s; %s", timings,
