@@ -8,10 +8,11 @@ client over HTTP, greedy, --new-tokens tokens after a short prompt, end of text 
                 (prefill and connection set-up excluded for both)
   concurrent    8 streams at once: aggregate completion tokens/s over the wall time
   memory        the server process's resident memory after the runs, and its peak
-and, without HTTP, each engine in its own process through its Python API (llama-cpp-python's `Llama`,
-the trellis `Engine`): one stream's decode tokens/s, measured the same way.
-Medians over --runs rounds after a warm-up. Goals: trellis single stream >= llama.cpp's, and trellis
-8-stream aggregate >= 3x its own single stream. With several checkpoints, each is served in turn.
+and, without HTTP, each engine through its Python API (llama-cpp-python's `Llama` in its own process,
+the trellis `Engine` in this one, each loaded afresh per round): one stream's decode tokens/s,
+measured the same way, in rounds of every engine in turn. Medians over --runs rounds after a
+warm-up. Goals: trellis single stream >= llama.cpp's, and trellis 8-stream aggregate >= 3x its own
+single stream. With several checkpoints (and --heads), each is served in turn.
 
 llama-cpp-python is a comparison, not a dependency: it is built from source (pinned, about 10
 minutes on 2 cores, for this CPU) into its own environment under the cache directory, outside the
@@ -48,12 +49,11 @@ LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 PROMPT = "The history of the river valley begins with"
 THREADS, STREAMS = 2, 8
 # One stream through llama-cpp-python's own API, run by its environment's Python: argv = GGUF, prompt,
-# new tokens, runs, end-of-text ids; prints the decode tokens/s of each run as JSON.
+# new tokens, end-of-text ids; prints the decode tokens/s of one run after a warm-up.
 LLAMA_IN_PROCESS = """
-import json, sys, time
+import sys, time
 from llama_cpp import Llama
-gguf, prompt, eos = sys.argv[1], sys.argv[2], sys.argv[5]
-new_tokens, runs = int(sys.argv[3]), int(sys.argv[4])
+gguf, prompt, new_tokens, eos = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 llm = Llama(model_path=gguf, n_threads=%d, n_ctx=2048, verbose=False)
 bias = {int(t): -100.0 for t in eos.split(",")}
 def decode_rate(n):
@@ -61,7 +61,7 @@ def decode_rate(n):
     stamps = [time.perf_counter() for chunk in chunks if chunk["choices"][0]["text"]]
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 decode_rate(8)
-print(json.dumps([decode_rate(new_tokens) for _ in range(runs)]))
+print(decode_rate(new_tokens))
 """ % THREADS
 
 
@@ -126,12 +126,12 @@ async def measure(base: str, body: dict, runs: int) -> dict:
             "samples": {"single": single, "concurrent_8": concurrent, "ttft": ttft}}
 
 
-def llama_in_process(python: Path, gguf: Path, eos: list[int], new_tokens: int, runs: int) -> float:
-    """Median decode tokens/s of one stream through llama-cpp-python's API, in its own process."""
+def llama_in_process(python: Path, gguf: Path, eos: list[int], new_tokens: int) -> float:
+    """Decode tokens/s of one stream through llama-cpp-python's API, in its own process."""
     out = subprocess.run([str(python), "-c", LLAMA_IN_PROCESS, str(gguf), PROMPT, str(new_tokens),
-                          str(runs), ",".join(map(str, eos))],
+                          ",".join(map(str, eos))],
                          capture_output=True, text=True, check=True)
-    return statistics.median(json.loads(out.stdout.strip().splitlines()[-1]))
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 async def engine_decode_rate(engine, prompt_ids: list[int], new_tokens: int) -> float:
@@ -142,8 +142,8 @@ async def engine_decode_rate(engine, prompt_ids: list[int], new_tokens: int) -> 
                         if out.text])
 
 
-def trellis_in_process(checkpoint: str, head: str, new_tokens: int, runs: int) -> float:
-    """Median decode tokens/s of one stream through the trellis Engine in this process."""
+def trellis_in_process(checkpoint: str, head: str, new_tokens: int) -> float:
+    """Decode tokens/s of one stream through the trellis Engine in this process, after a warm-up."""
     from trellis_runtime.engine import Engine
     from trellis_runtime.model import load_model
 
@@ -152,8 +152,7 @@ def trellis_in_process(checkpoint: str, head: str, new_tokens: int, runs: int) -
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     with Engine(model, tokenizer) as engine:
         asyncio.run(engine_decode_rate(engine, prompt_ids, 8))
-        return statistics.median(asyncio.run(engine_decode_rate(engine, prompt_ids, new_tokens))
-                                 for _ in range(runs))
+        return asyncio.run(engine_decode_rate(engine, prompt_ids, new_tokens))
 
 
 def run_server(server: ServeProcess, body: dict, runs: int) -> dict:
@@ -184,9 +183,14 @@ def main() -> None:
 
     trellis = {f"trellis {Path(checkpoint).name}" + ("" if head == "bf16" else f" {head} head"):
                (checkpoint, head) for checkpoint in args.checkpoints for head in args.heads}
-    in_process = {"llama.cpp": llama_in_process(python, gguf, eos, args.new_tokens, args.runs)}
-    for name, (checkpoint, head) in trellis.items():
-        in_process[name] = trellis_in_process(checkpoint, head, args.new_tokens, args.runs)
+    # Rounds of every engine in turn, so that the machine's drift between minutes (up to 2x here)
+    # falls on all of them alike; medians over the rounds.
+    rounds: dict[str, list[float]] = {"llama.cpp": [], **{name: [] for name in trellis}}
+    for _ in range(args.runs):
+        rounds["llama.cpp"].append(llama_in_process(python, gguf, eos, args.new_tokens))
+        for name, (checkpoint, head) in trellis.items():
+            rounds[name].append(trellis_in_process(checkpoint, head, args.new_tokens))
+    in_process = {name: statistics.median(rates) for name, rates in rounds.items()}
     results = {}
     results["llama.cpp"] = run_server(
         ServeProcess(["--model", str(gguf), "--n_threads", str(THREADS), "--n_ctx", "2048",
@@ -208,7 +212,8 @@ def main() -> None:
               "cpus": os.cpu_count(), "threads": THREADS, "gguf": gguf.name,
               "llama_cpp_python": LLAMA_CPP_PYTHON, "new_tokens": args.new_tokens, "runs": args.runs,
               "results": results, "ratios": summary,
-              "in_process_single_decode_tokens_per_second": in_process}
+              "in_process_single_decode_tokens_per_second": in_process,
+              "in_process_rounds": rounds}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{'engine':<46}{'1 stream tok/s':>15}{'8 streams tok/s':>17}{'TTFT ms':>9}{'RSS MiB':>9}")

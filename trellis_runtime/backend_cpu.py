@@ -1,5 +1,4 @@
-"""The CPU kernel backend of TrellisLinear: decode steps of 1-2 sequences multiply straight from
-the packed codes.
+"""The CPU kernel backend of TrellisLinear: decode steps multiply straight from the packed codes.
 
 A decode step on CPU is bound by the bytes its weights occupy: float32 copies of SmolLM2-135M's linears
 are 424 MB, far beyond a last-level cache, so each token streams them from memory whatever the
@@ -9,10 +8,11 @@ input rows, multiplies by the code values looked up per trellis state, and rotat
 The values are the stored ones (float16 table entries, float32 computed codes) times the matrix's
 scale: no weight is rounded.
 
-Products of more rows than `max_rows` pay the code decode once but the multiply-adds per row, and a
-dense float32 copy overtakes: up to DENSE_KERNEL_MAX_ROWS rows through the C++ dense kernel (each
-weight read once for all rows), beyond (prefill) through torch's GEMM. That copy is the memory this
-backend reports as decoded.
+Products of more rows pay the code decode once but the multiply-adds per row, and a dense float32
+copy may overtake: products of more than `max_rows` rows use it, up to DENSE_KERNEL_MAX_ROWS rows
+through the C++ dense kernel (each weight read once for all rows), beyond (prefill) through torch's
+GEMM. That copy is the memory this backend reports as decoded; where the codes win at every decode
+batch, the model drops it and every product comes from the codes (drop_float_copy).
 """
 
 from __future__ import annotations

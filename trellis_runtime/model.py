@@ -212,6 +212,7 @@ class TrellisModel(nn.Module):
         if self.lm_head.device.type != "cpu" or not cpu_kernels_loaded():
             raise ValueError("an int8 head needs the CPU kernels")
         self.lm_head, self.lm_head_scales = int8_rows(self.lm_head)
+        return_freed_memory()  # int8_rows's float32 temporaries
 
     def choose_code_rows(self) -> None:
         """CPU kernels: make decode steps multiply from the codes or from the float32 copy, whichever
