@@ -39,6 +39,7 @@ import httpx
 import torch
 
 from qat.sources import builtin_gguf
+from trellis_cli.serve_commands import checkpoint_for
 from trellis_cli.serve_process import ServeProcess
 from trellis_runtime.devices import HEADS
 from trellis_runtime.model import load_tokenizer
@@ -167,13 +168,14 @@ def run_server(server: ServeProcess, body: dict, runs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoints", nargs="*",
-                        default=[str(cache_dir() / "models" / "smollm2-135m-hyb-L12-K2")],
-                        help="trellis checkpoints, each served in turn (default: the built-in one)")
+                        help="trellis checkpoints, each served in turn (default: the built-in one, "
+                             "quantized on first use as `make serve` does)")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=["bf16"],
                         help="output heads to serve each checkpoint with, in turn")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    args.checkpoints = args.checkpoints or [str(checkpoint_for(None, "cpu"))]
     gguf = builtin_gguf("smollm2-135m")
     tokenizer = load_tokenizer(args.checkpoints[0])
     eos = sorted({tokenizer.eos_token_id, *([tokenizer.pad_token_id] if tokenizer.pad_token_id

@@ -130,13 +130,17 @@ def test_a_bad_option_value_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_spec_flags_left_out_give_the_default_spec_on_every_device() -> None:
     """What quantize makes with no spec flags is what serve and generate quantize to."""
-    from trellis_cli.flags import DEFAULT_STATE_BITS, default_spec, spec_from_arguments
+    from trellis_cli.flags import DEFAULT_CODE, DEFAULT_STATE_BITS, default_spec, spec_from_arguments
     from trellis_runtime.devices import DEVICES
 
-    assert set(DEFAULT_STATE_BITS) == set(DEVICES)
+    assert set(DEFAULT_STATE_BITS) == set(DEVICES) == set(DEFAULT_CODE)
     args = build_parser().parse_args(["quantize", "src", "--out", "out"])
     for device in DEVICES:
-        assert spec_from_arguments(args, DEFAULT_STATE_BITS[device]) == default_spec(device)
+        assert spec_from_arguments(args, DEFAULT_STATE_BITS[device], DEFAULT_CODE[device]) == \
+            default_spec(device)
+    assert default_spec("cpu").code == "3inst" and default_spec("cpu").vec == 1
+    given = build_parser().parse_args(["quantize", "src", "--out", "out", "--code", "hyb"])
+    assert spec_from_arguments(given, 12, "3inst").code == "hyb"
 
 
 def test_state_bits_help_states_the_default_each_command_uses(

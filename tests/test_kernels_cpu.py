@@ -323,7 +323,7 @@ def test_dropping_the_float_copies_keeps_the_logits(tiny_checkpoint_dir: Path) -
     """After drop_float_copies every product comes from the codes: a 20-token prefill (beyond the
     decode kernels' rows) and a decode step of 3 sequences give the logits they gave with the
     copies, the copies' memory is gone, and the row limit can no longer send products to them."""
-    model, _ = load_model(tiny_checkpoint_dir)
+    model = TrellisModel.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), "cpu", choose_paths=False)
 
     def logits() -> list[torch.Tensor]:
         cache = model.new_cache(3, 32)
@@ -351,8 +351,8 @@ def test_fused_decoder_layer_matches_the_per_op_layer(tiny_checkpoint_dir: Path)
     (the same kernels in the same order, float32 rounding apart), for 1 sequence (products from the
     codes) and 3 (beyond KERNEL_MAX_ROWS: from the dense copies)."""
     assert KERNEL_MAX_ROWS < 3
-    model = TrellisModel.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), "cpu")
-    model.use_codes_up_to(KERNEL_MAX_ROWS)  # whatever the load measured as faster here
+    model = TrellisModel.from_checkpoint(load_checkpoint(tiny_checkpoint_dir), "cpu", choose_paths=False)
+    model.use_codes_up_to(KERNEL_MAX_ROWS)
     layer = model.layers[0]
     assert layer.fused_decode is not None and layer.fused_max_rows == DENSE_KERNEL_MAX_ROWS
     hidden, gen = model.shape.hidden, torch.Generator().manual_seed(10)

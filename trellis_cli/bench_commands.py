@@ -7,15 +7,15 @@ import argparse
 import json
 
 from trellis_cli.flags import add_device_flag, add_spec_flags, require_device, spec_from_arguments
-from trellis_runtime.trellis import MAX_STATE_BITS
+from trellis_runtime.trellis import MAX_STATE_BITS, TrellisSpec
 
 
 def cmd_bench_codes(args: argparse.Namespace) -> int:
     device = require_device(args.device)
     from trellis_cli.code_bench import bench_codes
 
-    # The full trellis on every device, unlike quantize's CPU default (DEFAULT_STATE_BITS).
-    spec = spec_from_arguments(args, MAX_STATE_BITS)
+    # The full trellis and HYB on every device, unlike quantize's CPU defaults (trellis_cli.flags).
+    spec = spec_from_arguments(args, MAX_STATE_BITS, TrellisSpec.code)
     result = bench_codes(spec, sequences=args.sequences, device=device)
     if args.json:
         print(json.dumps(result))
@@ -36,7 +36,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
     codes = bench_kinds.add_parser("codes", help="encoder MSE on Gaussian data vs the bound 4^-K")
-    add_spec_flags(codes, state_bits_default=str(MAX_STATE_BITS))
+    add_spec_flags(codes, state_bits_default=str(MAX_STATE_BITS), code_default=TrellisSpec.code)
     codes.add_argument("--sequences", type=int, default=64, help="Gaussian tiles of 256 to encode")
     codes.add_argument("--json", action="store_true", help="print one JSON line")
     add_device_flag(codes)

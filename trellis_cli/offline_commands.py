@@ -11,15 +11,16 @@ import argparse
 import json
 from pathlib import Path
 
-from trellis_cli.flags import (DEFAULT_STATE_BITS, add_device_flag, add_head_flag, add_spec_flags,
-                               device_state_bits_help, require_device, spec_from_arguments)
+from trellis_cli.flags import (DEFAULT_CODE, DEFAULT_STATE_BITS, add_device_flag, add_head_flag,
+                               add_spec_flags, device_code_help, device_state_bits_help, require_device,
+                               spec_from_arguments)
 from trellis_cli.options import add_option_flags, options_from_arguments
 from trellis_runtime.errors import TrellisError
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     device = require_device(args.device)
-    spec = spec_from_arguments(args, DEFAULT_STATE_BITS[device])
+    spec = spec_from_arguments(args, DEFAULT_STATE_BITS[device], DEFAULT_CODE[device])
     from qat.ptq import QuantizeOptions, quantize_model
     from qat.text import read_text_file
 
@@ -97,7 +98,7 @@ def quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("src", help="model directory, .gguf file, or built-in name smollm2-135m")
     parser.add_argument("--out", required=True, help="checkpoint directory to create")
-    add_spec_flags(parser, device_state_bits_help())
+    add_spec_flags(parser, device_state_bits_help(), device_code_help())
     add_option_flags(parser, QuantizeOptions)
     parser.add_argument("--ray", action="store_true",
                         help="quantize groups of layers in parallel as Ray tasks (a local Ray "

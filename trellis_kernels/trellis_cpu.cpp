@@ -86,7 +86,8 @@ void hadamard_rows(float* x, int64_t rows, int64_t n, const float* small, int64_
         __m512 sum = _mm512_setzero_ps();
         for (int64_t b = 0; b < r; ++b) {
           const float h = transpose ? small[b * r + a] : small[a * r + b];
-          if (h != 0.0f) sum = _mm512_fmadd_ps(_mm512_set1_ps(h), _mm512_maskz_loadu_ps(lanes, v + b * m + k), sum);
+          if (h == 0.0f) continue;
+          sum = _mm512_fmadd_ps(_mm512_set1_ps(h), _mm512_maskz_loadu_ps(lanes, v + b * m + k), sum);
         }
         _mm512_mask_storeu_ps(mixed.data() + a * m + k, lanes, sum);
       }
@@ -287,7 +288,9 @@ void product_direct(const int32_t* codes, const Decoder& decoder, const float* x
       for (int64_t ct = 0; ct < col_tiles; ++ct) {
         const int32_t* tile = tile_row + ct * decoder.words;
         __m512 xv[kTokens];
-        for (int64_t t = 0; t < kTokens; ++t) xv[t] = _mm512_loadu_ps(x_rot + t * in_features + ct * kTile);
+        for (int64_t t = 0; t < kTokens; ++t) {
+          xv[t] = _mm512_loadu_ps(x_rot + t * in_features + ct * kTile);
+        }
         for (int64_t j = 0; j < kGroupsPerPass; ++j) {
           __m512 w[kVec];
           decoder.decode(tile, pass * kGroupsPerPass + j, w);

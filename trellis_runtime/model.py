@@ -132,9 +132,12 @@ class TrellisModel(nn.Module):
         self.embed_scale = embedding_scale(shape, dtype)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, device: str | torch.device = "cpu"
-                        ) -> "TrellisModel":
-        """Build the model on `device`, decoding the quantized linears as their backend requires."""
+    def from_checkpoint(cls, checkpoint: Checkpoint, device: str | torch.device = "cpu",
+                        choose_paths: bool = True) -> "TrellisModel":
+        """Build the model on `device`, decoding the quantized linears as their backend requires.
+        choose_paths: with the CPU kernels, time decode steps to choose codes or float32 copies
+        (choose_code_rows); False keeps the copies and KERNEL_MAX_ROWS, for callers that set the
+        paths themselves (use_codes_up_to, drop_float_copies)."""
         device = torch.device(device)
         dtype = compute_dtype(device)
         shape = checkpoint.shape
@@ -170,7 +173,7 @@ class TrellisModel(nn.Module):
         model = cls(shape, embed, layers, norm("model.norm.weight", kernels), lm_head, rotary, dtype)
         model.eval()
         linears = [m for m in model.modules() if isinstance(m, TrellisLinear)]
-        if kernels and model.cpu_backends():
+        if kernels and choose_paths and model.cpu_backends():
             model.choose_code_rows()
         if device.type == "cpu":
             return_freed_memory()  # the load's temporaries, and the float32 copies if dropped
