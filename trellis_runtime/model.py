@@ -211,7 +211,7 @@ class TrellisModel(nn.Module):
     def quantize_head(self) -> None:
         """CPU kernels: multiply the output head in int8 with a scale per row (backend_cpu.int8_rows):
         half the bytes of bf16 read per decode step. The embeddings keep their own values when
-        tied. The perplexity this costs is in the README (Measured: the int8 head)."""
+        tied. The perplexity this costs is in the README (Measured, CPU decode against llama.cpp)."""
         if self.lm_head.device.type != "cpu" or not cpu_kernels_loaded():
             raise ValueError("an int8 head needs the CPU kernels")
         self.lm_head, self.lm_head_scales = int8_rows(self.lm_head)
