@@ -41,7 +41,7 @@ import torch
 from qat.sources import builtin_gguf
 from trellis_cli.serve_commands import checkpoint_for
 from trellis_cli.serve_process import ServeProcess
-from trellis_runtime.devices import HEADS
+from trellis_runtime.devices import DEFAULT_HEAD, HEADS
 from trellis_runtime.model import load_tokenizer
 from trellis_runtime.paths import cache_dir
 
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="*",
                         help="trellis checkpoints, each served in turn (default: the built-in one, "
                              "quantized on first use as `make serve` does)")
-    parser.add_argument("--heads", nargs="+", choices=HEADS, default=["bf16"],
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=[DEFAULT_HEAD],
                         help="output heads to serve each checkpoint with, in turn")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
@@ -183,7 +183,7 @@ def main() -> None:
     body = {"prompt": PROMPT, "max_tokens": args.new_tokens, "temperature": 0}
     python = llama_cpp_python()
 
-    trellis = {f"trellis {Path(checkpoint).name}" + ("" if head == "bf16" else f" {head} head"):
+    trellis = {f"trellis {Path(checkpoint).name}" + ("" if head == DEFAULT_HEAD else f" {head} head"):
                (checkpoint, head) for checkpoint in args.checkpoints for head in args.heads}
     # Rounds of every engine in turn, so that the machine's drift between minutes (up to 2x here)
     # falls on all of them alike; medians over the rounds.

@@ -17,7 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, 
                       model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trellis_runtime.devices import DEFAULT_DEVICE, Device, Head
+from trellis_runtime.devices import DEFAULT_DEVICE, DEFAULT_HEAD, Device, Head
 from trellis_runtime.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN
 
 ENV_PREFIX = "TRELLIS_"
@@ -78,7 +78,7 @@ class ServerSettings(BaseSettings, AppConfig):
                                 "ones get 408 and are closed")
     served_model_name: Optional[str] = Field(None, description="model id in the API")
     device: Device = Field(DEFAULT_DEVICE, description="where the model runs")
-    head: Head = Field("bf16", description="output head on CPU: as stored, or int8 rows quantized "
+    head: Head = Field(DEFAULT_HEAD, description="output head on CPU: as stored, or int8 rows quantized "
                                            "at load (half the bytes per token)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="server log level")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from trellis_runtime.devices import DEFAULT_DEVICE, DEVICES, HEADS
+from trellis_runtime.devices import DEFAULT_DEVICE, DEFAULT_HEAD, DEVICES, HEADS
 from trellis_runtime.errors import TrellisError
 from trellis_runtime.trellis import (CODES, DEFAULT_VEC, MAX_BITS, MAX_STATE_BITS, MIN_STATE_BITS,
                                      TrellisSpec, spec_for)
@@ -27,7 +27,7 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_head_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--head", choices=HEADS, default="bf16",
+    parser.add_argument("--head", choices=HEADS, default=DEFAULT_HEAD,
                         help="output head on CPU: as stored, or int8 rows quantized at load "
                              "(half the bytes per token)")
 

@@ -9,6 +9,7 @@ torn file. Nothing here imports the project: the caller chooses the build direct
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -44,9 +45,10 @@ def portable_flags() -> tuple[str, ...]:
 PORTABLE_ENV = "TRELLIS_CPU_PORTABLE"  # set to 1: build without the CPU's optional extensions
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_features() -> frozenset[str]:
     """The instruction-set extensions this CPU reports (Linux /proc/cpuinfo flag names), or none
-    where the file is missing."""
+    where the file is missing. Read once: every library's path asks for it."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:

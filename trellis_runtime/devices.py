@@ -13,3 +13,4 @@ DEFAULT_DEVICE: Device = "cpu"
 # scale each, quantized at load (TrellisModel.quantize_head): half the bytes a decode step reads.
 Head = Literal["bf16", "int8"]
 HEADS: tuple[str, ...] = get_args(Head)
+DEFAULT_HEAD: Head = "bf16"

@@ -28,7 +28,7 @@ from trellis_runtime.backend_cpu import (DENSE_KERNEL_MAX_ROWS, CpuBackend,
                                          choose_code_rows, cpu_kernels_loaded, dense_product,
                                          fused_decoder_layer, int8_rows)
 from trellis_runtime.checkpoint import Checkpoint, load_checkpoint
-from trellis_runtime.devices import HEADS
+from trellis_runtime.devices import DEFAULT_HEAD, HEADS
 from trellis_runtime.kv_cache import KVCache
 from trellis_runtime.linear import TrellisLinear, compute_dtype
 from trellis_runtime.memory import return_freed_memory
@@ -191,9 +191,10 @@ class TrellisModel(nn.Module):
     def use_codes_up_to(self, rows: int) -> None:
         """CPU kernels: multiply products of up to `rows` rows (decode steps of up to `rows`
         sequences) from the packed codes, larger ones from the float32 copy."""
-        if any(backend.dense is None for backend in self.cpu_backends()):
+        backends = self.cpu_backends()
+        if any(backend.dense is None for backend in backends):
             raise ValueError("the float32 copies were dropped: every product is from the codes")
-        for backend in self.cpu_backends():
+        for backend in backends:
             backend.max_rows = rows
         for layer in self.layers:
             if layer.fused_decode is not None:
@@ -326,7 +327,7 @@ def decoder_layer(shape: ModelShape, index: int, linear: Callable[[str], nn.Modu
     return DecoderLayer(attention, mlp, norms)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", head: str = "bf16"):
+def load_model(path: str | Path, device: str | torch.device = "cpu", head: str = DEFAULT_HEAD):
     """(TrellisModel, tokenizer) for the packed checkpoint directory at `path`; head "int8"
     quantizes the output head at load (CPU kernels only, TrellisModel.quantize_head)."""
     if head not in HEADS:
